@@ -1,0 +1,42 @@
+"""localsgd-comm: communication-efficient Local SGD / DiLoCo for PyTorch.
+
+``import localsgd_comm`` declares the ops, loads the compiled kernels, registers the CUDA op
+implementations (CUDA C++ or Triton) and the ``"localsgd"`` torch.distributed backend.
+"""
+import torch  # noqa: F401  (libc10 must be loaded before the extension)
+
+from . import _ops
+from ._ops import DEFAULT_BLOCK_SIZE, FORMATS
+
+try:
+    from . import _C  # noqa: F401  (runs the C++ op registrations)
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "localsgd_comm._C, the compiled kernels, could not be loaded: "
+        f"{exc}. Reinstall with `pip install --no-build-isolation .` against the torch you run "
+        "(the extension is built for one torch version)."
+    ) from exc
+
+from .backends import cuda as _cuda_impl  # noqa: E402  registers the CUDA kernels
+from . import functional  # noqa: E402
+from .backend import BackendOptions, all_reduce_compressed, get_backend_stats  # noqa: E402
+from .diloco import DiLoCo  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def cuda_implementation() -> str:
+    """Which implementation serves the ops on CUDA tensors: "native", "triton" or "none"."""
+    return _cuda_impl.active_implementation()
+
+
+__all__ = [
+    "BackendOptions",
+    "DEFAULT_BLOCK_SIZE",
+    "DiLoCo",
+    "FORMATS",
+    "all_reduce_compressed",
+    "cuda_implementation",
+    "functional",
+    "get_backend_stats",
+]

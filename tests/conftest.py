@@ -1,0 +1,24 @@
+"""Shared test setup.
+
+* One intra-op thread per process: the CI machine has 2 cores and multi-process tests run
+  several ranks at once (oversubscription is ~5x slower).
+* Marker ``gpu``: needs CUDA; skipped cleanly without it.
+* Every test has a timeout (pytest-timeout, see setup.cfg); multi-process helpers in
+  tests/_dist.py add their own per-process timeouts so a hung peer fails fast.
+"""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
