@@ -60,7 +60,7 @@ sources = (
 )
 # No FMA contraction and no fast-math anywhere: the wire format (format.h) fixes the fp32
 # arithmetic so that every implementation produces the same bytes.
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden",
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden",
              "-fno-math-errno"]
 define_macros = [("TORCH_EXTENSION_NAME", "_C")]
 ext_kwargs = dict(
@@ -70,7 +70,7 @@ ext_kwargs = dict(
 if with_cuda:
     sources += _rel("csrc/kernels/cuda/*.cu") + _rel("csrc/bindings/ops_cuda.cpp")
     define_macros.append(("LOCALSGD_WITH_CUDA", "1"))
-    nvcc_flags = ["-O3", "-std=c++17", "--fmad=false", "-lineinfo",
+    nvcc_flags = ["-O3", "-std=c++20", "--fmad=false", "-lineinfo",
                   "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
     ext = CUDAExtension("localsgd_comm._C", sources, define_macros=define_macros,
                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **ext_kwargs)

@@ -13,6 +13,10 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+# Without a GPU the Triton kernels run in Triton's interpreter. It must be chosen before any
+# module defining a @triton.jit kernel is imported, hence here, first thing in the session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
