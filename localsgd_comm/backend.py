@@ -1,13 +1,407 @@
-"""Placeholder: the "localsgd" torch.distributed backend (issue 3) replaces this file."""
+"""The ``"localsgd"`` torch.distributed backend: registration, options, statistics, and
+:func:`all_reduce_compressed` for callers that already hold compressed bytes.
+
+``import localsgd_comm`` registers the backend for CPU and CUDA::
+
+    dist.init_process_group("localsgd")                      # torchrun / env://
+    dist.init_process_group("localsgd", pg_options=localsgd_comm.BackendOptions(format="int4"))
+    dist.new_group(backend="localsgd")
+    dist.init_process_group("cpu:localsgd,cuda:nccl")
+
+The backend itself is C++ (``csrc/c10d/localsgd_backend.cpp``): it wraps inner backends created
+here (gloo on a PrefixStore for CPU tensors; NCCL, or gloo when ``cuda_inner="gloo"``, for CUDA
+tensors) and runs the quantized all-reduce of DESIGN.md for floating tensors of at least
+``threshold_bytes`` with SUM/AVG; everything else passes through to the inner backend.
+
+Options, highest precedence first: a field set in :class:`BackendOptions` (``pg_options``), the
+environment (``LOCALSGD_COMM_FORMAT`` = none|int8|int4|fp8, ``LOCALSGD_COMM_BLOCK_SIZE``,
+``LOCALSGD_COMM_THRESHOLD_BYTES``), the defaults (int8, block 128, 64 KiB).
+
+Nothing falls back to uncompressed traffic silently: every all-reduce is counted as compressed
+or passed through (with the reason) in :func:`get_backend_stats`, and the first pass-through
+of a floating SUM/AVG all-reduce for each reason is logged once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _ops
+from ._ops import DEFAULT_BLOCK_SIZE, FORMATS, QUANT_FORMATS, num_blocks, payload_bytes
+
+log = logging.getLogger("localsgd_comm")
+
+BACKEND_NAME = "localsgd"
+_FORMAT_CODES = {"none": 0, "int8": 1, "int4": 2, "fp8": 3}
+
+#: Tensors smaller than this (bytes) are all-reduced uncompressed by the inner backend. The
+#: quantized path costs three collectives (a 64-byte metadata all-gather, the all-to-all and the
+#: all-gather) instead of one; on loopback a gloo collective costs ~50-100 us of latency, about
+#: the time 64 KiB takes on the wire, so below this size compression cannot pay for its extra
+#: round trips. Set 0 to compress everything (the tests do, to cover tiny and sub-block sizes).
+DEFAULT_THRESHOLD_BYTES = 64 * 1024
 
 
-class BackendOptions:  # pragma: no cover - placeholder
-    pass
+@dataclass
+class BackendOptions:
+    """Options of the ``"localsgd"`` backend, passed as ``pg_options``.
+
+    format: "none" | "int8" | "int4" | "fp8"; None -> ``LOCALSGD_COMM_FORMAT`` or "int8".
+        "none" makes the backend an exact pass-through (useful as a baseline).
+    block_size: power of two in [16, 8192]; None -> ``LOCALSGD_COMM_BLOCK_SIZE`` or 128.
+    threshold_bytes: tensors below this size are not compressed (see DEFAULT_THRESHOLD_BYTES);
+        None -> ``LOCALSGD_COMM_THRESHOLD_BYTES`` or 65536.
+    cuda_inner: "nccl" or "gloo": the inner backend for CUDA tensors ("gloo" for TCP-only links).
+    seed: None rounds to nearest; an int selects seeded stochastic rounding (unbiased).
+    """
+    format: Optional[str] = None
+    block_size: Optional[int] = None
+    threshold_bytes: Optional[int] = None
+    cuda_inner: str = "nccl"
+    seed: Optional[int] = None
+
+    def resolved(self) -> "BackendOptions":
+        """A copy with every unset field taken from the environment or the defaults, validated."""
+        fmt = self.format
+        if fmt is None:
+            fmt = os.environ.get("LOCALSGD_COMM_FORMAT", "int8").strip().lower() or "int8"
+            where = "LOCALSGD_COMM_FORMAT"
+        else:
+            where = "BackendOptions.format"
+        if fmt not in FORMATS:
+            raise ValueError(f"{where}: expected one of {FORMATS}, got {fmt!r}")
+        block = self.block_size
+        if block is None:
+            env = os.environ.get("LOCALSGD_COMM_BLOCK_SIZE")
+            try:
+                block = int(env) if env else DEFAULT_BLOCK_SIZE
+            except ValueError:
+                raise ValueError(f"LOCALSGD_COMM_BLOCK_SIZE: expected an integer, got {env!r}") from None
+        _ops.check_block_size(block)
+        thr = self.threshold_bytes
+        if thr is None:
+            env = os.environ.get("LOCALSGD_COMM_THRESHOLD_BYTES")
+            try:
+                thr = int(env) if env else DEFAULT_THRESHOLD_BYTES
+            except ValueError:
+                raise ValueError(f"LOCALSGD_COMM_THRESHOLD_BYTES: expected an integer, got {env!r}") from None
+        if not isinstance(thr, int) or thr < 0:
+            raise ValueError(f"threshold_bytes: expected an integer >= 0, got {thr!r}")
+        if self.cuda_inner not in ("nccl", "gloo"):
+            raise ValueError(f"cuda_inner: expected 'nccl' or 'gloo', got {self.cuda_inner!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed: expected None or an int, got {self.seed!r}")
+        return replace(self, format=fmt, block_size=block, threshold_bytes=thr)
 
 
-def all_reduce_compressed(*args, **kwargs):  # pragma: no cover - placeholder
-    raise NotImplementedError("the localsgd backend is not built yet")
+# ---- statistics of the Python-composed path -----------------------------------------------------
+_py_stats_lock = threading.Lock()
+_py_stats: Dict[str, Dict[str, Any]] = {}
 
 
-def get_backend_stats(*args, **kwargs):  # pragma: no cover - placeholder
-    raise NotImplementedError("the localsgd backend is not built yet")
+def _empty_py_stats() -> Dict[str, Any]:
+    return {"bytes_sent": 0, "bytes_received": 0, "compressed_calls": 0, "last_format": None}
+
+
+def _group_key(group) -> str:
+    pg = group if group is not None else dist.group.WORLD
+    return getattr(pg, "group_name", None) or str(id(pg))
+
+
+def _localsgd_backend(group, device: torch.device):
+    """The C++ LocalSGDBackend serving ``device`` in ``group``, or None (other backend)."""
+    from . import _C
+    cls = getattr(_C, "LocalSGDBackend", None)
+    if cls is None:
+        return None
+    pg = group if group is not None else dist.group.WORLD
+    try:
+        b = pg._get_backend(torch.device(device.type))
+    except Exception:  # noqa: BLE001 - no backend for this device in the group
+        return None
+    return b if isinstance(b, cls) else None
+
+
+def get_backend_stats(group=None, reset: bool = False) -> Dict[str, Any]:
+    """Per-rank traffic counters of ``group`` (default: WORLD).
+
+    Keys: ``backend`` (the group's backend name), ``format``/``block_size``/``threshold_bytes``
+    (the active options, None when the group is not a localsgd group), ``bytes_sent`` and
+    ``bytes_received`` (payload + scales + metadata of the compressed all-reduces, and the
+    tensor bytes of pass-through all-reduces, as this rank sends them), ``compressed_calls``,
+    ``passthrough_calls`` and ``passthrough_reasons`` ({reason: count} among "small", "dtype",
+    "op", "format_none", "multi_tensor"), ``cpp_calls`` / ``python_calls`` (which path ran the
+    compressed all-reduces), ``last_path`` ("cpp", "python" or None).
+    ``reset=True`` zeroes the counters after reading them.
+    """
+    pg = group if group is not None else dist.group.WORLD
+    key = _group_key(pg)
+    out: Dict[str, Any] = {
+        "backend": str(dist.get_backend(pg)), "format": None, "block_size": None,
+        "threshold_bytes": None, "bytes_sent": 0, "bytes_received": 0, "compressed_calls": 0,
+        "passthrough_calls": 0, "passthrough_reasons": {}, "cpp_calls": 0, "python_calls": 0,
+        "last_path": None,
+    }
+    seen = set()
+    for dev in ("cpu", "cuda"):
+        b = _localsgd_backend(pg, torch.device(dev))
+        if b is None or id(b) in seen:
+            continue
+        seen.add(id(b))
+        s = b.stats()
+        out["format"], out["block_size"], out["threshold_bytes"] = s["format"], s["block_size"], s["threshold_bytes"]
+        for k in ("bytes_sent", "bytes_received", "compressed_calls", "passthrough_calls"):
+            out[k] += s[k]
+        out["cpp_calls"] += s["compressed_calls"]
+        for r, c in s["passthrough_reasons"].items():
+            out["passthrough_reasons"][r] = out["passthrough_reasons"].get(r, 0) + c
+        if s["compressed_calls"]:
+            out["last_path"] = "cpp"
+        if reset:
+            b.reset_stats()
+    with _py_stats_lock:
+        ps = _py_stats.get(key)
+        if ps is not None:
+            out["bytes_sent"] += ps["bytes_sent"]
+            out["bytes_received"] += ps["bytes_received"]
+            out["compressed_calls"] += ps["compressed_calls"]
+            out["python_calls"] += ps["compressed_calls"]
+            if out["format"] is None:
+                out["format"] = ps["last_format"]
+            if ps.get("last_path_is_python"):
+                out["last_path"] = "python"
+            if reset:
+                _py_stats[key] = _empty_py_stats()
+    return out
+
+
+def reset_backend_stats(group=None) -> None:
+    """Zero the counters of :func:`get_backend_stats`."""
+    get_backend_stats(group, reset=True)
+
+
+# ---- all_reduce_compressed -----------------------------------------------------------------------
+def _chunking(numel: int, block: int, p: int):
+    """Chunk r covers elements [r*c*B, min((r+1)*c*B, n)); c = ceil(blocks / p) blocks per chunk.
+
+    Chunks are cut on block boundaries so every chunk's scales are whole blocks of the tensor;
+    the last chunks may be shorter or empty, and records are padded to the same size so that the
+    all-to-all and the all-gather are equal-split (one collective per phase)."""
+    c = max(1, (num_blocks(numel, block) + p - 1) // p)
+    elems = c * block
+    spans = [(min(r * elems, numel), min((r + 1) * elems, numel)) for r in range(p)]
+    return c, elems, spans
+
+
+def _reduce_impl(device: torch.device):
+    """The dequantize_reduce_requantize implementation for ``device`` (dispatcher op when a
+    kernel is registered for it, else the byte-identical pure-PyTorch reference)."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    if torch._C._dispatch_has_kernel_for_dispatch_key("localsgd_comm::dequantize_reduce_requantize", key):
+        return _ops.ops().dequantize_reduce_requantize, "op"
+    from .backends.reference import ops as ref
+    return ref.dequantize_reduce_requantize, "reference"
+
+
+def _check_compressed_args(payload, scales, numel, fmt, block, op):
+    torch._check(fmt in QUANT_FORMATS, lambda: f"fmt must be one of {QUANT_FORMATS} (use dist.all_reduce for "
+                 f"uncompressed tensors), got {fmt!r}")
+    _ops.check_block_size(block)
+    torch._check(isinstance(numel, int) and numel >= 0, lambda: f"numel must be an int >= 0, got {numel!r}")
+    torch._check(payload.dtype == torch.uint8, lambda: f"payload must be uint8, got {payload.dtype}")
+    torch._check(scales.dtype == torch.float32, lambda: f"scales must be float32, got {scales.dtype}")
+    torch._check(payload.dim() == 1 and payload.numel() == payload_bytes(fmt, numel),
+                 lambda: f"payload must be 1-D with {payload_bytes(fmt, numel)} bytes for {fmt} and numel={numel}, "
+                 f"got shape {tuple(payload.shape)}")
+    torch._check(scales.dim() == 1 and scales.numel() == num_blocks(numel, block),
+                 lambda: f"scales must be 1-D with {num_blocks(numel, block)} blocks for block_size={block} and "
+                 f"numel={numel}, got shape {tuple(scales.shape)}")
+    torch._check(payload.is_contiguous() and scales.is_contiguous(),
+                 lambda: "payload and scales must be contiguous (they are written in place)")
+    torch._check(payload.device == scales.device,
+                 lambda: f"payload and scales must be on one device, got {payload.device} and {scales.device}")
+    if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+        raise NotImplementedError(f"all_reduce_compressed supports ReduceOp.SUM and ReduceOp.AVG, got {op}")
+
+
+# torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single (same semantics).
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+_META_WORDS = 8
+_META_MAGIC = 0x4C534731  # "LSG1"
+
+
+def _check_meta(meta: torch.Tensor, mine: list, what: str) -> None:
+    """Every rank checks every rank's header, so a disagreement raises on all ranks alike."""
+    names = ("magic", "format", "numel", "block_size", "op", "tensors", "dtype", "reserved")
+    rows = meta.view(-1, _META_WORDS).tolist()
+    for r, row in enumerate(rows):
+        if row != mine:
+            diff = ", ".join(f"{names[i]}: this rank {mine[i]}, rank {r} {row[i]}"
+                             for i in range(_META_WORDS) if row[i] != mine[i])
+            raise RuntimeError(f"localsgd {what}: ranks disagree ({diff}); expected identical tensor sizes, "
+                               "formats, block sizes and ops on every rank")
+
+
+def _all_reduce_compressed_python(payload, scales, numel, fmt, block, group, op, seed):
+    """Steps 2-5 of the quantized all-reduce composed from the group's own collectives.
+
+    (0) exchange a 64-byte header and check that every rank agrees; (2) all-to-all of the p
+    records [payload chunk | scales chunk] (padded to one size); (3+4) dequantize, sum in fp32
+    and requantize the owned chunk; (5) all-gather the reduced records; (6) write them back into
+    payload/scales. Same chunking and kernels as the C++ backend, hence the same bytes."""
+    pg = group if group is not None else dist.group.WORLD
+    p = dist.get_world_size(pg)
+    me = dist.get_rank(pg)
+    dev = payload.device
+    # (0) metadata: never let mismatched sizes reach the data collectives (gloo would hang or
+    # mis-size its buffers); a fixed-size all-gather cannot mismatch.
+    mine = [_META_MAGIC, _FORMAT_CODES[fmt], numel, block, 1 if op == dist.ReduceOp.AVG else 0, 1, 0, 0]
+    meta = torch.empty(p * _META_WORDS, dtype=torch.int64, device=dev)
+    _all_gather(meta, torch.tensor(mine, dtype=torch.int64, device=dev), group=pg)
+    _check_meta(meta, mine, "all_reduce_compressed")
+
+    c, elems, spans = _chunking(numel, block, p)
+    cap = payload_bytes(fmt, elems)  # elems is a multiple of 16: whole bytes, 4-byte aligned
+    rec = cap + 4 * c
+
+    def pb(e):  # byte offset of element e in the payload (int4: 2 per byte; e even here)
+        return payload_bytes(fmt, e) if fmt != "int4" else e // 2
+
+    send = torch.zeros(p, rec, dtype=torch.uint8, device=dev)
+    for r, (lo, hi) in enumerate(spans):
+        if hi > lo:
+            nb = num_blocks(hi - lo, block)
+            nbytes = payload_bytes(fmt, hi - lo)
+            send[r, :nbytes] = payload[pb(lo): pb(lo) + nbytes]
+            send[r, cap: cap + 4 * nb] = scales[lo // block: lo // block + nb].view(torch.uint8)
+    recv = torch.empty_like(send)
+    if p > 1:
+        dist.all_to_all_single(recv, send, group=pg)
+    else:
+        recv.copy_(send)
+
+    lo, hi = spans[me]
+    n_me = hi - lo
+    out = torch.zeros(rec, dtype=torch.uint8, device=dev)
+    if n_me > 0:
+        nb = num_blocks(n_me, block)
+        payloads = recv[:, : payload_bytes(fmt, n_me)].contiguous()
+        rscales = recv[:, cap: cap + 4 * nb].contiguous().view(torch.float32)
+        factor = 1.0 / p if op == dist.ReduceOp.AVG else 1.0
+        impl, _ = _reduce_impl(dev)
+        q, s = impl(payloads, rscales, fmt, n_me, block, factor, seed, lo)
+        out[: q.numel()] = q
+        out[cap: cap + 4 * nb] = s.view(torch.uint8)
+    gathered = torch.empty(p * rec, dtype=torch.uint8, device=dev)
+    if p > 1:
+        _all_gather(gathered, out, group=pg)
+    else:
+        gathered.copy_(out)
+    g = gathered.view(p, rec)
+    for r, (lo, hi) in enumerate(spans):
+        if hi > lo:
+            nb = num_blocks(hi - lo, block)
+            nbytes = payload_bytes(fmt, hi - lo)
+            payload[pb(lo): pb(lo) + nbytes] = g[r, :nbytes]
+            scales[lo // block: lo // block + nb] = g[r, cap: cap + 4 * nb].view(torch.float32)
+    # Per rank: p-1 records out in each phase, plus the header to p-1 peers.
+    sent = (p - 1) * (2 * rec + 8 * _META_WORDS)
+    with _py_stats_lock:
+        st = _py_stats.setdefault(_group_key(pg), _empty_py_stats())
+        st["bytes_sent"] += sent
+        st["bytes_received"] += sent
+        st["compressed_calls"] += 1
+        st["last_format"] = fmt
+        st["last_path_is_python"] = True
+
+
+def all_reduce_compressed(payload: torch.Tensor, scales: torch.Tensor, numel: int, fmt: str,
+                          block_size: Optional[int] = None, group=None, op=dist.ReduceOp.AVG,
+                          async_op: bool = False, seed: Optional[int] = None):
+    """All-reduce a tensor that the caller already compressed (``functional.quantize`` layout).
+
+    Runs the quantized all-reduce without quantizing again: all-to-all of the compressed
+    chunks, fp32 dequantize + sum (+ 1/p for AVG) + requantize of the owned chunk, all-gather.
+    The reduced result, in the same contiguous layout, replaces ``payload``/``scales`` in place
+    and is byte-identical on every rank. ``seed`` selects stochastic rounding for the requantize.
+
+    On a ``"localsgd"`` group the C++ backend runs it (in order with the group's other
+    collectives); on any other group (e.g. gloo) it is composed in Python from the group's
+    all_to_all_single / all_gather_into_tensor and gives the same bytes. Which path ran:
+    ``get_backend_stats(group)["last_path"]``.
+
+    Returns a Work when ``async_op`` (the Python path runs synchronously and returns a completed
+    Work), else None.
+    """
+    block = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    _check_compressed_args(payload, scales, numel, fmt, block, op)
+    pg = group if group is not None else dist.group.WORLD
+    backend = _localsgd_backend(pg, payload.device)
+    if backend is not None:
+        work = backend.allreduce_compressed(payload, scales, numel, _FORMAT_CODES[fmt], block,
+                                            op == dist.ReduceOp.AVG, -1 if seed is None else int(seed))
+        with _py_stats_lock:
+            st = _py_stats.setdefault(_group_key(pg), _empty_py_stats())
+            st["last_path_is_python"] = False
+        if async_op:
+            return work
+        work.wait()
+        return None
+    _all_reduce_compressed_python(payload, scales, numel, fmt, block, pg, op, seed)
+    if async_op:
+        fut = torch.futures.Future()
+        fut.set_result([payload, scales])
+        return torch._C._distributed_c10d._create_work_from_future(fut)
+    return None
+
+
+# ---- registration --------------------------------------------------------------------------------
+def _create_backend(dist_opts, backend_options):
+    from . import _C
+    if backend_options is None:
+        opts = BackendOptions()
+    elif isinstance(backend_options, BackendOptions):
+        opts = backend_options
+    else:
+        raise TypeError("pg_options for the localsgd backend must be localsgd_comm.BackendOptions, "
+                        f"got {type(backend_options).__name__}")
+    opts = opts.resolved()
+    store, rank, size, timeout = dist_opts.store, dist_opts.group_rank, dist_opts.group_size, dist_opts.timeout
+    # The inner groups get their own key prefixes so they never collide with ours or each other.
+    gloo = dist.ProcessGroupGloo(dist.PrefixStore("localsgd/gloo/", store), rank, size, timeout)
+    cuda_inner = None
+    if torch.cuda.is_available():
+        if opts.cuda_inner == "nccl":
+            if not dist.is_nccl_available():
+                raise RuntimeError("BackendOptions.cuda_inner='nccl' but this torch has no NCCL; "
+                                   "use cuda_inner='gloo'")
+            nccl_opts = dist.ProcessGroupNCCL.Options()
+            nccl_opts._timeout = timeout
+            cuda_inner = dist.ProcessGroupNCCL(dist.PrefixStore("localsgd/nccl/", store), rank, size, nccl_opts)
+        else:
+            cuda_inner = gloo  # gloo handles CUDA tensors through host staging
+    timeout_ms = int(timeout.total_seconds() * 1000) if isinstance(timeout, timedelta) else int(timeout)
+    return _C.LocalSGDBackend(rank, size, gloo, cuda_inner, _FORMAT_CODES[opts.format], opts.block_size,
+                              opts.threshold_bytes, -1 if opts.seed is None else opts.seed, timeout_ms)
+
+
+def _register() -> None:
+    if BACKEND_NAME.upper() in dist.Backend._plugins:
+        return
+    dist.Backend.register_backend(BACKEND_NAME, _create_backend, extended_api=True, devices=["cpu", "cuda"])
+
+
+if dist.is_available():
+    _register()
+
+
+__all__ = ["BackendOptions", "DEFAULT_THRESHOLD_BYTES", "all_reduce_compressed", "get_backend_stats",
+           "reset_backend_stats"]
