@@ -1,0 +1,126 @@
+"""Every Triton kernel compiles to an sm_90 cubin without a GPU, and its PTX keeps the
+arithmetic format.h requires:
+
+* no ``fma.rn.f32``: launches pass ``enable_fp_fusion=False`` (an FMA rounds once where the
+  format rounds twice, so the bytes would differ from the CPU's);
+* no approximate fp32 division (``div.full.f32`` / ``div.approx.f32``): the kernels that
+  compute scales use ``div.rn.f32`` (tl.math.div_rn).
+
+The compilation runs in a subprocess: under TRITON_INTERPRET=1 (set by conftest.py without a
+GPU) ``@triton.jit`` yields interpreter functions that cannot be compiled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("triton")
+
+
+def _configs():
+    """(module, kernel, signature, constexprs, needs_div) for each kernel variant we ship."""
+    fmt = [(1, 127.0), (2, 7.0), (3, 448.0)]
+    out = []
+    for code, qm in fmt:
+        for stoch in (False, True):
+            out.append(("quantize", "_quantize_kernel",
+                        {"x_ptr": "*fp32", "pay_ptr": "*u8", "scale_ptr": "*fp32", "n": "i64", "nblocks": "i64",
+                         "index_offset": "i64", "key": "i32"},
+                        {"FMT": code, "QM": qm, "KIND": 0, "STOCH": stoch, "R": 32, "B": 128}, True))
+        out.append(("quantize", "_dequantize_kernel",
+                    {"pay_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*i16", "n": "i64", "nblocks": "i64"},
+                    {"FMT": code, "KIND": 1, "R": 32, "B": 128}, False))
+        out.append(("compress_delta", "_compress_delta_kernel",
+                    {"anchor_ptr": "*fp32", "params_ptr": "*i16", "res_ptr": "*fp32", "pay_ptr": "*u8",
+                     "scale_ptr": "*fp32", "n": "i64", "nblocks": "i64", "key": "i32"},
+                    {"FMT": code, "QM": qm, "KIND": 1, "HAS_RES": True, "STOCH": False, "R": 32, "B": 128}, True))
+        out.append(("reduce", "_dequantize_reduce_kernel",
+                    {"pay_ptr": "*u8", "pay_stride": "i64", "scale_ptr": "*fp32", "scale_stride": "i64", "p": "i32",
+                     "n": "i64", "nblocks": "i64", "factor": "fp32", "out_ptr": "*fp32", "opay_ptr": "*u8",
+                     "oscale_ptr": "*fp32", "index_offset": "i64", "key": "i32"},
+                    {"FMT": code, "QM": qm, "WRITE_SUM": True, "REQUANT": True, "STOCH": False, "R": 32, "B": 128},
+                    True))
+        out.append(("outer", "_outer_nesterov_step_kernel",
+                    {"anchor_ptr": "*fp32", "mom_ptr": "*fp32", "params_ptr": "*fp16", "grad_ptr": "*fp32",
+                     "pay_ptr": "*u8", "scale_ptr": "*fp32", "n": "i64", "nblocks": "i64", "grad_factor": "fp32",
+                     "lr": "fp32", "mu": "fp32"},
+                    {"COMPRESSED": True, "FMT": code, "HAS_MOM": True, "NESTEROV": True, "HAS_PARAMS": True,
+                     "KIND": 2, "R": 32, "B": 128}, False))
+    out.append(("outer", "_outer_nesterov_step_kernel",
+                {"anchor_ptr": "*fp32", "mom_ptr": "*fp32", "params_ptr": "*i16", "grad_ptr": "*fp32",
+                 "pay_ptr": "*u8", "scale_ptr": "*fp32", "n": "i64", "nblocks": "i64", "grad_factor": "fp32",
+                 "lr": "fp32", "mu": "fp32"},
+                {"COMPRESSED": False, "FMT": 1, "HAS_MOM": True, "NESTEROV": True, "HAS_PARAMS": True,
+                 "KIND": 1, "R": 4, "B": 1024}, False))
+    return out
+
+
+def _compile_all() -> list[dict]:  # runs in the subprocess
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from localsgd_comm.backends.triton._common import LAUNCH_OPTS
+
+    results = []
+    for module, kernel, sig, consts, needs_div in _configs():
+        fn = getattr(importlib.import_module(f"localsgd_comm.backends.triton.{module}"), kernel)
+        signature = dict(sig, **{k: "constexpr" for k in consts})
+        src = ASTSource(fn=fn, signature=signature, constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(LAUNCH_OPTS, num_warps=4))
+        ptx = compiled.asm["ptx"]
+        results.append({
+            "kernel": f"{kernel}{consts}",
+            "cubin_bytes": len(compiled.asm["cubin"]),
+            "fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
+            "approx_div": len(re.findall(r"\bdiv\.(full|approx)\.f32\b", ptx)),
+            "div_rn": len(re.findall(r"\bdiv\.rn\.f32\b", ptx)),
+            "needs_div": needs_div,
+        })
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"compilation failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_kernel_compiles_to_sm90(compiled):
+    assert len(compiled) == len(_configs())
+    for r in compiled:
+        assert r["cubin_bytes"] > 0, r["kernel"]
+
+
+def test_no_fma_contraction(compiled):
+    for r in compiled:
+        assert r["fma"] == 0, f"{r['kernel']}: {r['fma']} fma.rn.f32 in the PTX"
+
+
+def test_divisions_are_ieee(compiled):
+    for r in compiled:
+        assert r["approx_div"] == 0, f"{r['kernel']}: approximate fp32 division in the PTX"
+        if r["needs_div"]:
+            assert r["div_rn"] > 0, f"{r['kernel']}: expected div.rn.f32 for the scale"
+
+
+if __name__ == "__main__":
+    import torch
+
+    torch.set_num_threads(1)
+    import localsgd_comm  # noqa: F401
+
+    print(json.dumps(_compile_all()))
