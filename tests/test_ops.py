@@ -163,6 +163,22 @@ def test_large_blocks_and_multi_block_tails(impl, fmt, block):
         check_against_oracle(impl, x, fmt, block, payload, scales)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_scale_underflow_block(impl, fmt):
+    """absmax < ~qmax/2 * 2^-149 (a few smallest subnormals): absmax / qmax rounds to a zero scale
+    although the block is not all zero. Every element then dequantizes to 0 (error <= |x| <=
+    (qmax + 1) * 2^-150, inside quant_bound), and C++ and the reference agree on the bytes.
+    (Those bytes come from x / 0 = +-inf or NaN, see the report on format.h.)"""
+    tiny = 2.0 ** -149
+    x = torch.tensor([0.0, 3 * tiny, -5 * tiny, 40 * tiny, -0.0] + [0.0] * 11 + [2 * tiny] * 16)
+    payload, scales = impl.quantize(x, fmt, 16, None, 0)
+    assert scales.tolist()[1] == 0.0
+    deq = check_against_oracle(impl, x, fmt, 16, payload, scales)
+    assert bool((deq[16:] == 0).all())
+    for seed in (None, 1):
+        assert torch.equal(CPP.quantize(x, fmt, 16, seed, 0)[0], R.quantize(x, fmt, 16, seed, 0)[0])
+
+
 def test_round_half_even_on_exact_ties(impl):
     # absmax 127 gives scale 1 and inv 1: v = x exactly, so ties are real ties.
     x = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 3.49999], dtype=torch.float32)
