@@ -1,6 +1,677 @@
-"""Placeholder: DiLoCo (issue 4) replaces this file."""
+"""DiLoCo / local SGD: a drop-in wrapper around an existing inner optimizer.
+
+Usage (an existing DDP script changes in three lines)::
+
+    dist.init_process_group("localsgd")
+    model = DDP(model)
+    opt = localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=3e-4), sync_every=50)
+    for batch in loader:
+        loss = model(batch); loss.backward(); opt.step(); opt.zero_grad()
+
+What happens
+------------
+* Construction broadcasts every parameter (and buffer) from rank 0 of ``group`` so all
+  replicas, and hence all anchors, start identical. Trainable parameters are moved into one
+  flat buffer per (device, dtype) by re-pointing ``p.data`` at a slice of it: the fused ops
+  then run once per sync over the whole model instead of once per tensor. The anchor (and
+  the outer momentum and error-feedback residual) are flat fp32 buffers on the parameters'
+  device, or on ``state_device`` (e.g. ``"cpu"`` to save accelerator memory).
+* ``step()`` runs the inner optimizer. Every ``sync_every`` inner steps it syncs:
+  ``delta = anchor - params`` (+ residual with error feedback) is compressed in one fused
+  pass (``functional.compress_delta``), averaged with the backend's compressed all-reduce
+  (``all_reduce_compressed``; ``compression="none"``: an fp32 ``dist.all_reduce``), and the
+  outer step ``torch.optim.SGD(outer_lr, momentum=outer_momentum, nesterov)`` is applied to
+  the anchor reading the gradient straight from the reduced bytes
+  (``functional.outer_nesterov_step_compressed``), which also writes ``params = anchor``.
+* Replicas are bitwise identical after every sync: every rank dequantizes the same reduced
+  bytes into the same anchor with the same fp32 arithmetic.
+* With a ``DistributedDataParallel`` model the per-step gradient all-reduce is switched off
+  (``require_backward_grad_sync = False``, what ``no_sync()`` sets; in torch 2.13 that also
+  skips the reducer's bucket preparation, and ``require_forward_param_sync = False`` stops
+  the per-forward buffer broadcast), so inner steps are purely local.
+
+Parameters of special kinds
+---------------------------
+* frozen (``requires_grad=False``): not synced; they are broadcast once at construction and
+  stay identical as long as nothing changes them.
+* never receiving a gradient: their delta is zero, the outer step leaves them in place (or
+  moves them by the outer momentum built up earlier, identically on every rank).
+* tied weights (the same ``Parameter`` reachable twice): synced once.
+* bf16/fp16 parameters: kept in their dtype; anchor, momentum and residual are fp32, the
+  outer step writes ``params = anchor`` rounded to nearest once.
+* Module buffers (e.g. BatchNorm statistics) are broadcast at construction but not synced
+  afterwards.
+
+Non-finite pseudo-gradients
+---------------------------
+A NaN/Inf in any rank's delta makes the affected block's scale NaN in the reduced bytes
+(format.h NaN/Inf contract; for ``"none"`` the fp32 sum is non-finite). After the all-reduce
+every rank holds the same bytes, so checking them gives every rank the same decision without
+an extra collective (hierarchical mode, where ranks of a cluster hold different shards, adds
+one 4-byte all-reduce inside the cluster). ``on_nonfinite="skip"`` warns, leaves anchor and
+momentum untouched, restores the residual and resets the parameters to the anchor (the
+round's local progress is discarded on every rank); ``"raise"`` raises ``FloatingPointError``
+on every rank after the same reset. No rank ever updates while another does not.
+
+Overlap mode (``overlap=True``): the delayed outer step
+-------------------------------------------------------
+The all-reduce launched at sync ``k`` runs in the background while round ``k+1``'s inner
+steps proceed; its result is applied at sync ``k+1``. Precisely, with ``theta`` the anchor:
+
+1. at sync ``k``: ``delta_k = theta - params`` (``theta`` is the point round ``k`` started
+   from), compress it and launch its all-reduce asynchronously;
+2. if sync ``k-1``'s reduce is pending, wait for it and apply the outer step with its result
+   ``g_{k-1}``: ``theta <- OuterSGD(theta, g_{k-1})``;
+3. ``params <- theta``: round ``k+1`` starts from the anchor, identical on all replicas.
+
+So the anchor follows outer SGD with a one-round-stale pseudo-gradient (the gradient applied
+at sync ``k`` was computed from the anchor of one outer step earlier), and sync 1 applies
+nothing. :meth:`flush` waits for and applies the pending update (call it before evaluating
+or saving the final model); :meth:`state_dict` waits for the pending reduce and stores its
+result, so a resumed run applies it at its next sync exactly as the uninterrupted run would.
+
+Hierarchical mode (``hierarchy=new_hierarchical_groups(ranks_per_cluster)``)
+--------------------------------------------------------------------------
+Ranks form clusters of consecutive ranks. Inside a cluster the gradients are all-reduced
+every inner step in fp32 (by DDP when the model is DDP-wrapped over ``hierarchy.intra``,
+otherwise by this class, over one flat gradient buffer), so all members of a cluster hold
+the same parameters. The DiLoCo sync between clusters is sharded: member ``j`` of every
+cluster owns the ``j``-th block-aligned shard of each flat buffer and runs the compressed
+all-reduce and the outer step for that shard only over ``hierarchy.cross`` (member ``j`` of
+every cluster), so each pseudo-gradient byte crosses the slow link once. The updated anchor
+shards are then all-gathered in fp32 inside the cluster. Momentum and residual are only
+meaningful on the owned shard (they are per-rank state, saved per rank).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import warnings
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import _ops
+from . import backend as _backend
+from . import functional as F
+
+__all__ = ["DiLoCo", "HierarchicalGroups", "new_hierarchical_groups"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class DiLoCo:  # pragma: no cover - placeholder
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("DiLoCo is not built yet")
+@dataclasses.dataclass
+class HierarchicalGroups:
+    """Process groups of hierarchical mode, as seen by the calling rank.
+
+    ``intra``: this rank's cluster (fast link; per-step gradient all-reduce, anchor all-gather).
+    ``cross``: member ``local_index`` of every cluster (slow link; the DiLoCo sync of one shard).
+    """
+
+    intra: Any
+    cross: Any
+    cluster_size: int
+    num_clusters: int
+    cluster_index: int
+    local_index: int
+
+
+def new_hierarchical_groups(cluster_size: int, *, intra_backend: Optional[str] = None,
+                            cross_backend: Optional[str] = None) -> HierarchicalGroups:
+    """Split the default group into clusters of ``cluster_size`` consecutive ranks.
+
+    Every rank must call this (``dist.new_group`` is collective). ``intra_backend`` defaults
+    to ``"gloo"`` on CPU-only setups and ``"nccl"`` when CUDA is available, so the per-step
+    gradient all-reduce inside a cluster stays full precision; ``cross_backend`` defaults to
+    the default group's backend (e.g. ``"localsgd"``).
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("new_hierarchical_groups: expected an initialized default process group, got none")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if not isinstance(cluster_size, int) or cluster_size < 1 or world % cluster_size != 0:
+        raise ValueError(f"cluster_size must be a positive divisor of the world size {world}, got {cluster_size!r}")
+    if intra_backend is None:
+        intra_backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    num_clusters = world // cluster_size
+    intra = cross = None
+    for c in range(num_clusters):  # every rank creates every group, in the same order
+        ranks = [c * cluster_size + j for j in range(cluster_size)]
+        g = dist.new_group(ranks, backend=intra_backend)
+        if rank in ranks:
+            intra = g
+    for j in range(cluster_size):
+        ranks = [c * cluster_size + j for c in range(num_clusters)]
+        g = dist.new_group(ranks, backend=cross_backend)
+        if rank in ranks:
+            cross = g
+    return HierarchicalGroups(intra=intra, cross=cross, cluster_size=cluster_size, num_clusters=num_clusters,
+                              cluster_index=rank // cluster_size, local_index=rank % cluster_size)
+
+
+def _derive_seed(seed: int, sync_index: int, rank: int) -> int:
+    """A 62-bit stochastic-rounding seed from (seed, sync index, rank): reproducible on resume,
+    different per rank (independent rounding noise averages out) and per sync."""
+    h = hashlib.blake2b(f"{seed}:{sync_index}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 2
+
+
+class _Flat:
+    """One flat parameter buffer (one device and dtype) and its DiLoCo state."""
+
+    def __init__(self, params: List[nn.Parameter], state_device: Optional[torch.device], momentum: bool,
+                 residual: bool):
+        p0 = params[0]
+        self.device, self.dtype = p0.device, p0.dtype
+        self.numel = sum(p.numel() for p in params)
+        self.flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        off = 0
+        for p in params:
+            n = p.numel()
+            with torch.no_grad():
+                self.flat[off:off + n].copy_(p.data.reshape(-1))
+            p.data = self.flat[off:off + n].view_as(p)
+            off += n
+        self.params = params
+        sd = self.device if state_device is None else torch.device(state_device)
+        self.state_device = sd
+        self.anchor = self.flat.detach().to(device=sd, dtype=torch.float32, copy=True)
+        self.momentum = torch.zeros_like(self.anchor) if momentum else None
+        self.residual = torch.zeros_like(self.anchor) if residual else None
+        # shard owned by this rank in hierarchical mode (whole buffer otherwise)
+        self.lo, self.hi = 0, self.numel
+        self.shard_len = self.numel
+
+    def params_on_state_device(self) -> torch.Tensor:
+        if self.state_device == self.device:
+            return self.flat
+        return self.flat.to(self.state_device)
+
+    def write_params(self, src: torch.Tensor) -> None:
+        """params <- src (fp32 on the state device), rounded to nearest once."""
+        with torch.no_grad():
+            self.flat.copy_(src.to(self.device) if src.device != self.device else src)
+
+
+# torch 2.13 deprecates all_gather_into_tensor in favour of all_gather_single (same semantics)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class _Deferred:
+    """A Work-like handle whose wait() runs the rest of a composed collective."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def wait(self):
+        if self._fn is not None:
+            fn, self._fn = self._fn, None
+            fn()
+        return True
+
+
+class _Pending:
+    """An in-flight (or finished, not yet applied) reduce of one sync."""
+
+    def __init__(self):
+        self.items: list = []  # per flat buffer: (kind, tensors...)
+        self.works: list = []
+        self.residual_backup: list = []
+
+    def wait(self):
+        for w in self.works:
+            if w is not None:
+                w.wait()
+        self.works = []
+
+
+class DiLoCo:
+    """DiLoCo (or plain local SGD) around an inner optimizer; see the module docstring.
+
+    Args:
+        model: an ``nn.Module`` or a ``DistributedDataParallel`` wrapping one.
+        inner_optimizer: an optimizer over (a subset of) the model's parameters.
+        sync_every: inner steps between syncs (H), >= 1.
+        outer_lr, outer_momentum, nesterov: the outer SGD (``outer_lr=1, outer_momentum=0``
+            is plain model averaging, i.e. local SGD).
+        compression: ``"none"`` (fp32), ``"int8"``, ``"int4"`` or ``"fp8"``.
+        block_size: quantization block size (default ``localsgd_comm.DEFAULT_BLOCK_SIZE``).
+        error_feedback: keep the quantization error in a residual added to the next delta.
+        stochastic_rounding: seeded stochastic rounding of the local delta, seeds derived
+            from ``(seed, sync index, rank)``.
+        seed: base seed of stochastic rounding.
+        group: the process group of the sync (default: the default group).
+        hierarchy: a :class:`HierarchicalGroups` for hierarchical mode (``group`` is ignored).
+        overlap: delayed outer step with the all-reduce in the background (see module doc).
+        state_device: device of anchor/momentum/residual (default: the parameters' device).
+        on_nonfinite: ``"skip"`` or ``"raise"``.
+        broadcast_init: broadcast parameters and buffers from rank 0 at construction.
+    """
+
+    def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, sync_every: int,
+                 outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
+                 compression: str = "int8", block_size: Optional[int] = None, error_feedback: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0, group=None,
+                 hierarchy: Optional[HierarchicalGroups] = None, overlap: bool = False,
+                 state_device=None, on_nonfinite: str = "skip", broadcast_init: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module (or DDP-wrapped one), got {type(model).__name__}")
+        if not isinstance(inner_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"inner_optimizer: expected a torch.optim.Optimizer, got {type(inner_optimizer).__name__}")
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every: expected an integer >= 1, got {sync_every!r}")
+        if not (isinstance(outer_lr, (int, float)) and math.isfinite(outer_lr) and outer_lr > 0):
+            raise ValueError(f"outer_lr: expected a finite number > 0, got {outer_lr!r}")
+        if not (isinstance(outer_momentum, (int, float)) and 0.0 <= outer_momentum < 1.0):
+            raise ValueError(f"outer_momentum: expected a number in [0, 1), got {outer_momentum!r}")
+        if compression not in _ops.FORMATS:
+            raise ValueError(f"compression: expected one of {_ops.FORMATS}, got {compression!r}")
+        if block_size is None:
+            block_size = _ops.DEFAULT_BLOCK_SIZE
+        _ops.check_block_size(block_size)
+        if on_nonfinite not in ("skip", "raise"):
+            raise ValueError(f"on_nonfinite: expected 'skip' or 'raise', got {on_nonfinite!r}")
+        if error_feedback and compression == "none":
+            raise ValueError("error_feedback: expected a quantizing compression (int8/int4/fp8), got compression='none'"
+                             " (fp32 has no quantization error to feed back)")
+        if stochastic_rounding and compression == "none":
+            raise ValueError("stochastic_rounding: expected a quantizing compression (int8/int4/fp8), got 'none'")
+        if hierarchy is not None and overlap:
+            raise ValueError("overlap=True with hierarchy: expected one of the two, got both (not supported together)")
+        if hierarchy is not None and not isinstance(hierarchy, HierarchicalGroups):
+            raise TypeError(f"hierarchy: expected HierarchicalGroups (new_hierarchical_groups), got {type(hierarchy).__name__}")
+        if not dist.is_initialized():
+            raise RuntimeError("DiLoCo: expected an initialized process group (dist.init_process_group), got none")
+
+        self.model = model
+        self.inner_optimizer = inner_optimizer
+        self.sync_every = sync_every
+        self.outer_lr = float(outer_lr)
+        self.outer_momentum = float(outer_momentum)
+        self.nesterov = bool(nesterov)
+        self.compression = compression
+        self.block_size = block_size
+        self.error_feedback = bool(error_feedback)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.seed = int(seed)
+        self.hierarchy = hierarchy
+        self.group = hierarchy.cross if hierarchy is not None else (group if group is not None else dist.group.WORLD)
+        self.overlap = bool(overlap)
+        self.on_nonfinite = on_nonfinite
+        self.rank = dist.get_rank()
+        self.sync_size = dist.get_world_size(self.group)
+        # outer_lr=1, outer_momentum=0 is model averaging; in fp32 it is computed as such (exact)
+        self._averaging = self.outer_lr == 1.0 and self.outer_momentum == 0.0 and compression == "none"
+
+        self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        module = model.module if self._ddp else model
+        if self._ddp:
+            if hierarchy is None:
+                # Local inner steps: what no_sync() sets, permanently; plus no per-forward buffer broadcast.
+                model.require_backward_grad_sync = False
+                model.require_forward_param_sync = False
+            elif dist.get_world_size(model.process_group) != hierarchy.cluster_size:
+                raise ValueError("hierarchical mode with DDP: expected DDP over hierarchy.intra (size "
+                                 f"{hierarchy.cluster_size}), got a DDP group of size "
+                                 f"{dist.get_world_size(model.process_group)}")
+
+        # ---- parameters: deduplicated (tied weights), trainable ones synced ----
+        seen, all_params = set(), []
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                all_params.append(p)
+        model_ids = {id(p) for p in all_params}
+        for gi, g in enumerate(inner_optimizer.param_groups):
+            for p in g["params"]:
+                if id(p) not in model_ids:
+                    raise ValueError(
+                        f"inner_optimizer: expected an optimizer over the model's parameters, got param group {gi} "
+                        f"holding a tensor of shape {tuple(p.shape)} that is not a parameter of the model")
+        trainable = [p for p in all_params if p.requires_grad]
+        if not trainable:
+            raise ValueError("model: expected at least one parameter with requires_grad=True, got none")
+        for p in trainable:
+            if p.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"parameters: expected float32/bfloat16/float16, got {p.dtype}")
+            if p.is_sparse:
+                raise TypeError("parameters: expected dense parameters, got a sparse one")
+
+        # ---- identical start: broadcast from rank 0 of the sync group (world in hierarchical mode) ----
+        bgroup = None if hierarchy is not None else self.group
+        if broadcast_init:
+            src = dist.get_global_rank(bgroup, 0) if bgroup not in (None, dist.group.WORLD) else 0
+            with torch.no_grad():
+                for t in list(all_params) + list(module.buffers()):
+                    dist.broadcast(t.data, src=src, group=bgroup)
+
+        keys: Dict[tuple, List[nn.Parameter]] = {}
+        for p in trainable:
+            keys.setdefault((p.device, p.dtype), []).append(p)
+        mom = self.outer_momentum != 0.0
+        self._flats = [_Flat(ps, state_device, mom, self.error_feedback) for ps in keys.values()]
+        if hierarchy is not None:
+            self._setup_shards()
+
+        self._local_step = 0   # inner steps taken
+        self._sync_index = 0   # syncs started
+        self._pending: Optional[_Pending] = None
+        self.stats = {"syncs": 0, "skipped_syncs": 0, "bytes_sent": 0, "intra_bytes_sent": 0}
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def param_groups(self):
+        return self.inner_optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.inner_optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        """One inner step; a sync every ``sync_every`` calls. Returns the closure's loss."""
+        if self.hierarchy is not None and not self._ddp:
+            self._allreduce_grads_intra()
+        loss = self.inner_optimizer.step(closure) if closure is not None else self.inner_optimizer.step()
+        self._local_step += 1
+        if self._local_step % self.sync_every == 0:
+            self.sync()
+        return loss
+
+    def sync(self) -> None:
+        """Run one outer sync now (``step`` calls this every ``sync_every`` steps)."""
+        self._sync_index += 1
+        if self.hierarchy is not None:
+            self._sync_hierarchical()
+            return
+        launched = self._launch(async_op=self.overlap)
+        if not self.overlap:
+            launched.wait()
+            self._apply(launched)
+            return
+        prev, self._pending = self._pending, launched
+        if prev is not None:
+            prev.wait()
+            self._apply(prev)  # also writes params = anchor
+        else:
+            self._reset_params()
+
+    def flush(self) -> None:
+        """Overlap mode: wait for the pending reduce and apply it now (params <- new anchor)."""
+        if self._pending is not None:
+            prev, self._pending = self._pending, None
+            prev.wait()
+            self._apply(prev)
+
+    @property
+    def local_step(self) -> int:
+        return self._local_step
+
+    @property
+    def sync_count(self) -> int:
+        return self._sync_index
+
+    def anchors(self) -> List[torch.Tensor]:
+        """The flat fp32 anchors (one per device/dtype buffer); read-only use."""
+        return [f.anchor for f in self._flats]
+
+    # ------------------------------------------------------------------ internals
+    def _seed(self) -> Optional[int]:
+        if not self.stochastic_rounding:
+            return None
+        return _derive_seed(self.seed, self._sync_index, self.rank)
+
+    def _wire_bytes(self, numel: int, p: int) -> int:
+        # ring-optimal volume sent per rank: 2 (p-1)/p x encoded size (DESIGN: quantized all-reduce)
+        if p <= 1:
+            return 0
+        return int(2 * (p - 1) * F.compressed_nbytes(self.compression, numel, self.block_size) / p)
+
+    def _launch(self, async_op: bool) -> _Pending:
+        """Compute and compress the deltas of the (owned shards of the) flat buffers and start
+        their all-reduce over ``self.group``."""
+        pend = _Pending()
+        seed = self._seed()
+        p = self.sync_size
+        for f in self._flats:
+            lo, hi = f.lo, f.hi
+            n = hi - lo
+            if n == 0:
+                pend.items.append(None)
+                pend.residual_backup.append(None)
+                continue
+            params = f.params_on_state_device()[lo:hi]
+            anchor = f.anchor[lo:hi]
+            if self.compression == "none" and self._averaging:
+                # Plain model averaging: reduce the parameters themselves. anchor - avg(anchor - x)
+                # would round twice (cancellation); avg(x) is exact for one worker, so local SGD
+                # with one worker equals plain training bit for bit.
+                buf = params.to(torch.float32, copy=True)
+                w = self._fp32_sum(buf, async_op)
+                pend.items.append(("avg", buf))
+                pend.residual_backup.append(None)
+            elif self.compression == "none":
+                delta = anchor - params.float()
+                w = self._fp32_sum(delta, async_op)
+                pend.items.append(("none", delta))
+                pend.residual_backup.append(None)
+            else:
+                res = f.residual[lo:hi] if f.residual is not None else None
+                # Non-overlap skip restores the pre-sync residual. In overlap mode a skip is decided
+                # one sync later, after the residual moved on: there only non-finite entries are
+                # dropped (below), otherwise a NaN residual would poison every later sync.
+                keep = res is not None and not async_op
+                pend.residual_backup.append(res.clone() if keep else None)
+                payload, scales = F.compress_delta(anchor, params, res, self.compression, self.block_size, seed=seed)
+                if res is not None and not F.is_finite(scales):
+                    res.masked_fill_(~torch.isfinite(res), 0.0)
+                w = _backend.all_reduce_compressed(payload, scales, n, self.compression, self.block_size,
+                                                   group=self.group, op=dist.ReduceOp.AVG, async_op=async_op,
+                                                   seed=None if seed is None else _derive_seed(self.seed, self._sync_index, -1))
+                pend.items.append(("q", payload, scales))
+            pend.works.append(w if async_op else None)
+            self.stats["bytes_sent"] += self._wire_bytes(n, p)
+        return pend
+
+    def _fp32_sum(self, buf: torch.Tensor, async_op: bool):
+        """Exact fp32 SUM all-reduce of ``buf`` in place, identical bytes on every rank.
+
+        On a "localsgd" group ``dist.all_reduce`` of a large float tensor is *quantized* (that is
+        the backend's job), so fp32 DiLoCo goes through reduce-scatter + all-gather there, which
+        the backend passes through untouched (same ring volume). Other groups use all_reduce.
+        """
+        if _backend._localsgd_backend(self.group, buf.device) is None:
+            return dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
+        p = self.sync_size
+        n = buf.numel()
+        chunk = -(-n // p)
+        padded = torch.zeros(chunk * p, dtype=buf.dtype, device=buf.device)
+        padded[:n].copy_(buf)
+        mine = torch.empty(chunk, dtype=buf.dtype, device=buf.device)
+        group = self.group
+        work = dist.reduce_scatter_tensor(mine, padded, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+
+        def finish():
+            if work is not None:
+                work.wait()
+            _all_gather(padded, mine, group=group)
+            buf.copy_(padded[:n])
+
+        if async_op:
+            return _Deferred(finish)  # the all-gather half runs when the result is awaited
+        finish()
+        return None
+
+    def _finite(self, pend: _Pending) -> bool:
+        ok = True
+        for it in pend.items:
+            if it is None:
+                continue
+            if it[0] in ("none", "avg"):
+                ok = ok and bool(torch.isfinite(it[1]).all())
+            else:
+                ok = ok and F.is_finite(it[2])
+        return ok
+
+    def _apply(self, pend: _Pending, finite: Optional[bool] = None) -> None:
+        """Outer step from a finished reduce, or the non-finite policy; params <- anchor."""
+        if finite is None:
+            finite = self._finite(pend)
+        self.stats["syncs"] += 1
+        if not finite:
+            self._nonfinite(pend)
+            return
+        for f, it in zip(self._flats, pend.items):
+            if it is None:
+                continue
+            lo, hi = f.lo, f.hi
+            mom = f.momentum[lo:hi] if f.momentum is not None else None
+            same = f.state_device == f.device
+            params = f.flat[lo:hi] if same else None
+            if it[0] == "avg":
+                g = it[1]
+                g.div_(self.sync_size)
+                f.anchor[lo:hi].copy_(g)
+                if params is not None:
+                    params.copy_(g)
+            elif it[0] == "none":
+                g = it[1]
+                g.div_(self.sync_size)  # SUM -> AVG: one IEEE division, identical on every rank
+                F.outer_nesterov_step(f.anchor[lo:hi], mom, params, g, self.outer_lr, self.outer_momentum,
+                                      self.nesterov)
+            else:
+                F.outer_nesterov_step_compressed(f.anchor[lo:hi], mom, params, it[1], it[2], self.compression,
+                                                 self.block_size, 1.0, self.outer_lr, self.outer_momentum,
+                                                 self.nesterov)
+            if not same:
+                f.write_params(f.anchor)
+        if self.hierarchy is None:
+            return
+        self._gather_anchor_shards()
+
+    def _nonfinite(self, pend: _Pending) -> None:
+        self.stats["skipped_syncs"] += 1
+        for f, backup in zip(self._flats, pend.residual_backup):
+            if backup is not None:
+                f.residual[f.lo:f.hi].copy_(backup)
+        self._reset_params()
+        msg = (f"DiLoCo sync {self._sync_index}: non-finite pseudo-gradient on at least one rank; "
+               "outer step skipped on every rank, parameters reset to the anchor")
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def _reset_params(self) -> None:
+        for f in self._flats:
+            f.write_params(f.anchor)
+
+    # ---- hierarchical ----
+    def _setup_shards(self) -> None:
+        h = self.hierarchy
+        for f in self._flats:
+            per = -(-f.numel // h.cluster_size)
+            L = -(-per // self.block_size) * self.block_size  # block-aligned shards
+            f.shard_len = L
+            f.lo = min(h.local_index * L, f.numel)
+            f.hi = min(f.lo + L, f.numel)
+
+    def _allreduce_grads_intra(self) -> None:
+        """fp32 gradient all-reduce (AVG) inside the cluster over one flat buffer per dtype."""
+        h = self.hierarchy
+        for f in self._flats:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in f.params]
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=h.intra)
+            flat.div_(h.cluster_size)
+            self.stats["intra_bytes_sent"] += int(2 * (h.cluster_size - 1) * flat.numel() * 4 / h.cluster_size)
+            off = 0
+            for p in f.params:
+                n = p.numel()
+                if p.grad is not None:
+                    p.grad.copy_(flat[off:off + n].view_as(p))
+                off += n
+
+    def _sync_hierarchical(self) -> None:
+        pend = self._launch(async_op=False)
+        # Members of a cluster hold different shards: agree on one decision (4 bytes, fast link).
+        bad = torch.tensor([0.0 if self._finite(pend) else 1.0], device=self._flats[0].state_device)
+        dist.all_reduce(bad, op=dist.ReduceOp.SUM, group=self.hierarchy.intra)
+        self._apply(pend, finite=bool(bad.item() == 0.0))
+
+    def _gather_anchor_shards(self) -> None:
+        h = self.hierarchy
+        for f in self._flats:
+            L = f.shard_len
+            mine = torch.zeros(L, dtype=torch.float32, device=f.state_device)
+            mine[:f.hi - f.lo].copy_(f.anchor[f.lo:f.hi])
+            parts = [torch.empty_like(mine) for _ in range(h.cluster_size)]
+            dist.all_gather(parts, mine, group=h.intra)
+            f.anchor.copy_(torch.cat(parts)[:f.numel])
+            self.stats["intra_bytes_sent"] += (h.cluster_size - 1) * L * 4
+            f.write_params(f.anchor)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume bitwise-identically (per rank): inner optimizer state,
+        the local parameters, anchor, momentum, residual, counters, seed and, in overlap mode,
+        the (awaited) result of the pending reduce."""
+        pending = None
+        if self._pending is not None:
+            self._pending.wait()
+            pending = [None if it is None else (it[0],) + tuple(t.clone() for t in it[1:])
+                       for it in self._pending.items]
+            pending = {"items": pending,
+                       "residual_backup": [None if b is None else b.clone() for b in self._pending.residual_backup]}
+        return {
+            "inner_optimizer": self.inner_optimizer.state_dict(),
+            "params": [f.flat.detach().clone() for f in self._flats],
+            "anchor": [f.anchor.clone() for f in self._flats],
+            "momentum": [None if f.momentum is None else f.momentum.clone() for f in self._flats],
+            "residual": [None if f.residual is None else f.residual.clone() for f in self._flats],
+            "local_step": self._local_step,
+            "sync_index": self._sync_index,
+            "stats": dict(self.stats),
+            "pending": pending,
+            "config": {"sync_every": self.sync_every, "compression": self.compression,
+                       "block_size": self.block_size, "seed": self.seed, "overlap": self.overlap,
+                       "numels": [f.numel for f in self._flats]},
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        cfg = state["config"]
+        numels = [f.numel for f in self._flats]
+        if cfg["numels"] != numels:
+            raise ValueError(f"load_state_dict: expected flat buffers of sizes {numels}, got {cfg['numels']}")
+        for k in ("compression", "block_size", "overlap"):
+            if cfg[k] != getattr(self, k):
+                raise ValueError(f"load_state_dict: expected {k}={getattr(self, k)!r} as constructed, got {cfg[k]!r}")
+        self.inner_optimizer.load_state_dict(state["inner_optimizer"])
+        with torch.no_grad():
+            for i, f in enumerate(self._flats):
+                f.flat.copy_(state["params"][i])
+                f.anchor.copy_(state["anchor"][i])
+                if f.momentum is not None:
+                    f.momentum.copy_(state["momentum"][i])
+                if f.residual is not None:
+                    f.residual.copy_(state["residual"][i])
+        self._local_step = int(state["local_step"])
+        self._sync_index = int(state["sync_index"])
+        self.seed = int(cfg["seed"])
+        self.stats = dict(state["stats"])
+        self._pending = None
+        if state["pending"] is not None:
+            pend = _Pending()
+            for it in state["pending"]["items"]:
+                pend.items.append(None if it is None else (it[0],) + tuple(
+                    t.to(self._flats[0].state_device).clone() for t in it[1:]))
+            pend.residual_backup = [None if b is None else b.clone() for b in state["pending"]["residual_backup"]]
+            self._pending = pend
+
+    def __repr__(self) -> str:
+        return (f"DiLoCo(sync_every={self.sync_every}, outer_lr={self.outer_lr}, outer_momentum={self.outer_momentum}, "
+                f"nesterov={self.nesterov}, compression={self.compression!r}, overlap={self.overlap}, "
+                f"hierarchical={self.hierarchy is not None}, inner={type(self.inner_optimizer).__name__})")
