@@ -3,6 +3,7 @@ arithmetic format.h requires:
 
 * no ``fma.rn.f32``: launches pass ``enable_fp_fusion=False`` (an FMA rounds once where the
   format rounds twice, so the bytes would differ from the CPU's);
+* no ``.ftz`` (flush-to-zero) instruction: subnormal inputs and scales are part of the format;
 * no approximate fp32 division (``div.full.f32`` / ``div.approx.f32``): the kernels that
   compute scales use ``div.rn.f32`` (tl.math.div_rn).
 
@@ -83,6 +84,7 @@ def _compile_all() -> list[dict]:  # runs in the subprocess
             "fma": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
             "approx_div": len(re.findall(r"\bdiv\.(full|approx)\.f32\b", ptx)),
             "div_rn": len(re.findall(r"\bdiv\.rn\.f32\b", ptx)),
+            "ftz": sorted(set(re.findall(r"\b[a-z]+\.[a-z0-9.]*\.ftz\b[a-z0-9.]*", ptx))),
             "needs_div": needs_div,
         })
     return results
@@ -108,6 +110,11 @@ def test_every_kernel_compiles_to_sm90(compiled):
 def test_no_fma_contraction(compiled):
     for r in compiled:
         assert r["fma"] == 0, f"{r['kernel']}: {r['fma']} fma.rn.f32 in the PTX"
+
+
+def test_no_flush_to_zero(compiled):
+    for r in compiled:
+        assert not r["ftz"], f"{r['kernel']}: flush-to-zero instructions {r['ftz']}"
 
 
 def test_divisions_are_ieee(compiled):

@@ -9,6 +9,8 @@ CUDA kernels' bytes. Hazards handled here (each was observed, see PLATFORM.md):
 * FMA: Triton contracts ``a * b + c`` into FMA unless the launch passes
   ``enable_fp_fusion=False``; every launcher passes :data:`LAUNCH_OPTS`
   (tests/test_compile_checks.py checks the PTX holds no ``fma``).
+* Flush-to-zero: libdevice calls default to their ftz variants; LAUNCH_OPTS turns that off
+  (the compile checks assert the PTX has no ``.ftz``).
 * Interpreter: f32->bf16 casts truncate and f32->fp8 casts are wrong, so bf16 input/output
   and e4m3 encoding use integer bit operations; bf16 tensors travel as int16 views.
   Round-half-even uses the 1.5 * 2^23 magic number (no libdevice: it returns None there).
@@ -20,8 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch options shared by every kernel: no FMA contraction (format.h fixes the fp32 arithmetic).
-LAUNCH_OPTS = {"enable_fp_fusion": False}
+# Launch options shared by every kernel: no FMA contraction (format.h fixes the fp32 arithmetic)
+# and no flush-to-zero in libdevice-lowered math (tl.floor otherwise compiles to
+# cvt.rmi.ftz.f32, which turns floor(-denormal) = -1 into 0 in stochastic rounding).
+LAUNCH_OPTS = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 # Elements per program: 4096 fp32 = 16 KiB read per program keeps enough bytes in flight per SM
 # on H100 with 4 warps (32 elements per thread) and, under TRITON_INTERPRET=1 where each program
