@@ -1,0 +1,427 @@
+"""Time to loss: DDP vs DiLoCo on shaped links, at equal tokens.
+
+Methods (4 workers, one namespace each, the same model, data, inner optimizer and steps):
+
+* ``ddp-gloo``       torch DDP over gloo, fp32 gradients all-reduced every step;
+* ``ddp-localsgd``   torch DDP over the ``localsgd`` backend (int8, compressed every step);
+* ``diloco-fp32`` / ``diloco-int8`` / ``diloco-int4``  ``localsgd_comm.DiLoCo`` over gloo,
+  ``sync_every`` H inner steps, outer Nesterov SGD (lr 0.7, momentum 0.9).
+
+Model: a byte-level causal transformer (GPT shape: token + position embeddings, pre-norm
+blocks, tied head). Data: a synthetic order-2 Markov byte stream (fixed seed; each rank
+reads its own shard): learnable, non-trivial, and no download. Its entropy rate is computed
+exactly and reported as the loss floor.
+
+Measurement: no extra collective during training (it would be communication the method does
+not need). Every rank records, per step, its training loss, its elapsed wall time and the
+tx bytes of its own namespace interface (real bytes on the shaped link, headers included).
+At the end rank 0 gathers them: the loss curve is the mean over ranks, smoothed with a
+moving average; the time axis is the slowest rank's elapsed time; bytes are per rank.
+"Time to target" is the first step whose smoothed loss is <= the target; the target is DDP
+(gloo)'s final smoothed loss on the same link.
+
+Rank entry point: ``python -m localsgd_comm.bench.time_to_loss --worker ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from typing import List, Optional
+
+METHODS = ["ddp-gloo", "ddp-localsgd", "diloco-fp32", "diloco-int8", "diloco-int4"]
+
+
+# ------------------------------------------------------------------------------------------
+# model and data
+# ------------------------------------------------------------------------------------------
+def build_model(d: int, layers: int, heads: int, seq: int, vocab: int = 256):
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1 = nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+            self.ln2 = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+        def forward(self, x, mask):
+            h = self.ln1(x)
+            x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+            return x + self.mlp(self.ln2(x))
+
+    class TinyGPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(vocab, d)
+            self.pos = nn.Parameter(torch.zeros(seq, d))
+            self.blocks = nn.ModuleList(Block() for _ in range(layers))
+            self.ln = nn.LayerNorm(d)
+            self.register_buffer("mask", torch.triu(torch.full((seq, seq), float("-inf")), 1), persistent=False)
+
+        def forward(self, idx):
+            x = self.tok(idx) + self.pos[: idx.shape[1]]
+            m = self.mask[: idx.shape[1], : idx.shape[1]]
+            for b in self.blocks:
+                x = b(x, m)
+            return self.ln(x) @ self.tok.weight.t()  # tied head
+
+    model = TinyGPT()
+    with torch.no_grad():  # GPT-2 init scale: N(0,1) tied embeddings start at loss ~20, not ln(256)
+        model.tok.weight.normal_(0.0, 0.02)
+        model.pos.normal_(0.0, 0.02)
+    return model
+
+
+class MarkovBytes:
+    """Markov chain over ``n_sym`` byte values; each context has ``fanout`` successors with
+    Dirichlet(0.5) probabilities. Deterministic from ``seed``. ``order=1``: the context is the
+    previous symbol only (a tiny model learns it within a few hundred steps; an order-2 chain
+    over 48 symbols kept it at the unigram loss ln(48) for 240 steps)."""
+
+    def __init__(self, seed: int = 0, n_sym: int = 48, fanout: int = 4, order: int = 1):
+        import torch
+        if order not in (1, 2):
+            raise ValueError(f"order: expected 1 or 2, got {order!r}")
+        g = torch.Generator().manual_seed(seed)
+        self.n = n_sym
+        self.succ = torch.randint(0, n_sym, (n_sym, n_sym, fanout), generator=g)
+        probs = torch.distributions.Dirichlet(torch.full((fanout,), 0.5)).sample((n_sym, n_sym))
+        if order == 1:  # the same successors for every a: depends on b only
+            self.succ = self.succ[:1].expand(n_sym, -1, -1).contiguous()
+            probs = probs[:1].expand(n_sym, -1, -1).contiguous()
+        self.probs = probs
+        self.symbols = torch.arange(32, 32 + n_sym)  # printable byte values
+
+    def entropy_rate(self) -> float:
+        """Exact conditional entropy (nats) under the stationary context distribution."""
+        import torch
+        n, p = self.n, self.probs.double()
+        T = torch.zeros(n * n, n * n, dtype=torch.float64)  # context (a,b) -> (b,c)
+        for a in range(n):
+            for b in range(n):
+                for k in range(self.succ.shape[2]):
+                    c = int(self.succ[a, b, k])
+                    T[a * n + b, b * n + c] += p[a, b, k]
+        pi = torch.full((n * n,), 1.0 / (n * n), dtype=torch.float64)
+        for _ in range(500):
+            pi = pi @ T
+        h = torch.zeros(n * n, dtype=torch.float64)
+        for a in range(n):
+            for b in range(n):
+                # merge duplicate successors before taking the entropy
+                acc = {}
+                for k in range(self.succ.shape[2]):
+                    c = int(self.succ[a, b, k])
+                    acc[c] = acc.get(c, 0.0) + float(p[a, b, k])
+                h[a * n + b] = -sum(q * math.log(q) for q in acc.values() if q > 0)
+        return float((pi * h).sum())
+
+    def batches(self, rank: int, batch: int, seq: int):
+        import torch
+        g = torch.Generator().manual_seed(10_000 + rank)
+        n = self.n
+        state = torch.randint(0, n, (batch, 2), generator=g)
+        while True:
+            out = torch.empty(batch, seq + 1, dtype=torch.long)
+            a, b = state[:, 0], state[:, 1]
+            for t in range(seq + 1):
+                k = torch.multinomial(self.probs[a, b], 1, generator=g).squeeze(1)
+                c = self.succ[a, b, k]
+                out[:, t] = c
+                a, b = b, c
+            state = torch.stack([a, b], 1)
+            sym = self.symbols[out]
+            yield sym[:, :-1], sym[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------
+# rank side
+# ------------------------------------------------------------------------------------------
+def _worker(a) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as Fn
+    from datetime import timedelta
+
+    from .launch import write_result
+    from .netns import read_iface_bytes
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    m = a.method
+    kwargs = {}
+    backend = "gloo"
+    if m == "ddp-localsgd":
+        import localsgd_comm
+        backend = "localsgd"
+        kwargs["pg_options"] = localsgd_comm.BackendOptions(format=a.ddp_format)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=a.timeout), **kwargs)
+    torch.manual_seed(0)  # same init everywhere (DDP and DiLoCo also broadcast from rank 0)
+    model = build_model(a.d_model, a.layers, a.heads, a.seq)
+    n_params = sum(p.numel() for p in model.parameters())
+    data = MarkovBytes(seed=0).batches(rank, a.batch, a.seq)
+    if m.startswith("ddp"):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # One bucket for the whole (small) model: one all-reduce per step, as a tuned DDP would.
+        net = DDP(model, bucket_cap_mb=max(25, 4 * n_params / 2**20 + 1))
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+        step_fn = opt
+    else:
+        import localsgd_comm
+        net = model
+        inner = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+        fmt = {"diloco-fp32": "none", "diloco-int8": "int8", "diloco-int4": "int4"}[m]
+        step_fn = localsgd_comm.DiLoCo(model, inner, sync_every=a.sync_every, compression=fmt)
+    losses, times, tx = [], [], []
+    # pre-generate the batches: data generation is not what we time
+    batches = [next(data) for _ in range(a.steps)]
+    dist.barrier()
+    c0 = read_iface_bytes(a.ifname) if a.ifname else None
+    t0 = time.perf_counter()
+    for step in range(a.steps):
+        x, y = batches[step]
+        logits = net(x)
+        loss = Fn.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        step_fn.step()
+        step_fn.zero_grad()
+        losses.append(float(loss))
+        times.append(time.perf_counter() - t0)
+        if c0 is not None:
+            c = read_iface_bytes(a.ifname)
+            tx.append(c["tx_bytes"] - c0["tx_bytes"])
+    total = time.perf_counter() - t0
+    # gather per-rank logs (after the timed loop)
+    rec = torch.tensor([losses, times, tx if tx else [0.0] * a.steps], dtype=torch.float64)
+    allrec = [torch.empty_like(rec) for _ in range(world)]
+    dist.all_gather(allrec, rec)
+    extra = {}
+    if m.startswith("diloco"):
+        extra["diloco_stats"] = {k: v for k, v in step_fn.stats.items()}
+    if m == "ddp-localsgd":
+        import localsgd_comm
+        st = localsgd_comm.get_backend_stats(dist.group.WORLD)
+        extra["backend_stats"] = {k: v for k, v in st.items() if isinstance(v, (int, float, str)) or v is None}
+    if rank == 0:
+        A = torch.stack(allrec)  # [rank, 3, steps]
+        write_result(a.result, {
+            "method": m, "world": world, "n_params": n_params, "steps": a.steps,
+            "tokens_per_step_global": world * a.batch * a.seq,
+            "loss_mean": A[:, 0].mean(0).tolist(),
+            "elapsed_s_max": A[:, 1].max(0).values.tolist(),
+            "tx_bytes_per_rank_mean": A[:, 2].mean(0).tolist() if tx else None,
+            "total_s": total, **extra,
+        })
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------
+# driver side
+# ------------------------------------------------------------------------------------------
+def config(quick: bool, steps: Optional[int] = None) -> dict:
+    """Model/steps chosen for 2 cores and 4 workers. Full: ~0.13M-parameter model, 240 steps:
+    compute ~30 ms/step/worker when 4 workers share 2 cores, fp32 gradient all-reduce
+    ~0.5 MB -> ~0.6 s/step at 10 Mbit/s, so DDP is communication-bound on the slow links and
+    compute-bound at 1 Gbit/s (the whole time-to-loss run is budgeted at <= ~15 min)."""
+    c = dict(d_model=64, layers=2, heads=4, seq=64, batch=8, lr=3e-3, sync_every=20,
+             steps=240, ddp_format="int8", world=4)
+    if quick:
+        c.update(steps=60, sync_every=10)
+    if steps is not None:
+        c["steps"] = steps
+    return c
+
+
+NETS = [("1gbit", 1000), ("100mbit", 100), ("10mbit", 10)]
+
+
+def smooth(xs: List[float], w: int) -> List[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x
+        if i >= w:
+            acc -= xs[i - w]
+        out.append(acc / min(i + 1, w))
+    return out
+
+
+def analyse(runs: List[dict], window: int) -> List[dict]:
+    """Per link: DDP-gloo's final smoothed loss is the target; time/bytes for each method to
+    reach it, and the speedup vs DDP-gloo's own time to reach it (its last step)."""
+    rows = []
+    for net in sorted({r["net"] for r in runs}, key=lambda n: -dict(NETS).get(n, 0)):
+        rs = {r["method"]: r for r in runs if r["net"] == net}
+        base = rs.get("ddp-gloo")
+        if base is None:
+            continue
+        sb = smooth(base["loss_mean"], window)
+        target = sb[-1]
+        t_base = base["elapsed_s_max"][-1]
+        for m, r in rs.items():
+            sl = smooth(r["loss_mean"], window)
+            hit = next((i for i, v in enumerate(sl) if v <= target), None)
+            t_hit = r["elapsed_s_max"][hit] if hit is not None else None
+            b = r.get("tx_bytes_per_rank_mean")
+            rows.append({
+                "net": net, "rate_mbit": r["rate_mbit"], "method": m, "final_loss": sl[-1],
+                "target_loss": target, "steps_to_target": None if hit is None else hit + 1,
+                "time_to_target_s": t_hit, "total_time_s": r["elapsed_s_max"][-1],
+                "mean_step_s": r["elapsed_s_max"][-1] / r["steps"],
+                "tx_mb_per_rank_total": None if not b else b[-1] / 1e6,
+                "tx_mb_to_target": None if (not b or hit is None) else b[hit] / 1e6,
+                "speedup_to_ddp_final_loss": None if t_hit is None else t_base / t_hit,
+            })
+    return rows
+
+
+def run_suite(out_dir: str, quick: bool = False, log=print, only_nets=None, methods=None,
+              steps: Optional[int] = None) -> dict:
+    from . import report
+    from .collectives import localsgd_available
+    from .launch import RankFailure, run_ranks
+    from .netns import ShapedNetwork, availability
+
+    cfg = config(quick, steps)
+    env = report.environment()
+    why = availability()
+    name = "time_to_loss_quick" if quick else "time_to_loss"
+    methods = list(methods or METHODS)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"time-to-loss methods: expected a subset of {METHODS}, got {bad}")
+    skipped = []
+    if why:
+        log(f"[time-to-loss] SKIP: {why}")
+        out = {"benchmark": "time_to_loss", "skipped": why, "environment": env}
+        report.write_json(os.path.join(out_dir, name + ".json"), out)
+        return out
+    no_ls = localsgd_available()
+    if no_ls and "ddp-localsgd" in methods:
+        log(f"[time-to-loss] ddp-localsgd skipped: {no_ls}")
+        methods.remove("ddp-localsgd")
+        skipped.append({"method": "ddp-localsgd", "reason": no_ls})
+    nets = [(n, r) for n, r in NETS if not only_nets or n in only_nets]
+    if quick and not only_nets:
+        nets = [("100mbit", 100)]
+    runs = []
+    floor = MarkovBytes(seed=0).entropy_rate()
+    log(f"[time-to-loss] config {cfg}; data entropy rate (loss floor) {floor:.3f} nats")
+    for net_name, rate in nets:
+        with ShapedNetwork(cfg["world"], rate) as net:
+            for m in methods:
+                args = ["--worker", "--method", m, "--ifname", net.ifname] + [
+                    f"--{k.replace('_', '-')}={v}" for k, v in cfg.items() if k != "world"]
+                load0 = report.load_snapshot()
+                try:
+                    r = run_ranks(cfg["world"], "localsgd_comm.bench.time_to_loss", args, net=net,
+                                  timeout_s=1200)
+                except RankFailure as exc:
+                    log(f"[time-to-loss] FAILED {net_name} {m}: {str(exc)[-3000:]}")
+                    skipped.append({"net": net_name, "method": m, "reason": str(exc)[-4000:]})
+                    continue
+                r.update(net=net_name, rate_mbit=rate, load_before=load0, load_after=report.load_snapshot())
+                runs.append(r)
+                b = r["tx_bytes_per_rank_mean"]
+                log(f"[time-to-loss] {net_name:>8} {m:<13} {r['total_s']:7.1f} s  "
+                    f"{1e3 * r['total_s'] / r['steps']:7.1f} ms/step  final loss {r['loss_mean'][-1]:.3f}  "
+                    f"tx {0 if not b else b[-1] / 1e6:.2f} MB/rank  (params {r['n_params']})")
+    window = max(5, cfg["steps"] // 12)
+    table = analyse(runs, window)
+    out = {"benchmark": "time_to_loss", "quick": quick, "config": cfg, "smoothing_window": window,
+           "loss_floor_nats": floor, "environment": env, "runs": runs, "table": table,
+           "skipped": skipped}
+    report.write_json(os.path.join(out_dir, name + ".json"), out)
+    with open(os.path.join(out_dir, name + ".md"), "w") as f:
+        f.write(markdown(out))
+    plot(out, os.path.join(out_dir, name + ".png"))
+    return out
+
+
+def markdown(out: dict) -> str:
+    from .report import md_table
+    e, c = out["environment"], out["config"]
+    head = (f"Time to loss ({'quick' if out['quick'] else 'full'}): {c['world']} workers, "
+            f"d_model {c['d_model']}, {c['layers']} layers, seq {c['seq']}, batch {c['batch']}/worker, "
+            f"{c['steps']} steps, H={c['sync_every']}, AdamW lr {c['lr']}; "
+            f"{e['machine']['cpu_model']}, {e['machine']['cores']} cores, torch {e['versions']['torch']}, "
+            f"commit {str(e['git_commit'])[:10]}; loss = mean over ranks, moving average of "
+            f"{out['smoothing_window']} steps; loss floor {out['loss_floor_nats']:.3f} nats\n\n")
+    rows = [(r["net"], r["method"], r["final_loss"], r["target_loss"], r["steps_to_target"],
+             r["time_to_target_s"], r["total_time_s"], 1e3 * r["mean_step_s"], r["tx_mb_per_rank_total"],
+             r["speedup_to_ddp_final_loss"]) for r in out["table"]]
+    return head + md_table(["link", "method", "final loss", "target (DDP final)", "steps to target",
+                            "time to target s", "total s", "ms/step", "MB sent/rank", "speedup to DDP loss"],
+                           rows) + "\n"
+
+
+def plot(out: dict, path: str) -> None:
+    from .report import plt as _plt
+    runs = out["runs"]
+    if not runs:
+        return
+    plt = _plt()
+    nets = [n for n, _ in NETS if any(r["net"] == n for r in runs)]
+    fig, axes = plt.subplots(2, len(nets) + 1, figsize=(4.6 * (len(nets) + 1), 7.6), squeeze=False)
+    w = out["smoothing_window"]
+    for j, net in enumerate(nets):
+        for r in (r for r in runs if r["net"] == net):
+            sl = smooth(r["loss_mean"], w)
+            axes[0, j].plot(r["elapsed_s_max"], sl, label=r["method"])
+            if r.get("tx_bytes_per_rank_mean"):
+                axes[1, j].plot([max(b, 1) / 1e6 for b in r["tx_bytes_per_rank_mean"]], sl, label=r["method"])
+        axes[0, j].set_xscale("log")
+        axes[0, j].set_title(f"{net}: loss vs wall-clock")
+        axes[0, j].set_xlabel("seconds (slowest rank)")
+        axes[1, j].set_xscale("log")
+        axes[1, j].set_title(f"{net}: loss vs bytes sent")
+        axes[1, j].set_xlabel("MB sent per rank (interface tx)")
+        for ax in axes[:, j]:
+            ax.set_ylabel("train loss (smoothed)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    # speedup vs link bandwidth
+    ax = axes[0, -1]
+    for m in METHODS:
+        pts = sorted((r["rate_mbit"], r["speedup_to_ddp_final_loss"]) for r in out["table"]
+                     if r["method"] == m and r["speedup_to_ddp_final_loss"])
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("link rate (Mbit/s)")
+    ax.set_ylabel("wall-clock speedup to DDP's final loss")
+    ax.set_title("speedup vs link bandwidth")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    axes[1, -1].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="rank side of the time-to-loss benchmark")
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--ifname", default="")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--sync-every", type=int, default=20)
+    p.add_argument("--steps", type=int, default=240)
+    p.add_argument("--ddp-format", default="int8")
+    p.add_argument("--timeout", type=float, default=1200.0)
+    p.add_argument("--result", required=True)
+    _worker(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
