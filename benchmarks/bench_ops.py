@@ -188,14 +188,19 @@ def memcpy_args(nbytes: int):
 
 
 def time_fn(fn: Callable, args: tuple, min_time: float = 0.4, min_rounds: int = 3,
-            max_rounds: int = 30) -> list[float]:
+            max_rounds: int = 30) -> tuple[list[float], list[float]]:
+    """-> (wall seconds, process CPU seconds) per round. CPU time is reported next to wall
+    time because the 2-core machine is shared: when other processes run, wall time grows
+    but the CPU time of a single-threaded call does not."""
     fn(*args)  # warm-up (first-touch page faults, compile)
     times: list[float] = []
+    cpu: list[float] = []
     while len(times) < min_rounds or (sum(times) < min_time and len(times) < max_rounds):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn(*args)
         times.append(time.perf_counter() - t0)
-    return times
+        cpu.append(time.process_time() - c0)
+    return times, cpu
 
 
 def measure(case: Case, n: int, impls=IMPLS) -> list[dict]:
@@ -206,11 +211,12 @@ def measure(case: Case, n: int, impls=IMPLS) -> list[dict]:
             a, fn = memcpy_args(nbytes)
         else:
             a, fn = args, {"ours": ours, "eager": eager}.get(impl) or compiled(case, eager)
-        times = time_fn(fn, a)
+        times, cpu = time_fn(fn, a)
         med = statistics.median(times)
         rows.append(dict(op=case.op, fmt=case.fmt, residual=case.residual, case=case.name, numel=n,
                          impl=impl, bytes=nbytes, median_s=med, min_s=min(times), rounds=len(times),
-                         gbps=nbytes / med / 1e9))
+                         cpu_median_s=statistics.median(cpu), gbps=nbytes / med / 1e9,
+                         loadavg_1min=os.getloadavg()[0]))
         del a
     return rows
 
@@ -273,7 +279,8 @@ def run(quick: bool = False, threads=(1,), out: Optional[str] = None, sizes=None
                     r["threads"] = nt
                     rows.append(r)
                     log(f"threads={nt} {r['case']:<36} n={n:>9} {r['impl']:<8} "
-                        f"{r['median_s'] * 1e3:9.3f} ms  {r['gbps']:7.2f} GB/s  ({r['rounds']} rounds)")
+                        f"{r['median_s'] * 1e3:9.3f} ms  {r['gbps']:7.2f} GB/s  ({r['rounds']} rounds, "
+                        f"cpu {r['cpu_median_s'] * 1e3:.3f} ms, load {r['loadavg_1min']:.1f})")
     summary = summarize(rows)
     targets = []
     for s in summary:
@@ -289,6 +296,7 @@ def run(quick: bool = False, threads=(1,), out: Optional[str] = None, sizes=None
         versions=dict(python=platform.python_version(), torch=torch.__version__,
                       localsgd_comm=getattr(localsgd_comm, "__version__", "unknown")),
         commit=_git_commit(),
+        loadavg_at_end=list(os.getloadavg()),
         config=dict(quick=quick, sizes=list(sizes), threads=list(threads), block_size=B, p_reduce=P_REDUCE,
                     impls=list(impls), timing="median of >= 3 rounds (>= 0.4 s total) after one warm-up",
                     bandwidth="(bytes read + bytes written) / median time; memcpy copies half that many bytes"),
