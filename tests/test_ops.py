@@ -654,6 +654,18 @@ def test_non_contiguous_state_buffers(impl):
         impl.outer_nesterov_step(anchor, None, None, grad, 0.7, 0.0, False)
     except RuntimeError as exc:
         assert "contiguous" in str(exc)
-        return
-    impl.outer_nesterov_step(anchor_c, None, None, grad, 0.7, 0.0, False)
-    assert torch.equal(anchor, anchor_c)
+        assert torch.equal(anchor, anchor_c), "refused, yet the buffer was modified"
+    else:
+        impl.outer_nesterov_step(anchor_c, None, None, grad, 0.7, 0.0, False)
+        assert torch.equal(anchor, anchor_c)
+    residual = (1e-3 * make_input("normal", 2 * n, torch.float32, seed=3))[::2]
+    residual_c = residual.contiguous()
+    params = anchor_c * 0.5
+    try:
+        got = impl.compress_delta(anchor_c, params, residual, "int8", 32, None)
+    except RuntimeError as exc:
+        assert "contiguous" in str(exc)
+        assert torch.equal(residual, residual_c), "refused, yet the buffer was modified"
+    else:
+        want = impl.compress_delta(anchor_c, params, residual_c, "int8", 32, None)
+        assert torch.equal(got[0], want[0]) and torch.equal(residual, residual_c)
