@@ -1,0 +1,420 @@
+"""The main job: ``localsgd-train`` / ``python -m localsgd_comm.train``.
+
+With no arguments it spawns 2 local CPU workers over the ``"localsgd"`` backend and trains a
+small byte-level GPT (:mod:`localsgd_comm.model`) with DiLoCo on an embedded corpus
+(:mod:`localsgd_comm.data`), shows a progress bar, prints a summary and writes
+``metrics.json`` and ``loss.png`` to ``--out`` (default ``./localsgd_runs/<timestamp>``).
+``--baseline ddp`` also trains plain DDP (gloo, fp32 gradients) on the same data.
+
+Reusable API (benchmarks)::
+
+    from localsgd_comm.train import TrainConfig, run_training
+    metrics = run_training(TrainConfig(mode="diloco", workers=2, sync_every=25, steps=200))
+    metrics["records"]  # per step: step, wall_s, tokens, bytes_sent, loss (+ val_loss at evals)
+
+Modes: ``"diloco"`` (DiLoCo over the default "localsgd" group), ``"ddp"`` (DDP over a gloo
+group: fp32 gradient all-reduce every step), ``"ddp-localsgd"`` (DDP over the "localsgd" group:
+its quantized all-reduce compresses the gradients every step).
+
+Launching ranks yourself (network namespaces, several machines): run
+``python -m localsgd_comm.train [options]`` once per rank with the torchrun environment
+(``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, plus e.g. ``GLOO_SOCKET_IFNAME``);
+each process then runs as one worker and rank 0 writes the outputs. From Python the same entry
+is :func:`worker_main`. With :func:`run_training` the rendezvous is ``TrainConfig.master_addr``/
+``master_port`` and ``TrainConfig.rank_env`` sets extra environment variables per rank.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+MODES = ("diloco", "ddp", "ddp-localsgd")
+
+__all__ = ["TrainConfig", "run_training", "run_modes", "worker_main", "main", "MODES"]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    mode: str = "diloco"
+    workers: int = 2
+    sync_every: int = 25
+    compression: str = "int8"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    error_feedback: bool = False
+    overlap: bool = False
+    model_size: str = "small"
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    seed: int = 0
+    device: str = "cpu"
+    data: Optional[str] = None
+    eval_every: int = 50
+    eval_batches: int = 4
+    threads: int = 1
+    backend: str = "localsgd"                  # default group; "gloo" runs DiLoCo's Python-composed path
+    master_addr: str = "127.0.0.1"
+    master_port: Optional[int] = None          # None: a free port on master_addr
+    rank_env: Optional[List[Dict[str, str]]] = None  # per-rank extra environment (spawn mode)
+    timeout_s: float = 1800.0
+    progress: bool = True
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.workers
+
+    def validate(self) -> None:
+        from ._ops import FORMATS
+        from .model import MODEL_SIZES
+        checks = [
+            (self.mode in MODES, f"mode: expected one of {MODES}, got {self.mode!r}"),
+            (self.workers >= 1, f"workers: expected >= 1, got {self.workers}"),
+            (self.sync_every >= 1, f"sync_every: expected >= 1, got {self.sync_every}"),
+            (self.compression in FORMATS, f"compression: expected one of {FORMATS}, got {self.compression!r}"),
+            (self.model_size in MODEL_SIZES, f"model_size: expected one of {sorted(MODEL_SIZES)}, got {self.model_size!r}"),
+            (self.steps >= 1, f"steps: expected >= 1, got {self.steps}"),
+            (self.batch_size >= 1 and self.seq_len >= 8, f"batch_size/seq_len: expected >= 1 / >= 8, got "
+             f"{self.batch_size} / {self.seq_len}"),
+            (self.backend in ("localsgd", "gloo", "nccl"), f"backend: expected localsgd, gloo or nccl, got {self.backend!r}"),
+            (self.mode != "ddp-localsgd" or self.backend == "localsgd",
+             f"mode ddp-localsgd: expected backend 'localsgd', got {self.backend!r}"),
+            (self.device in ("cpu", "cuda"), f"device: expected 'cpu' or 'cuda', got {self.device!r}"),
+            (self.rank_env is None or len(self.rank_env) == self.workers,
+             f"rank_env: expected one dict per worker ({self.workers}), got {None if self.rank_env is None else len(self.rank_env)}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if self.data is not None and not os.path.isfile(self.data):
+            raise ValueError(f"data: expected a readable file, got {self.data!r}")
+
+
+# ---------------------------------------------------------------------------------------- worker
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup then cosine decay to 10%: the usual small-GPT schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _comm_bytes(mode, opt, group, nparams, world, step_count):
+    """Bytes this rank has sent: the backend's counters on a "localsgd" group (measured), else
+    the ring volume 2 (p-1)/p x 4 bytes x params per DDP step (gloo keeps no counters)."""
+    from .backend import get_backend_stats
+    st = get_backend_stats(group)
+    if st["format"] is not None or st["python_calls"]:
+        return int(st["bytes_sent"]), "backend counters"
+    if mode == "diloco":
+        return int(opt.stats["bytes_sent"]), "estimate: ring volume"
+    return int(2 * (world - 1) * 4 * nparams * step_count / world), "estimate: ring volume"
+
+
+@torch.no_grad()
+def _evaluate(model, batches, device) -> float:
+    was = model.training
+    model.eval()
+    tot = 0.0
+    for x, y in batches:
+        tot += float(model(x.to(device), y.to(device)))
+    model.train(was)
+    return tot / len(batches)
+
+
+def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .backend import reset_backend_stats
+    from .diloco import DiLoCo
+    from .model import GPT, config_for
+
+    device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{rank % torch.cuda.device_count()}")
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP/DiLoCo broadcast it anyway)
+    model = GPT(config_for(cfg.model_size, cfg.seq_len)).to(device)
+    nparams = model.num_params()
+    inner = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    group = None
+    if cfg.mode == "diloco":
+        net = model
+        opt = DiLoCo(model, inner, sync_every=cfg.sync_every, outer_lr=cfg.outer_lr,
+                     outer_momentum=cfg.outer_momentum, compression=cfg.compression,
+                     error_feedback=cfg.error_feedback, overlap=cfg.overlap)
+    else:
+        # plain DDP: fp32 gradients over gloo; ddp-localsgd: over the default (quantizing) group
+        group = dist.new_group(backend="gloo" if cfg.device == "cpu" else "nccl") if cfg.mode == "ddp" else None
+        net = DDP(model, process_group=group)
+        opt = inner
+    reset_backend_stats(group)
+    val = data.val_batches(cfg.eval_batches, cfg.batch_size)
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, desc=f"{cfg.mode} x{world}", unit="step", dynamic_ncols=True)
+    records = []
+    dist.barrier()
+    t0 = time.perf_counter()
+    eval_time = 0.0
+    for step in range(cfg.steps):
+        for g in inner.param_groups:
+            g["lr"] = _lr_at(cfg, step)
+        x, y = data.batch(rank, step, cfg.batch_size)
+        loss = net(x.to(device), y.to(device))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last = step == cfg.steps - 1
+        if cfg.mode == "diloco" and last:
+            opt.flush()
+            if opt.local_step % cfg.sync_every:  # end on a sync: every replica holds the same model
+                opt.sync()
+        if rank == 0:
+            lv = loss.item()
+            rec = {"step": step + 1, "wall_s": time.perf_counter() - t0 - eval_time,
+                   "tokens": (step + 1) * cfg.tokens_per_step, "loss": lv}
+            rec["bytes_sent"], src = _comm_bytes(cfg.mode, opt, group, nparams, world, step + 1)
+            if last or (step + 1) % cfg.eval_every == 0:
+                te = time.perf_counter()
+                rec["val_loss"] = _evaluate(model, val, device)
+                eval_time += time.perf_counter() - te
+            records.append(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{lv:.3f}", refresh=False)
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    dist.barrier()
+    if rank != 0:
+        return None
+    final = records[-1]
+    return {"mode": cfg.mode, "workers": world, "params": nparams, "config": dataclasses.asdict(cfg),
+            "final_val_loss": final["val_loss"], "tokens": final["tokens"], "bytes_sent_per_rank": final["bytes_sent"],
+            "bytes_source": src, "wall_s": final["wall_s"], "records": records,
+            "syncs": opt.sync_count if cfg.mode == "diloco" else None,
+            "torch": torch.__version__}
+
+
+def worker_main(cfg: TrainConfig, modes: Optional[List[str]] = None, init: bool = True) -> Optional[List[dict]]:
+    """Run ``modes`` (default ``[cfg.mode]``) as one worker of a torchrun-style job.
+
+    Reads ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` from the environment when
+    ``init`` (the default group uses the "localsgd" backend). Returns the metrics on rank 0,
+    None elsewhere."""
+    from . import data as data_mod
+    torch.set_num_threads(cfg.threads)
+    if init:
+        import localsgd_comm  # noqa: F401  registers the backend
+        dist.init_process_group(cfg.backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = data_mod.ByteData(data_mod.load_corpus(cfg.data), cfg.seq_len, cfg.seed)
+    out = []
+    try:
+        for m in modes or [cfg.mode]:
+            out.append(_train_one(dataclasses.replace(cfg, mode=m, workers=world), rank, world, data))
+    finally:
+        if init:
+            dist.destroy_process_group()
+    return out if rank == 0 else None
+
+
+def _spawn_entry(cfg: TrainConfig, modes, rank: int, port: int, q) -> None:
+    try:
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(cfg.workers), "LOCAL_RANK": str(rank),
+                           "MASTER_ADDR": cfg.master_addr, "MASTER_PORT": str(port),
+                           "OMP_NUM_THREADS": str(cfg.threads)})
+        if cfg.rank_env is not None:
+            os.environ.update(cfg.rank_env[rank])
+        out = worker_main(cfg, modes)
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        q.put((rank, True, buf.getvalue()))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        q.put((rank, False, traceback.format_exc()))
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def run_modes(cfg: TrainConfig, modes: List[str]) -> List[dict]:
+    """Spawn ``cfg.workers`` local processes and run ``modes`` in them one after the other
+    (one spawn + rendezvous for all). Returns rank 0's metrics, one dict per mode."""
+    import multiprocessing as mp
+    for m in modes:
+        dataclasses.replace(cfg, mode=m).validate()
+    port = cfg.master_port or _free_port(cfg.master_addr)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_spawn_entry, args=(cfg, modes, r, port, q), daemon=True) for r in range(cfg.workers)]
+    for p in procs:
+        p.start()
+    results, deadline = {}, time.monotonic() + cfg.timeout_s
+    try:
+        while len(results) < cfg.workers:
+            try:
+                rank, ok, payload = q.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"training workers did not finish within {cfg.timeout_s:.0f} s")
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    time.sleep(0.5)
+                    if q.empty():
+                        raise RuntimeError(f"a training worker exited with code {dead[0]} without a report")
+                continue
+            if not ok:
+                raise RuntimeError(f"training worker {rank} failed:\n{payload}")
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return results[0]
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """One training run (``cfg.mode``) on ``cfg.workers`` spawned local processes."""
+    return run_modes(cfg, [cfg.mode])[0]
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def summary_table(results: List[dict]) -> str:
+    head = f"{'':22}" + "".join(f"{r['mode']:>18}" for r in results)
+    rows = [
+        ("validation loss", lambda r: f"{r['final_val_loss']:.4f}"),
+        ("tokens", lambda r: f"{r['tokens']:,}"),
+        ("bytes sent / rank", lambda r: _fmt_bytes(r["bytes_sent_per_rank"])),
+        ("wall time (train)", lambda r: f"{r['wall_s']:.1f} s"),
+        ("syncs", lambda r: "-" if r["syncs"] is None else str(r["syncs"])),
+    ]
+    lines = [head] + [f"{name:22}" + "".join(f"{fn(r):>18}" for r in results) for name, fn in rows]
+    srcs = sorted({r["bytes_source"] for r in results})
+    lines.append(f"(bytes: {', '.join(srcs)}; params {results[0]['params']:,}, workers {results[0]['workers']})")
+    return "\n".join(lines)
+
+
+def write_outputs(results: List[dict], out_dir: str) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    jpath = os.path.join(out_dir, "metrics.json")
+    with open(jpath, "w") as f:
+        json.dump({"runs": results}, f, indent=1)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in results:
+        recs = r["records"]
+        ev = [x for x in recs if "val_loss" in x]
+        lab = f"{r['mode']}"
+        axes[0].plot([x["step"] for x in recs], [x["loss"] for x in recs], alpha=0.4, label=f"{lab} train")
+        axes[0].plot([x["step"] for x in ev], [x["val_loss"] for x in ev], "o-", label=f"{lab} val")
+        axes[1].plot([x["wall_s"] for x in ev], [x["val_loss"] for x in ev], "o-", label=lab)
+        axes[2].plot([max(x["bytes_sent"], 1) / 2**20 for x in ev], [x["val_loss"] for x in ev], "o-", label=lab)
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("wall time (s)")
+    axes[2].set_xlabel("MiB sent per rank")
+    axes[2].set_xscale("log")
+    for a in axes:
+        a.set_ylabel("loss")
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    ppath = os.path.join(out_dir, "loss.png")
+    fig.savefig(ppath, dpi=90)
+    plt.close(fig)
+    return {"metrics": jpath, "plot": ppath}
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="localsgd-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=MODES, default=d.mode)
+    p.add_argument("--baseline", choices=["ddp", "ddp-localsgd"], default=None,
+                   help="also train this baseline on the same data and compare")
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--sync-every", type=int, default=d.sync_every)
+    p.add_argument("--compression", default=d.compression, help="none, int8, int4 or fp8")
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr)
+    p.add_argument("--outer-momentum", type=float, default=d.outer_momentum)
+    p.add_argument("--error-feedback", action="store_true")
+    p.add_argument("--overlap", action="store_true")
+    p.add_argument("--model-size", default=d.model_size, help="tiny, small, medium or large")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+    p.add_argument("--data", default=None, help="train on this text file instead of the embedded corpus")
+    p.add_argument("--out", default=None, help="output dir (default ./localsgd_runs/<timestamp>)")
+    p.add_argument("--backend", default=d.backend, choices=["localsgd", "gloo", "nccl"],
+                   help="backend of the default process group")
+    p.add_argument("--master-addr", default=d.master_addr)
+    p.add_argument("--master-port", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    a = _parser().parse_args(argv)
+    cfg = TrainConfig(mode=a.mode, workers=a.workers, sync_every=a.sync_every, compression=a.compression,
+                      outer_lr=a.outer_lr, outer_momentum=a.outer_momentum, error_feedback=a.error_feedback,
+                      overlap=a.overlap, model_size=a.model_size, steps=a.steps, batch_size=a.batch_size,
+                      seq_len=a.seq_len, lr=a.lr, eval_every=a.eval_every, seed=a.seed, device=a.device,
+                      data=a.data, backend=a.backend, master_addr=a.master_addr, master_port=a.master_port,
+                      progress=not a.no_progress, warmup_steps=min(TrainConfig.warmup_steps, max(1, a.steps // 10)))
+    modes = [cfg.mode] + ([a.baseline] if a.baseline and a.baseline != cfg.mode else [])
+    try:
+        for m in modes:
+            dataclasses.replace(cfg, mode=m).validate()
+    except ValueError as e:
+        print(f"localsgd-train: error: {e}", file=sys.stderr)
+        return 2
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if under_torchrun:
+        results = worker_main(cfg, modes)
+        if results is None:
+            return 0
+    else:
+        results = run_modes(cfg, modes)
+    out = a.out or os.path.join("localsgd_runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    paths = write_outputs(results, out)
+    print(summary_table(results))
+    print(f"metrics: {paths['metrics']}\nloss curves: {paths['plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
