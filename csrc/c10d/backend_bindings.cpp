@@ -1,5 +1,49 @@
-// Placeholder: replaced by the localsgd c10d backend (issue 3).
+// pybind11 binding of the localsgd c10d backend (localsgd_comm._C.LocalSGDBackend).
+// The holder must be c10::intrusive_ptr (torch's Backend holder), and torch.distributed's
+// bindings must be loaded first so that c10d.Backend is a known base class.
 #include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "localsgd_backend.h"
+
+namespace py = pybind11;
+
 namespace localsgd {
-void init_c10d_bindings(pybind11::module& m) { (void)m; }
+
+void init_c10d_bindings(pybind11::module& m) {
+  py::module_::import("torch.distributed");
+  py::class_<LocalSGDBackend, c10d::Backend, c10::intrusive_ptr<LocalSGDBackend>>(m, "LocalSGDBackend",
+      "The 'localsgd' c10d backend. Created by localsgd_comm.backend (do not construct it directly).")
+      .def(py::init([](int rank, int size, const c10::intrusive_ptr<c10d::Backend>& cpu_inner,
+                       const std::optional<c10::intrusive_ptr<c10d::Backend>>& cuda_inner, int format,
+                       int64_t block_size, int64_t threshold_bytes, int64_t seed, int64_t timeout_ms) {
+             return c10::make_intrusive<LocalSGDBackend>(rank, size, cpu_inner,
+                                                         cuda_inner.value_or(c10::intrusive_ptr<c10d::Backend>()),
+                                                         format, block_size, threshold_bytes, seed, timeout_ms);
+           }),
+           py::arg("rank"), py::arg("size"), py::arg("cpu_inner"), py::arg("cuda_inner"), py::arg("format"),
+           py::arg("block_size"), py::arg("threshold_bytes"), py::arg("seed"), py::arg("timeout_ms"))
+      .def("allreduce_compressed", &LocalSGDBackend::allreduce_compressed, py::arg("payload"), py::arg("scales"),
+           py::arg("numel"), py::arg("format"), py::arg("block_size"), py::arg("average"), py::arg("seed"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("stats",
+           [](const LocalSGDBackend& b) {
+             const BackendStats s = b.stats();
+             static const char* names[] = {"none", "int8", "int4", "fp8"};
+             py::dict d;
+             d["format"] = names[static_cast<int>(b.format())];
+             d["block_size"] = b.block_size();
+             d["threshold_bytes"] = b.threshold_bytes();
+             d["bytes_sent"] = s.bytes_sent;
+             d["bytes_received"] = s.bytes_received;
+             d["compressed_calls"] = s.compressed_calls;
+             d["passthrough_calls"] = s.passthrough_calls;
+             py::dict reasons;
+             for (const auto& [k, v] : s.passthrough_reasons) reasons[py::str(k)] = v;
+             d["passthrough_reasons"] = reasons;
+             return d;
+           })
+      .def("reset_stats", &LocalSGDBackend::reset_stats);
+}
+
 }  // namespace localsgd

@@ -1,0 +1,855 @@
+// The "localsgd" c10d backend (see localsgd_backend.h for its limitations).
+//
+// Ordering (the hazard this file is built around)
+// -----------------------------------------------
+// gloo matches the messages of a collective by a tag taken from a per-group counter when the
+// collective is *enqueued*. The quantized all-reduce issues three collectives (metadata
+// all-gather, all-to-all, all-gather) and the later ones can only be issued once the earlier
+// ones finished (data dependency). If those were issued from a callback or another thread while
+// the user's thread issued pass-through collectives directly, rank 0 could enqueue
+// [all-to-all, broadcast, all-gather] and rank 1 [all-to-all, all-gather, broadcast]: the tags
+// then pair a broadcast with an all-gather -> mismatched sizes, garbage or a hang.
+// Design chosen: ONE FIFO worker thread per backend issues every collective of the group,
+// pass-through included, in program order; the quantized all-reduce runs on that thread to its
+// end (waiting for each phase) before the next queued collective is issued. Program order is
+// the same on every rank (the c10d contract), so the inner tags line up on every rank. The
+// alternative (a second inner group for phase 2 with its own strictly ordered issuer) still
+// needs an ordered issuer and doubles the connections; the worker is simpler and costs one
+// thread hand-off per collective. Pass-through collectives are only *issued* on the worker; their
+// completion comes from the inner future's callback, so they still overlap with later work.
+// send/recv bypass the queue: gloo matches them by the user's tag, not the collective counter,
+// and queueing them behind a blocking all-reduce could deadlock send/recv pairs that plain gloo
+// allows.
+//
+// Deadlocks documented in PLATFORM.md: Works are completed from the worker / inner callbacks,
+// never from wait(); the destructor and shutdown() release the GIL before joining the worker and
+// dropping the gloo backends (gloo's threads may need the GIL while the main thread joins them).
+#include "localsgd_backend.h"
+
+#include <cstring>
+#include <stdexcept>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/extension.h>
+
+#include "localsgd/kernels.h"
+#ifdef LOCALSGD_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include "localsgd/kernels_cuda.h"
+#endif
+
+namespace localsgd {
+namespace {
+
+constexpr int64_t kMetaWords = 8;
+constexpr int64_t kMetaMagic = 0x4C534731;  // "LSG1"; same header layout as backend.py
+
+const char* format_name(Format f) {
+  switch (f) {
+    case Format::None: return "none";
+    case Format::Int8: return "int8";
+    case Format::Int4: return "int4";
+    case Format::Fp8: return "fp8";
+  }
+  return "?";
+}
+
+DType to_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    default: TORCH_CHECK(false, "localsgd: expected float32, bfloat16 or float16, got ", s);
+  }
+}
+
+// Payload bytes of elements [0, e) when e is a block multiple (int4: e is even).
+int64_t payload_offset(Format f, int64_t e) { return f == Format::Int4 ? e / 2 : e; }
+
+struct Chunking {
+  int64_t blocks_per_chunk;  // c
+  int64_t elems;             // c * B
+  int64_t cap;               // payload bytes reserved per record (a multiple of 8)
+  int64_t record;            // cap + 4 c: one record = payload chunk then its scales
+  int64_t lo(int64_t r, int64_t n) const { return std::min(r * elems, n); }
+  int64_t hi(int64_t r, int64_t n) const { return std::min((r + 1) * elems, n); }
+};
+
+// Chunks are cut on block boundaries (each chunk's scales are whole blocks of the tensor, and
+// int4 chunks start on a byte); the tail chunks may be short or empty and every record is
+// padded to one size so the all-to-all and the all-gather are equal-split.
+Chunking make_chunking(Format f, int64_t n, int64_t block, int64_t p) {
+  Chunking c;
+  c.blocks_per_chunk = std::max<int64_t>(1, (num_blocks(n, block) + p - 1) / p);
+  c.elems = c.blocks_per_chunk * block;
+  c.cap = payload_bytes(f, c.elems);
+  c.record = c.cap + 4 * c.blocks_per_chunk;
+  return c;
+}
+
+uint64_t mix64(uint64_t a, uint64_t b) {
+  return (static_cast<uint64_t>(mix32(static_cast<uint32_t>(a ^ (b * 0x9E3779B97F4A7C15ull)))) << 32) |
+         mix32(static_cast<uint32_t>((a >> 32) ^ b ^ 0x85EBCA6Bu));
+}
+
+// (0) fixed-size metadata all-gather; every rank checks every row, so a disagreement raises
+// the same error on all ranks instead of letting mismatched sizes reach the data collectives.
+void exchange_meta(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, const std::vector<int64_t>& mine,
+                   const at::Device& dev, const char* what) {
+  if (p == 1) return;
+  auto opts = at::TensorOptions().dtype(at::kLong);
+  at::Tensor local = at::tensor(mine, opts).to(dev);
+  at::Tensor all = at::empty({p * kMetaWords}, opts.device(dev));
+  inner->_allgather_base(all, local, c10d::AllgatherOptions())->wait();
+  at::Tensor rows = all.cpu();
+  const int64_t* d = rows.data_ptr<int64_t>();
+  static const char* names[kMetaWords] = {"magic", "format", "numel", "block_size", "op", "kind", "dtype", "reserved"};
+  for (int64_t r = 0; r < p; ++r) {
+    std::string diff;
+    for (int64_t i = 0; i < kMetaWords; ++i) {
+      if (d[r * kMetaWords + i] != mine[i]) {
+        diff += c10::str(diff.empty() ? "" : ", ", names[i], ": this rank ", mine[i], ", rank ", r, " ",
+                         d[r * kMetaWords + i]);
+      }
+    }
+    TORCH_CHECK(diff.empty(), "localsgd ", what, ": ranks disagree (", diff,
+                "); expected identical tensor sizes, dtypes, formats, block sizes and ops on every rank");
+  }
+}
+
+}  // namespace
+
+// ---- Work ---------------------------------------------------------------------------------------
+LocalSGDWork::LocalSGDWork(c10d::OpType op, std::vector<at::Tensor> outputs, std::vector<c10::Device> devices)
+    : c10d::Work(-1, op),
+      outputs_(std::move(outputs)),
+      future_(c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()),
+                                                       std::move(devices))) {}
+
+void LocalSGDWork::complete(std::exception_ptr eptr) {
+  finish(eptr);  // wakes wait()
+  if (eptr) {
+    future_->setError(eptr);
+  } else {
+    future_->markCompleted(c10::IValue(outputs_));
+  }
+}
+
+// ---- Backend ------------------------------------------------------------------------------------
+LocalSGDBackend::LocalSGDBackend(int rank, int size, c10::intrusive_ptr<c10d::Backend> cpu_inner,
+                                 c10::intrusive_ptr<c10d::Backend> cuda_inner, int format, int64_t block_size,
+                                 int64_t threshold_bytes, int64_t seed, int64_t timeout_ms)
+    : c10d::Backend(rank, size),
+      cpu_inner_(std::move(cpu_inner)),
+      cuda_inner_(std::move(cuda_inner)),
+      format_(static_cast<Format>(format)),
+      block_(block_size),
+      threshold_(threshold_bytes),
+      seed_(seed),
+      timeout_(timeout_ms) {
+  TORCH_CHECK(cpu_inner_, "localsgd: expected an inner backend for CPU tensors, got None");
+  TORCH_CHECK(format >= 0 && format <= 3, "localsgd: expected format code 0..3 (none/int8/int4/fp8), got ", format);
+  TORCH_CHECK(valid_block_size(block_size), "localsgd: block_size must be a power of two in [", kMinBlockSize, ", ",
+              kMaxBlockSize, "], got ", block_size);
+  TORCH_CHECK(threshold_bytes >= 0, "localsgd: threshold_bytes must be >= 0, got ", threshold_bytes);
+  worker_ = std::thread([this] { worker_loop(); });
+}
+
+void LocalSGDBackend::stop_worker() {
+  std::deque<Task> dropped;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stopped_) return;
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) {
+    if (worker_.get_id() == std::this_thread::get_id()) {
+      worker_.detach();  // last reference dropped from a callback on the worker itself
+    } else {
+      worker_.join();
+    }
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  stopped_ = true;
+}
+
+void LocalSGDBackend::shutdown() {
+  // Joining the worker can wait for an in-flight collective, whose gloo threads (or a DDP hook
+  // run from our callbacks) may need the GIL: never hold it here.
+  if (Py_IsInitialized() && PyGILState_Check()) {
+    pybind11::gil_scoped_release nogil;
+    stop_worker();
+  } else {
+    stop_worker();
+  }
+}
+
+LocalSGDBackend::~LocalSGDBackend() {
+  auto drop = [this] {
+    stop_worker();
+    cpu_inner_.reset();   // ~ProcessGroupGloo joins gloo's threads
+    cuda_inner_.reset();
+  };
+  if (Py_IsInitialized() && PyGILState_Check()) {
+    pybind11::gil_scoped_release nogil;
+    drop();
+  } else {
+    drop();
+  }
+}
+
+void LocalSGDBackend::enqueue(Task task) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    TORCH_CHECK(!stopping_, "localsgd: the process group was shut down; no new collectives can be issued");
+    queue_.push_back(std::move(task));
+  }
+  cv_.notify_one();
+}
+
+void LocalSGDBackend::worker_loop() {
+  for (;;) {
+    Task task;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [this] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping and drained
+      if (stopping_) {
+        // Shut down: collectives that were queued but never issued fail (their peers may be
+        // gone and each could wait a full timeout); only the in-flight one was allowed to end.
+        std::deque<Task> rest;
+        rest.swap(queue_);
+        lk.unlock();
+        auto err = std::make_exception_ptr(std::runtime_error(
+            "localsgd: the process group was shut down before this collective was issued"));
+        for (auto& t : rest) t(err);
+        return;
+      }
+      task = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    task(nullptr);  // tasks catch their own exceptions and complete their Work
+  }
+}
+
+c10::intrusive_ptr<c10d::Backend> LocalSGDBackend::inner_for_device(c10::DeviceType type) const {
+  if (type == c10::DeviceType::CPU) return cpu_inner_;
+  TORCH_CHECK(type == c10::DeviceType::CUDA, "localsgd: expected CPU or CUDA tensors, got device type ", type);
+  TORCH_CHECK(cuda_inner_, "localsgd: got a CUDA tensor but this group has no CUDA inner backend "
+              "(CUDA was not available when the group was created)");
+  return cuda_inner_;
+}
+
+c10::intrusive_ptr<c10d::Backend> LocalSGDBackend::inner_for(const at::Tensor& t) const {
+  return inner_for_device(t.device().type());
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::passthrough(
+    c10d::OpType op, std::vector<at::Tensor> outputs, c10::DeviceType device,
+    std::function<c10::intrusive_ptr<c10d::Work>()> issue) {
+  std::vector<c10::Device> devs;
+  if (device == c10::DeviceType::CUDA && !outputs.empty()) devs.push_back(outputs[0].device());
+  auto work = c10::make_intrusive<LocalSGDWork>(op, std::move(outputs), devs);
+#ifdef LOCALSGD_WITH_CUDA
+  std::optional<c10::cuda::CUDAStream> stream;
+  if (device == c10::DeviceType::CUDA) stream = c10::cuda::getCurrentCUDAStream();
+#endif
+  enqueue([work, issue = std::move(issue)
+#ifdef LOCALSGD_WITH_CUDA
+           , stream
+#endif
+  ](std::exception_ptr cancel) {
+    if (cancel) {
+      work->complete(cancel);
+      return;
+    }
+    try {
+#ifdef LOCALSGD_WITH_CUDA
+      // Issue on the caller's stream (NCCL orders its stream after it); wait() on the inner
+      // work makes that stream wait for the collective, then the Work completes.
+      std::optional<c10::cuda::CUDAStreamGuard> guard;
+      if (stream) {
+        guard.emplace(*stream);
+        auto inner = issue();
+        inner->wait();
+        work->complete(nullptr);
+        return;
+      }
+#endif
+      auto inner = issue();
+      c10::intrusive_ptr<c10::ivalue::Future> fut;
+      try {
+        fut = inner->getFuture();
+      } catch (const std::exception&) {
+        fut.reset();  // an inner Work without futures: fall back to a blocking wait
+      }
+      if (!fut) {
+        inner->wait();
+        work->complete(nullptr);
+        return;
+      }
+      fut->addCallback([work](c10::ivalue::Future& f) {
+        work->complete(f.hasError() ? f.exception_ptr() : nullptr);
+      });
+    } catch (...) {
+      work->complete(std::current_exception());
+    }
+  });
+  return work;
+}
+
+const char* LocalSGDBackend::passthrough_reason(const at::Tensor& t, c10d::ReduceOp op) const {
+  if (format_ == Format::None) return "format_none";
+  const auto s = t.scalar_type();
+  if (s != at::kFloat && s != at::kBFloat16 && s != at::kHalf) return "dtype";
+  if (op != c10d::ReduceOp::SUM && op != c10d::ReduceOp::AVG) return "op";
+  if (static_cast<int64_t>(t.numel() * t.element_size()) < threshold_) return "small";
+  return nullptr;
+}
+
+void LocalSGDBackend::count_passthrough(const char* reason, int64_t bytes, bool log) {
+  const int64_t p = getSize();
+  bool first = false;
+  {
+    std::lock_guard<std::mutex> lk(stats_mu_);
+    stats_.passthrough_calls += 1;
+    stats_.passthrough_reasons[reason] += 1;
+    // A ring all-reduce sends 2 (p-1)/p of the tensor per rank (gloo's own algorithm may differ).
+    stats_.bytes_sent += 2 * (p - 1) * bytes / std::max<int64_t>(p, 1);
+    stats_.bytes_received += 2 * (p - 1) * bytes / std::max<int64_t>(p, 1);
+    const uint32_t bit = std::string(reason) == "small" ? 1u : (std::string(reason) == "op" ? 2u : 4u);
+    if (log && !(logged_reasons_ & bit)) {
+      logged_reasons_ |= bit;
+      first = true;
+    }
+  }
+  if (first) {
+    TORCH_WARN("localsgd: an all-reduce of a floating tensor was sent uncompressed (reason: ", reason,
+               "; format ", format_name(format_), ", threshold_bytes ", threshold_,
+               "). Logged once per reason; counts are in localsgd_comm.get_backend_stats().");
+  }
+}
+
+BackendStats LocalSGDBackend::stats() const {
+  std::lock_guard<std::mutex> lk(stats_mu_);
+  return stats_;
+}
+
+void LocalSGDBackend::reset_stats() {
+  std::lock_guard<std::mutex> lk(stats_mu_);
+  stats_ = BackendStats();
+}
+
+// ---- the quantized all-reduce (runs on the worker) -----------------------------------------------
+// Steps as in DESIGN.md: (1) quantize the local tensor per chunk, (2) all-to-all of the p
+// records, (3+4) fused dequantize + fp32 sum (+ 1/p) + requantize of the owned chunk, (5)
+// all-gather of the reduced records, (6) dequantize into the tensor. Two roundings per element;
+// every rank dequantizes the same bytes, so results are bitwise identical.
+void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend>& inner, at::Tensor t,
+                                          bool average, uint64_t call_id) {
+  const int64_t p = getSize(), me = getRank(), n = t.numel(), B = block_;
+  const Format f = format_;
+  const DType dt = to_dtype(t.scalar_type());
+  exchange_meta(inner, p, {kMetaMagic, static_cast<int64_t>(f), n, B, average ? 1 : 0, 0,
+                           static_cast<int64_t>(t.scalar_type()), 0}, t.device(), "all_reduce");
+  // Non-contiguous tensors are reduced in a contiguous copy and copied back.
+  at::Tensor x = t.is_contiguous() ? t : t.contiguous();
+  const Chunking ch = make_chunking(f, n, B, p);
+  const int64_t R = ch.record, esize = x.element_size();
+  auto bytes = at::TensorOptions().dtype(at::kByte).device(x.device());
+  at::Tensor send = at::empty({p * R}, bytes), recv = at::empty({p * R}, bytes);
+  at::Tensor mine = at::empty({R}, bytes), gathered = at::empty({p * R}, bytes);
+  RoundingMode rm;
+  uint64_t call_seed = 0;
+  if (seed_ >= 0) {
+    rm.stochastic = true;
+    call_seed = mix64(static_cast<uint64_t>(seed_), call_id);
+  }
+  const float factor = average ? 1.0f / static_cast<float>(p) : 1.0f;
+  const bool on_cuda = x.is_cuda();
+
+  // (1) quantize: chunk r into record r. Each rank draws its own random numbers (seed mixed
+  // with the rank) so stochastic rounding errors average out across ranks.
+  for (int64_t r = 0; r < p; ++r) {
+    const int64_t lo = ch.lo(r, n), hi = ch.hi(r, n), nr = hi - lo;
+    uint8_t* rec = send.data_ptr<uint8_t>() + r * R;
+    RoundingMode q = rm;
+    q.seed = mix64(call_seed, static_cast<uint64_t>(me) + 1);
+    q.index_offset = lo;
+    const char* src = static_cast<const char*>(x.const_data_ptr()) + lo * esize;
+    if (!on_cuda) {
+      if (nr < ch.elems) std::memset(rec, 0, R);  // padding: never send uninitialized memory
+      if (nr > 0) cpu::quantize(f, dt, src, nr, B, q, rec, reinterpret_cast<float*>(rec + ch.cap));
+    } else {
+#ifdef LOCALSGD_WITH_CUDA
+      auto stream = c10::cuda::getCurrentCUDAStream();
+      if (nr < ch.elems) C10_CUDA_CHECK(cudaMemsetAsync(rec, 0, R, stream.stream()));
+      if (nr > 0) cuda::quantize(f, dt, src, nr, B, q, rec, reinterpret_cast<float*>(rec + ch.cap), stream.stream());
+      const char* err = cuda::last_error();
+      TORCH_CHECK(err[0] == '\0', "localsgd: CUDA quantize failed: ", err);
+#else
+      TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
+#endif
+    }
+  }
+  // (2) all-to-all: record r goes to rank r; we receive every rank's record of our chunk.
+  if (p > 1) {
+    std::vector<int64_t> splits;  // empty: equal split
+    inner->alltoall_base(recv, send, splits, splits, c10d::AllToAllOptions())->wait();
+  } else {
+    recv.copy_(send);
+  }
+  // (3+4) fused dequantize + fp32 sum in rank order + requantize of the owned chunk.
+  {
+    const int64_t lo = ch.lo(me, n), nr = ch.hi(me, n) - lo;
+    const uint8_t* in = recv.const_data_ptr<uint8_t>();
+    uint8_t* out = mine.data_ptr<uint8_t>();
+    RoundingMode q = rm;
+    q.seed = call_seed;
+    q.index_offset = lo;
+    if (!on_cuda) {
+      if (nr < ch.elems) std::memset(out, 0, R);
+      if (nr > 0) {
+        cpu::dequantize_reduce(f, p, in, R, reinterpret_cast<const float*>(in + ch.cap), R / 4, nr, B, factor, q,
+                               nullptr, out, reinterpret_cast<float*>(out + ch.cap));
+      }
+    } else {
+#ifdef LOCALSGD_WITH_CUDA
+      auto stream = c10::cuda::getCurrentCUDAStream();
+      if (nr < ch.elems) C10_CUDA_CHECK(cudaMemsetAsync(out, 0, R, stream.stream()));
+      if (nr > 0) {
+        cuda::dequantize_reduce(f, p, in, R, reinterpret_cast<const float*>(in + ch.cap), R / 4, nr, B, factor, q,
+                                nullptr, out, reinterpret_cast<float*>(out + ch.cap), stream.stream());
+      }
+      const char* err = cuda::last_error();
+      TORCH_CHECK(err[0] == '\0', "localsgd: CUDA dequantize_reduce failed: ", err);
+#endif
+    }
+  }
+  // (5) all-gather of the reduced records.
+  if (p > 1) {
+    inner->_allgather_base(gathered, mine, c10d::AllgatherOptions())->wait();
+  } else {
+    gathered.copy_(mine);
+  }
+  // (6) dequantize every chunk into the tensor.
+  for (int64_t r = 0; r < p; ++r) {
+    const int64_t lo = ch.lo(r, n), nr = ch.hi(r, n) - lo;
+    if (nr == 0) continue;
+    const uint8_t* rec = gathered.const_data_ptr<uint8_t>() + r * R;
+    char* dst = static_cast<char*>(x.data_ptr()) + lo * esize;
+    if (!on_cuda) {
+      cpu::dequantize(f, rec, reinterpret_cast<const float*>(rec + ch.cap), nr, B, dt, dst);
+    } else {
+#ifdef LOCALSGD_WITH_CUDA
+      cuda::dequantize(f, rec, reinterpret_cast<const float*>(rec + ch.cap), nr, B, dt, dst,
+                       c10::cuda::getCurrentCUDAStream().stream());
+      const char* err = cuda::last_error();
+      TORCH_CHECK(err[0] == '\0', "localsgd: CUDA dequantize failed: ", err);
+#endif
+    }
+  }
+  if (!x.is_same(t)) t.copy_(x);
+  std::lock_guard<std::mutex> lk(stats_mu_);
+  // Per rank: p-1 records out (and in) in each of the two phases, plus the 64-byte header.
+  const int64_t wire = (p - 1) * (2 * R + 8 * kMetaWords);
+  stats_.bytes_sent += wire;
+  stats_.bytes_received += wire;
+  stats_.compressed_calls += 1;
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce(std::vector<at::Tensor>& tensors,
+                                                          const c10d::AllreduceOptions& opts) {
+  TORCH_CHECK(!tensors.empty(), "localsgd all_reduce: expected at least one tensor, got none");
+  const at::Tensor& t = tensors[0];
+  const c10::DeviceType dev = t.device().type();
+  auto inner = inner_for(t);
+  const char* reason = tensors.size() == 1 ? passthrough_reason(t, opts.reduceOp) : "multi_tensor";
+  if (reason != nullptr) {
+    const bool floating = at::isFloatingType(t.scalar_type());
+    count_passthrough(reason, t.numel() * t.element_size(),
+                      /*log=*/floating && std::string(reason) != "format_none" && std::string(reason) != "dtype");
+    const bool avg = opts.reduceOp == c10d::ReduceOp::AVG;
+    c10d::AllreduceOptions o = opts;
+    // gloo has no AVG: sum, then divide (floating tensors) before the Work completes.
+    if (avg && dev == c10::DeviceType::CPU) {
+      TORCH_CHECK(at::isFloatingType(t.scalar_type()), "localsgd all_reduce: ReduceOp.AVG needs a floating tensor, got ",
+                  t.scalar_type());
+      o.reduceOp = c10d::ReduceOp::SUM;
+    }
+    std::vector<at::Tensor> ts = tensors;
+    const int64_t p = getSize();
+    const bool divide = avg && dev == c10::DeviceType::CPU;
+    return passthrough(c10d::OpType::ALLREDUCE, ts, dev, [inner, ts, o, divide, p]() mutable {
+      auto w = inner->allreduce(ts, o);
+      if (!divide) return w;
+      w->wait();  // CPU only: divide after the sum, still on the worker and in order
+      for (auto& x : ts) x.div_(static_cast<double>(p));
+      return w;
+    });
+  }
+  for (const auto& x : tensors) {
+    TORCH_CHECK(!x.is_sparse(), "localsgd all_reduce: sparse tensors are not supported");
+  }
+  const bool avg = opts.reduceOp == c10d::ReduceOp::AVG;
+  std::vector<c10::Device> devs;
+  if (dev == c10::DeviceType::CUDA) devs.push_back(t.device());
+  auto work = c10::make_intrusive<LocalSGDWork>(c10d::OpType::ALLREDUCE, tensors, devs);
+  at::Tensor tt = t;
+#ifdef LOCALSGD_WITH_CUDA
+  std::optional<c10::cuda::CUDAStream> stream;
+  if (dev == c10::DeviceType::CUDA) stream = c10::cuda::getCurrentCUDAStream();
+#endif
+  enqueue([this, work, inner, tt, avg
+#ifdef LOCALSGD_WITH_CUDA
+           , stream
+#endif
+  ](std::exception_ptr cancel) {
+    if (cancel) {
+      work->complete(cancel);
+      return;
+    }
+    try {
+#ifdef LOCALSGD_WITH_CUDA
+      std::optional<c10::cuda::CUDAStreamGuard> guard;
+      if (stream) guard.emplace(*stream);
+#endif
+      quantized_allreduce(inner, tt, avg, next_call_id_++);
+      work->complete(nullptr);
+    } catch (...) {
+      work->complete(std::current_exception());
+    }
+  });
+  return work;
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_coalesced(std::vector<at::Tensor>& tensors,
+                                                                    const c10d::AllreduceCoalescedOptions& opts) {
+  // One result per tensor (dist.all_reduce_coalesced): each tensor is compressed or passed
+  // through on its own, all inside one queued task so the sequence is identical on every rank.
+  TORCH_CHECK(!tensors.empty(), "localsgd all_reduce_coalesced: expected at least one tensor, got none");
+  const c10::DeviceType dev = tensors[0].device().type();
+  for (const auto& x : tensors) {
+    TORCH_CHECK(x.device().type() == dev, "localsgd all_reduce_coalesced: expected all tensors on one device type, got ",
+                tensors[0].device(), " and ", x.device());
+  }
+  auto inner = inner_for(tensors[0]);
+  std::vector<const char*> reasons;
+  for (const auto& x : tensors) {
+    const char* r = passthrough_reason(x, opts.reduceOp);
+    reasons.push_back(r);
+    if (r) count_passthrough(r, x.numel() * x.element_size(), at::isFloatingType(x.scalar_type()) &&
+                             std::string(r) != "format_none" && std::string(r) != "dtype");
+  }
+  const bool avg = opts.reduceOp == c10d::ReduceOp::AVG;
+  std::vector<c10::Device> devs;
+  if (dev == c10::DeviceType::CUDA) devs.push_back(tensors[0].device());
+  auto work = c10::make_intrusive<LocalSGDWork>(c10d::OpType::ALLREDUCE_COALESCED, tensors, devs);
+  std::vector<at::Tensor> ts = tensors;
+  c10d::AllreduceOptions o;
+  o.reduceOp = opts.reduceOp;
+  o.timeout = opts.timeout;
+  const int64_t p = getSize();
+  enqueue([this, work, inner, ts, reasons, avg, o, p](std::exception_ptr cancel) mutable {
+    if (cancel) {
+      work->complete(cancel);
+      return;
+    }
+    try {
+      for (size_t i = 0; i < ts.size(); ++i) {
+        if (reasons[i] == nullptr) {
+          quantized_allreduce(inner, ts[i], avg, next_call_id_++);
+          continue;
+        }
+        std::vector<at::Tensor> one{ts[i]};
+        c10d::AllreduceOptions oi = o;
+        const bool divide = avg && ts[i].device().is_cpu();
+        if (divide) oi.reduceOp = c10d::ReduceOp::SUM;
+        inner->allreduce(one, oi)->wait();
+        if (divide) ts[i].div_(static_cast<double>(p));
+      }
+      work->complete(nullptr);
+    } catch (...) {
+      work->complete(std::current_exception());
+    }
+  });
+  return work;
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor payload, at::Tensor scales,
+                                                                     int64_t numel, int format, int64_t block,
+                                                                     bool average, int64_t seed) {
+  TORCH_CHECK(format >= 1 && format <= 3, "localsgd all_reduce_compressed: expected format int8/int4/fp8, got code ",
+              format);
+  const Format f = static_cast<Format>(format);
+  TORCH_CHECK(valid_block_size(block), "localsgd all_reduce_compressed: block_size must be a power of two in [",
+              kMinBlockSize, ", ", kMaxBlockSize, "], got ", block);
+  TORCH_CHECK(payload.scalar_type() == at::kByte && payload.dim() == 1 && payload.is_contiguous() &&
+                  payload.numel() == payload_bytes(f, numel),
+              "localsgd all_reduce_compressed: expected a contiguous 1-D uint8 payload of ", payload_bytes(f, numel),
+              " bytes, got ", payload.scalar_type(), " ", payload.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.is_contiguous() &&
+                  scales.numel() == num_blocks(numel, block),
+              "localsgd all_reduce_compressed: expected contiguous 1-D float32 scales of ", num_blocks(numel, block),
+              " blocks, got ", scales.scalar_type(), " ", scales.sizes());
+  TORCH_CHECK(payload.device() == scales.device(), "localsgd all_reduce_compressed: payload and scales on ",
+              payload.device(), " and ", scales.device());
+  TORCH_CHECK(payload.device().is_cpu() || payload.device().is_cuda(),
+              "localsgd all_reduce_compressed: expected CPU or CUDA tensors, got ", payload.device());
+  auto inner = inner_for(payload);
+  std::vector<c10::Device> devs;
+  if (payload.is_cuda()) devs.push_back(payload.device());
+  auto work = c10::make_intrusive<LocalSGDWork>(c10d::OpType::ALLREDUCE, std::vector<at::Tensor>{payload, scales}, devs);
+  enqueue([this, work, inner, payload, scales, numel, f, block, average, seed](std::exception_ptr cancel) {
+    if (cancel) {
+      work->complete(cancel);
+      return;
+    }
+    try {
+      const int64_t p = getSize(), me = getRank(), n = numel, B = block;
+      exchange_meta(inner, p, {kMetaMagic, static_cast<int64_t>(f), n, B, average ? 1 : 0, 1, 0, 0},
+                    payload.device(), "all_reduce_compressed");
+      const Chunking ch = make_chunking(f, n, B, p);
+      const int64_t R = ch.record;
+      auto bytes = at::TensorOptions().dtype(at::kByte).device(payload.device());
+      // Records are assembled with tensor copies (device-agnostic); the reduction is the kernel.
+      at::Tensor send = at::zeros({p, R}, bytes);
+      at::Tensor sc_bytes = scales.view(at::kByte);
+      for (int64_t r = 0; r < p; ++r) {
+        const int64_t lo = ch.lo(r, n), nr = ch.hi(r, n) - lo;
+        if (nr == 0) continue;
+        const int64_t pb = payload_bytes(f, nr), nb = num_blocks(nr, B);
+        send[r].narrow(0, 0, pb).copy_(payload.narrow(0, payload_offset(f, lo), pb));
+        send[r].narrow(0, ch.cap, 4 * nb).copy_(sc_bytes.narrow(0, 4 * (lo / B), 4 * nb));
+      }
+      at::Tensor recv = at::empty({p, R}, bytes);
+      if (p > 1) {
+        std::vector<int64_t> splits;
+        at::Tensor s1 = send.view({-1}), r1 = recv.view({-1});
+        inner->alltoall_base(r1, s1, splits, splits, c10d::AllToAllOptions())->wait();
+      } else {
+        recv.copy_(send);
+      }
+      at::Tensor mine = at::zeros({R}, bytes);
+      const int64_t lo = ch.lo(me, n), nr = ch.hi(me, n) - lo;
+      RoundingMode q;
+      q.stochastic = seed >= 0;
+      q.seed = seed >= 0 ? static_cast<uint64_t>(seed) : 0;
+      q.index_offset = lo;
+      const float factor = average ? 1.0f / static_cast<float>(p) : 1.0f;
+      if (nr > 0) {
+        const uint8_t* in = recv.const_data_ptr<uint8_t>();
+        uint8_t* out = mine.data_ptr<uint8_t>();
+        if (payload.is_cpu()) {
+          cpu::dequantize_reduce(f, p, in, R, reinterpret_cast<const float*>(in + ch.cap), R / 4, nr, B, factor, q,
+                                 nullptr, out, reinterpret_cast<float*>(out + ch.cap));
+        } else {
+#ifdef LOCALSGD_WITH_CUDA
+          cuda::dequantize_reduce(f, p, in, R, reinterpret_cast<const float*>(in + ch.cap), R / 4, nr, B, factor, q,
+                                  nullptr, out, reinterpret_cast<float*>(out + ch.cap),
+                                  c10::cuda::getCurrentCUDAStream().stream());
+          const char* err = cuda::last_error();
+          TORCH_CHECK(err[0] == '\0', "localsgd: CUDA dequantize_reduce failed: ", err);
+#else
+          TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
+#endif
+        }
+      }
+      at::Tensor gathered = at::empty({p, R}, bytes);
+      if (p > 1) {
+        at::Tensor g1 = gathered.view({-1});
+        inner->_allgather_base(g1, mine, c10d::AllgatherOptions())->wait();
+      } else {
+        gathered[0].copy_(mine);
+      }
+      for (int64_t r = 0; r < p; ++r) {
+        const int64_t l = ch.lo(r, n), k = ch.hi(r, n) - l;
+        if (k == 0) continue;
+        const int64_t pb = payload_bytes(f, k), nb = num_blocks(k, B);
+        payload.narrow(0, payload_offset(f, l), pb).copy_(gathered[r].narrow(0, 0, pb));
+        sc_bytes.narrow(0, 4 * (l / B), 4 * nb).copy_(gathered[r].narrow(0, ch.cap, 4 * nb));
+      }
+      {
+        std::lock_guard<std::mutex> lk(stats_mu_);
+        const int64_t wire = (p - 1) * (2 * R + 8 * kMetaWords);
+        stats_.bytes_sent += wire;
+        stats_.bytes_received += wire;
+        stats_.compressed_calls += 1;
+      }
+      work->complete(nullptr);
+    } catch (...) {
+      work->complete(std::current_exception());
+    }
+  });
+  return work;
+}
+
+// ---- pass-through -----------------------------------------------------------------------------
+#define LSG_DEV(t) ((t).device().type())
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::broadcast(std::vector<at::Tensor>& tensors,
+                                                          const c10d::BroadcastOptions& opts) {
+  TORCH_CHECK(!tensors.empty(), "localsgd broadcast: expected at least one tensor");
+  auto inner = inner_for(tensors[0]);
+  std::vector<at::Tensor> ts = tensors;
+  return passthrough(c10d::OpType::BROADCAST, ts, LSG_DEV(ts[0]),
+                     [inner, ts, opts]() mutable { return inner->broadcast(ts, opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce(std::vector<at::Tensor>& tensors,
+                                                       const c10d::ReduceOptions& opts) {
+  TORCH_CHECK(!tensors.empty(), "localsgd reduce: expected at least one tensor");
+  auto inner = inner_for(tensors[0]);
+  std::vector<at::Tensor> ts = tensors;
+  return passthrough(c10d::OpType::REDUCE, ts, LSG_DEV(ts[0]),
+                     [inner, ts, opts]() mutable { return inner->reduce(ts, opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                                          std::vector<at::Tensor>& inputs,
+                                                          const c10d::AllgatherOptions& opts) {
+  TORCH_CHECK(!inputs.empty(), "localsgd allgather: expected at least one input tensor");
+  auto inner = inner_for(inputs[0]);
+  auto outs = outputs;
+  auto ins = inputs;
+  std::vector<at::Tensor> flat;
+  for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
+  return passthrough(c10d::OpType::ALLGATHER, flat, LSG_DEV(ins[0]),
+                     [inner, outs, ins, opts]() mutable { return inner->allgather(outs, ins, opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::_allgather_base(at::Tensor& output, at::Tensor& input,
+                                                                const c10d::AllgatherOptions& opts) {
+  auto inner = inner_for(input);
+  at::Tensor o = output, i = input;
+  return passthrough(c10d::OpType::_ALLGATHER_BASE, {o}, LSG_DEV(i),
+                     [inner, o, i, opts]() mutable { return inner->_allgather_base(o, i, opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputs,
+                                                                    std::vector<at::Tensor>& inputs,
+                                                                    const c10d::AllgatherOptions& opts) {
+  TORCH_CHECK(!inputs.empty(), "localsgd allgather_coalesced: expected at least one input tensor");
+  auto inner = inner_for(inputs[0]);
+  auto outs = outputs;
+  auto ins = inputs;
+  std::vector<at::Tensor> flat;
+  for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
+  return passthrough(c10d::OpType::ALLGATHER_COALESCED, flat, LSG_DEV(ins[0]),
+                     [inner, outs, ins, opts]() mutable { return inner->allgather_coalesced(outs, ins, opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather_into_tensor_coalesced(std::vector<at::Tensor>& outputs,
+                                                                                std::vector<at::Tensor>& inputs,
+                                                                                const c10d::AllgatherOptions& opts) {
+  TORCH_CHECK(!inputs.empty(), "localsgd allgather_into_tensor_coalesced: expected at least one input tensor");
+  auto inner = inner_for(inputs[0]);
+  auto outs = outputs;
+  auto ins = inputs;
+  return passthrough(c10d::OpType::COALESCED, outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
+    return inner->allgather_into_tensor_coalesced(outs, ins, opts);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::gather(std::vector<std::vector<at::Tensor>>& outputs,
+                                                       std::vector<at::Tensor>& inputs,
+                                                       const c10d::GatherOptions& opts) {
+  TORCH_CHECK(!inputs.empty(), "localsgd gather: expected at least one input tensor");
+  auto inner = inner_for(inputs[0]);
+  auto outs = outputs;
+  auto ins = inputs;
+  std::vector<at::Tensor> flat;
+  for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
+  return passthrough(c10d::OpType::GATHER, flat, LSG_DEV(ins[0]),
+                     [inner, outs, ins, opts]() mutable { return inner->gather(outs, ins, opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::scatter(std::vector<at::Tensor>& outputs,
+                                                        std::vector<std::vector<at::Tensor>>& inputs,
+                                                        const c10d::ScatterOptions& opts) {
+  TORCH_CHECK(!outputs.empty(), "localsgd scatter: expected at least one output tensor");
+  auto inner = inner_for(outputs[0]);
+  auto outs = outputs;
+  auto ins = inputs;
+  return passthrough(c10d::OpType::SCATTER, outs, LSG_DEV(outs[0]),
+                     [inner, outs, ins, opts]() mutable { return inner->scatter(outs, ins, opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce_scatter(std::vector<at::Tensor>& outputs,
+                                                               std::vector<std::vector<at::Tensor>>& inputs,
+                                                               const c10d::ReduceScatterOptions& opts) {
+  TORCH_CHECK(!outputs.empty(), "localsgd reduce_scatter: expected at least one output tensor");
+  auto inner = inner_for(outputs[0]);
+  auto outs = outputs;
+  auto ins = inputs;
+  return passthrough(c10d::OpType::REDUCE_SCATTER, outs, LSG_DEV(outs[0]),
+                     [inner, outs, ins, opts]() mutable { return inner->reduce_scatter(outs, ins, opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::_reduce_scatter_base(at::Tensor& output, at::Tensor& input,
+                                                                     const c10d::ReduceScatterOptions& opts) {
+  auto inner = inner_for(input);
+  at::Tensor o = output, i = input;
+  return passthrough(c10d::OpType::_REDUCE_SCATTER_BASE, {o}, LSG_DEV(i),
+                     [inner, o, i, opts]() mutable { return inner->_reduce_scatter_base(o, i, opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce_scatter_tensor_coalesced(
+    std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs, const c10d::ReduceScatterOptions& opts) {
+  TORCH_CHECK(!inputs.empty(), "localsgd reduce_scatter_tensor_coalesced: expected at least one input tensor");
+  auto inner = inner_for(inputs[0]);
+  auto outs = outputs;
+  auto ins = inputs;
+  return passthrough(c10d::OpType::COALESCED, outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
+    return inner->reduce_scatter_tensor_coalesced(outs, ins, opts);
+  });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::alltoall_base(at::Tensor& output, at::Tensor& input,
+                                                              std::vector<int64_t>& output_splits,
+                                                              std::vector<int64_t>& input_splits,
+                                                              const c10d::AllToAllOptions& opts) {
+  auto inner = inner_for(input);
+  at::Tensor o = output, i = input;
+  auto os = output_splits, is = input_splits;
+  return passthrough(c10d::OpType::ALLTOALL_BASE, {o}, LSG_DEV(i),
+                     [inner, o, i, os, is, opts]() mutable { return inner->alltoall_base(o, i, os, is, opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::alltoall(std::vector<at::Tensor>& outputs,
+                                                         std::vector<at::Tensor>& inputs,
+                                                         const c10d::AllToAllOptions& opts) {
+  TORCH_CHECK(!inputs.empty(), "localsgd alltoall: expected at least one input tensor");
+  auto inner = inner_for(inputs[0]);
+  auto outs = outputs;
+  auto ins = inputs;
+  return passthrough(c10d::OpType::ALLTOALL, outs, LSG_DEV(ins[0]),
+                     [inner, outs, ins, opts]() mutable { return inner->alltoall(outs, ins, opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::barrier(const c10d::BarrierOptions& opts) {
+  // A barrier orders after every collective queued before it (FIFO), like gloo's.
+  auto inner = cpu_inner_;
+  return passthrough(c10d::OpType::BARRIER, {}, c10::DeviceType::CPU,
+                     [inner, opts]() mutable { return inner->barrier(opts); });
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::send(std::vector<at::Tensor>& tensors, int dst, int tag) {
+  TORCH_CHECK(!tensors.empty(), "localsgd send: expected a tensor");
+  return inner_for(tensors[0])->send(tensors, dst, tag);
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::recv(std::vector<at::Tensor>& tensors, int src, int tag) {
+  TORCH_CHECK(!tensors.empty(), "localsgd recv: expected a tensor");
+  return inner_for(tensors[0])->recv(tensors, src, tag);
+}
+
+c10::intrusive_ptr<c10d::Work> LocalSGDBackend::recvAnysource(std::vector<at::Tensor>& tensors, int tag) {
+  TORCH_CHECK(!tensors.empty(), "localsgd recvAnysource: expected a tensor");
+  return inner_for(tensors[0])->recvAnysource(tensors, tag);
+}
+
+}  // namespace localsgd

@@ -1,0 +1,172 @@
+// The "localsgd" c10d backend: a c10d::Backend that runs the quantized all-reduce of DESIGN.md
+// (quantize -> all-to-all -> fused dequantize + fp32 sum + requantize -> all-gather ->
+// dequantize) on top of inner backends created in Python (gloo for CPU tensors; NCCL, or gloo,
+// for CUDA tensors) and passes every other collective through to them.
+//
+// Limitations, in plain words:
+//  - Every collective of the group runs on one FIFO worker thread (see "Ordering" below), so
+//    collectives of one group never overlap each other (gloo with 2 threads could overlap two).
+//  - send/recv/recvAnysource go straight to the inner backend (they carry user tags).
+//  - A Work's wait(timeout) blocks the CPU; for CUDA tensors the caller's stream is captured
+//    at enqueue time and the worker runs the kernels on it.
+//  - all-reduce of a *list* of several tensors keeps gloo's legacy meaning (all list entries of
+//    all ranks are reduced together) and passes through; dist.all_reduce_coalesced (one result
+//    per tensor) is compressed tensor by tensor.
+//  - Ranks whose tensor sizes straddle threshold_bytes (some compress, some pass through) issue
+//    different collectives; that is a user error like any size mismatch, and gloo reports it
+//    as an error or a timeout. Sizes that both compress are checked (metadata exchange).
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+
+#include "localsgd/format.h"
+
+namespace localsgd {
+
+// A Work whose completion is driven by the backend's worker thread (or an inner future's
+// callback): complete() runs there, never inside wait(), so that work.get_future().wait() and
+// work.wait() both return (completing inside wait() deadlocks get_future().wait()).
+class LocalSGDWork : public c10d::Work {
+ public:
+  LocalSGDWork(c10d::OpType op, std::vector<at::Tensor> outputs,
+               std::vector<c10::Device> devices);
+  void complete(std::exception_ptr eptr);
+  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+  std::vector<at::Tensor> result() override { return outputs_; }
+
+ private:
+  std::vector<at::Tensor> outputs_;
+  c10::intrusive_ptr<c10::ivalue::Future> future_;
+};
+
+struct BackendStats {
+  int64_t bytes_sent = 0;
+  int64_t bytes_received = 0;
+  int64_t compressed_calls = 0;
+  int64_t passthrough_calls = 0;
+  std::map<std::string, int64_t> passthrough_reasons;
+};
+
+class LocalSGDBackend : public c10d::Backend {
+ public:
+  // cuda_inner may be null (no CUDA, or a CPU-only group). seed < 0: round to nearest.
+  LocalSGDBackend(int rank, int size, c10::intrusive_ptr<c10d::Backend> cpu_inner,
+                  c10::intrusive_ptr<c10d::Backend> cuda_inner, int format, int64_t block_size,
+                  int64_t threshold_bytes, int64_t seed, int64_t timeout_ms);
+  ~LocalSGDBackend() override;
+
+  const std::string getBackendName() const override { return "localsgd"; }
+
+  c10::intrusive_ptr<c10d::Work> allreduce(std::vector<at::Tensor>& tensors,
+                                           const c10d::AllreduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allreduce_coalesced(
+      std::vector<at::Tensor>& tensors, const c10d::AllreduceCoalescedOptions& opts) override;
+  // Callers that already hold compressed bytes (format.h layout): reduced in place.
+  c10::intrusive_ptr<c10d::Work> allreduce_compressed(at::Tensor payload, at::Tensor scales,
+                                                      int64_t numel, int format,
+                                                      int64_t block_size, bool average,
+                                                      int64_t seed);
+
+  // ---- pass-through ----
+  c10::intrusive_ptr<c10d::Work> broadcast(std::vector<at::Tensor>& tensors,
+                                           const c10d::BroadcastOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce(std::vector<at::Tensor>& tensors,
+                                        const c10d::ReduceOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather(std::vector<std::vector<at::Tensor>>& outputs,
+                                           std::vector<at::Tensor>& inputs,
+                                           const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> _allgather_base(at::Tensor& output, at::Tensor& input,
+                                                 const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather_coalesced(
+      std::vector<std::vector<at::Tensor>>& outputs, std::vector<at::Tensor>& inputs,
+      const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> allgather_into_tensor_coalesced(
+      std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
+      const c10d::AllgatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> gather(std::vector<std::vector<at::Tensor>>& outputs,
+                                        std::vector<at::Tensor>& inputs,
+                                        const c10d::GatherOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> scatter(std::vector<at::Tensor>& outputs,
+                                         std::vector<std::vector<at::Tensor>>& inputs,
+                                         const c10d::ScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce_scatter(std::vector<at::Tensor>& outputs,
+                                                std::vector<std::vector<at::Tensor>>& inputs,
+                                                const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> _reduce_scatter_base(
+      at::Tensor& output, at::Tensor& input, const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> reduce_scatter_tensor_coalesced(
+      std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs,
+      const c10d::ReduceScatterOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> alltoall_base(at::Tensor& output, at::Tensor& input,
+                                               std::vector<int64_t>& output_splits,
+                                               std::vector<int64_t>& input_splits,
+                                               const c10d::AllToAllOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> alltoall(std::vector<at::Tensor>& outputs,
+                                          std::vector<at::Tensor>& inputs,
+                                          const c10d::AllToAllOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
+  c10::intrusive_ptr<c10d::Work> send(std::vector<at::Tensor>& tensors, int dst, int tag) override;
+  c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int src, int tag) override;
+  c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>& tensors, int tag) override;
+
+  void shutdown() override;
+  void abort() override { shutdown(); }
+
+  // ---- statistics (queried by localsgd_comm.get_backend_stats) ----
+  BackendStats stats() const;
+  void reset_stats();
+  Format format() const { return format_; }
+  int64_t block_size() const { return block_; }
+  int64_t threshold_bytes() const { return threshold_; }
+
+ private:
+  // A queued collective. Called once on the worker: with nullptr to run it, or with an error
+  // (shutdown before it was issued) that it must complete its Work with.
+  using Task = std::function<void(std::exception_ptr)>;
+  void enqueue(Task task);
+  void worker_loop();
+  void stop_worker();
+  c10::intrusive_ptr<c10d::Backend> inner_for(const at::Tensor& t) const;
+  c10::intrusive_ptr<c10d::Backend> inner_for_device(c10::DeviceType type) const;
+  // Enqueue a pass-through collective: issue() runs on the worker and returns the inner Work.
+  c10::intrusive_ptr<c10d::Work> passthrough(c10d::OpType op, std::vector<at::Tensor> outputs,
+                                             c10::DeviceType device,
+                                             std::function<c10::intrusive_ptr<c10d::Work>()> issue);
+  // On the worker: the quantized all-reduce of one tensor (in place).
+  void quantized_allreduce(const c10::intrusive_ptr<c10d::Backend>& inner, at::Tensor t,
+                           bool average, uint64_t call_id);
+  void count_passthrough(const char* reason, int64_t bytes, bool log);
+  // Why an all-reduce of t with op cannot be compressed (nullptr: it can).
+  const char* passthrough_reason(const at::Tensor& t, c10d::ReduceOp op) const;
+
+  c10::intrusive_ptr<c10d::Backend> cpu_inner_;
+  c10::intrusive_ptr<c10d::Backend> cuda_inner_;
+  Format format_;
+  int64_t block_;
+  int64_t threshold_;
+  int64_t seed_;
+  std::chrono::milliseconds timeout_;
+
+  mutable std::mutex stats_mu_;
+  BackendStats stats_;
+  uint32_t logged_reasons_ = 0;
+  uint64_t next_call_id_ = 0;  // only touched by the worker
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Task> queue_;
+  bool stopping_ = false;
+  bool stopped_ = false;
+  std::thread worker_;
+};
+
+}  // namespace localsgd
