@@ -19,10 +19,13 @@ What happens
 * ``step()`` runs the inner optimizer. Every ``sync_every`` inner steps it syncs:
   ``delta = anchor - params`` (+ residual with error feedback) is compressed in one fused
   pass (``functional.compress_delta``), averaged with the backend's compressed all-reduce
-  (``all_reduce_compressed``; ``compression="none"``: an fp32 ``dist.all_reduce``), and the
+  (``all_reduce_compressed``; ``compression="none"``: an exact fp32 sum, see ``_fp32_sum``), and the
   outer step ``torch.optim.SGD(outer_lr, momentum=outer_momentum, nesterov)`` is applied to
   the anchor reading the gradient straight from the reduced bytes
   (``functional.outer_nesterov_step_compressed``), which also writes ``params = anchor``.
+* ``compression="none", outer_lr=1, outer_momentum=0`` (plain model averaging) reduces the
+  parameters themselves instead of ``anchor - params``: exact, so one worker with
+  ``sync_every=1`` reproduces plain training bit for bit.
 * Replicas are bitwise identical after every sync: every rank dequantizes the same reduced
   bytes into the same anchor with the same fp32 arithmetic.
 * With a ``DistributedDataParallel`` model the per-step gradient all-reduce is switched off
@@ -63,6 +66,11 @@ steps proceed; its result is applied at sync ``k+1``. Precisely, with ``theta`` 
 2. if sync ``k-1``'s reduce is pending, wait for it and apply the outer step with its result
    ``g_{k-1}``: ``theta <- OuterSGD(theta, g_{k-1})``;
 3. ``params <- theta``: round ``k+1`` starts from the anchor, identical on all replicas.
+
+With ``compression="none"`` on a "localsgd" group only the reduce-scatter half of the fp32 sum
+runs in the background; the all-gather half runs when the result is awaited. With error
+feedback, a skipped (non-finite) update cannot restore the residual (it has moved on by one
+sync): only its non-finite entries are zeroed.
 
 So the anchor follows outer SGD with a one-round-stale pseudo-gradient (the gradient applied
 at sync ``k`` was computed from the anchor of one outer step earlier), and sync 1 applies
