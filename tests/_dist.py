@@ -27,6 +27,7 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
+import pickle
 import sys
 import time
 import traceback
@@ -96,10 +97,12 @@ def _child(fn, rank, world_size, args, kwargs, env, backend, pg_timeout, pg_opti
         finally:
             if backend is not None and dist.is_initialized():
                 dist.destroy_process_group()
-        conn.send(("ok", result))
+        # Plain pickle by value: torch's multiprocessing reducers would share tensor storage
+        # through file descriptors that vanish when this process exits.
+        conn.send_bytes(pickle.dumps(("ok", result)))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         try:
-            conn.send(("err", (type(exc).__name__, str(exc), traceback.format_exc())))
+            conn.send_bytes(pickle.dumps(("err", (type(exc).__name__, str(exc), traceback.format_exc()))))
         except Exception:  # pragma: no cover - e.g. unpicklable payload
             pass
     finally:
@@ -147,7 +150,7 @@ def run_ranks(fn: Callable, world_size: int, *args, timeout: float = 60.0, backe
                     continue
                 if conns[r].poll():
                     try:
-                        status, payload = conns[r].recv()
+                        status, payload = pickle.loads(conns[r].recv_bytes())
                     except EOFError:
                         procs[r].join(1.0)
                         results[r] = RankDied(r, procs[r].exitcode, False)
