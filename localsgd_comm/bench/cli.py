@@ -32,6 +32,7 @@ def main(argv=None) -> int:
                     help="comma-separated subset of links: loopback,1gbit,100mbit,10mbit")
     ap.add_argument("--methods", default=None, help="time-to-loss: comma-separated subset of methods")
     ap.add_argument("--steps", type=int, default=None, help="time-to-loss: training steps per run")
+    ap.add_argument("--sync-every", type=int, default=None, help="time-to-loss: DiLoCo H")
     ap.add_argument("--all-pids", action="store_true", help="cleanup: also namespaces of live runs")
     a = ap.parse_args(argv)
 
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
         if a.what in ("time-to-loss", "all"):
             from . import time_to_loss
             time_to_loss.run_suite(out_dir, quick=a.quick, log=log, only_nets=nets,
-                                   methods=a.methods.split(",") if a.methods else None, steps=a.steps)
+                                   methods=a.methods.split(",") if a.methods else None, steps=a.steps,
+                                   sync_every=a.sync_every)
     finally:
         netns._teardown_all()
         log(f"done in {time.time() - t0:.0f} s; load: {report.load_snapshot()}")

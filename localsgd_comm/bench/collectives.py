@@ -52,10 +52,22 @@ def _stats_snapshot(group) -> Optional[dict]:
         s = localsgd_comm.get_backend_stats(group)
     except Exception:
         return None
-    if isinstance(s, dict):
-        return {k: v for k, v in s.items() if isinstance(v, (int, float))}
-    fields = {k: getattr(s, k) for k in dir(s) if not k.startswith("_")}
-    return {k: v for k, v in fields.items() if isinstance(v, (int, float))}
+    # counters only (options such as block_size are not per-call quantities); passthrough_calls
+    # includes the 8-byte MAX all-reduce of the timing, one per call
+    keys = ("bytes_sent", "bytes_received", "compressed_calls", "passthrough_calls")
+    return {k: s[k] for k in keys if isinstance(s.get(k), (int, float))}
+
+
+def _rel_l2_error(x, base, factor: float) -> float:
+    """||x - factor*base|| / ||factor*base|| in float64, in 4M-element chunks (a whole 256 MB
+    tensor in float64 would add ~1.5 GB per rank, times 4 ranks on a shared machine)."""
+    num = den = 0.0
+    step = 1 << 22
+    for lo in range(0, x.numel(), step):
+        e = base[lo:lo + step].double() * factor
+        num += float((x[lo:lo + step].double() - e).square().sum())
+        den += float(e.square().sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
 
 
 def _worker(a) -> None:
@@ -107,8 +119,7 @@ def _worker(a) -> None:
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)
             times.append(float(dt))
             if i == 0:
-                expect = base * (world * (world + 1) / 2)
-                rel_err = float((x.double() - expect.double()).norm() / expect.double().norm())
+                rel_err = _rel_l2_error(x, base, world * (world + 1) / 2)
         dist.barrier()
         c1 = read_iface_bytes(a.ifname) if a.ifname else None
         s1 = _stats_snapshot(group) if backend == "localsgd" else None
@@ -255,7 +266,8 @@ def plan(quick: bool) -> List[dict]:
     for world in (2, 4):
         pts.append({"net": "loopback", "rate_mbit": None, "world": world, "sizes_mb": [1, 4, 16, 64, 256]})
         pts.append({"net": "1gbit", "rate_mbit": 1000, "world": world, "sizes_mb": [1, 16, 64, 256]})
-        pts.append({"net": "100mbit", "rate_mbit": 100, "world": world, "sizes_mb": [1, 16, 64]})
+        pts.append({"net": "100mbit", "rate_mbit": 100, "world": world,
+                    "sizes_mb": [1, 16, 64] if world == 2 else [1, 16]})
     return pts
 
 
@@ -304,7 +316,7 @@ def run_suite(out_dir: str, quick: bool = False, log=print, only_nets: Optional[
             for m in methods:
                 args = ["--worker", "--method", m, "--sizes-mb", ",".join(str(s) for s in pt["sizes_mb"]),
                         "--iters", "3" if quick else "5", "--warmup", "1",
-                        "--point-budget-s", "20" if quick else "45",
+                        "--point-budget-s", "20" if quick else "30",
                         "--ifname", net.ifname if net else ""]
                 load0 = report.load_snapshot()
                 try:
