@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 from .backends import cuda as _cuda_impl  # noqa: E402  registers the CUDA kernels
 from . import functional  # noqa: E402
 from .backend import BackendOptions, all_reduce_compressed, get_backend_stats  # noqa: E402
-from .diloco import DiLoCo  # noqa: E402
+from .diloco import DiLoCo, HierarchicalGroups, new_hierarchical_groups  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,8 +35,10 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "DiLoCo",
     "FORMATS",
+    "HierarchicalGroups",
     "all_reduce_compressed",
     "cuda_implementation",
     "functional",
     "get_backend_stats",
+    "new_hierarchical_groups",
 ]
