@@ -410,12 +410,17 @@ void test_compress_delta() {
 }  // namespace
 
 int main() {
-  test_round_to_nearest();
-  test_large_threaded();
-  test_flt_max();
-  test_nonfinite();
-  test_stochastic();
-  test_index_offset();
-  test_compress_delta();
+  // both instruction-set paths of the kernels (AVX2 where the CPU has it, and baseline)
+  for (bool baseline : {false, true}) {
+    localsgd::cpu::detail::baseline_forced() = baseline;
+    std::printf("-- %s loops (avx2 available: %d)\n", baseline ? "baseline" : "default", (int)__builtin_cpu_supports("avx2"));
+    test_round_to_nearest();
+    test_large_threaded();
+    test_flt_max();
+    test_nonfinite();
+    test_stochastic();
+    test_index_offset();
+    test_compress_delta();
+  }
   return lsgtest::report("test_quantize");
 }

@@ -192,7 +192,12 @@ void test_outer_step() {
 }  // namespace
 
 int main() {
-  test_dequantize_reduce();
-  test_outer_step();
+  // both instruction-set paths of the kernels (AVX2 where the CPU has it, and baseline)
+  for (bool baseline : {false, true}) {
+    localsgd::cpu::detail::baseline_forced() = baseline;
+    std::printf("-- %s loops (avx2 available: %d)\n", baseline ? "baseline" : "default", (int)__builtin_cpu_supports("avx2"));
+    test_dequantize_reduce();
+    test_outer_step();
+  }
   return lsgtest::report("test_reduce_outer");
 }

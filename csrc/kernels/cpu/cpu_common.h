@@ -9,7 +9,9 @@
 // them without -ffast-math, which the wire format forbids.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "localsgd/format.h"
@@ -17,6 +19,20 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+// Every helper below is force-inlined into the per-ISA range functions of the kernels, so the
+// loops are compiled (and vectorized) once per instruction set: see LSG_AVX2.
+#define LSG_INLINE inline __attribute__((always_inline))
+// AVX2 (8 fp32 lanes, 32-bit integer multiply for the SR hash) is chosen at run time; the
+// package is built for baseline x86-64 so that it runs on any CPU. No "fma" in the target:
+// the wire format forbids contraction (and -ffp-contract=off is set anyway).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LSG_HAVE_AVX2_PATH 1
+#define LSG_AVX2 __attribute__((target("avx2")))
+#else
+#define LSG_HAVE_AVX2_PATH 0
+#define LSG_AVX2
 #endif
 
 namespace localsgd {
@@ -33,12 +49,12 @@ namespace detail {
 // ulp is 1, so the addition rounds v half-to-even for either sign. Equal to format.h's
 // round_half_even except for the sign of a zero result, which no caller can observe (the
 // result is converted to an integer).
-inline float rne_small(float v) {
+LSG_INLINE float rne_small(float v) {
   const float magic = 12582912.0f;  // 1.5 * 2^23
   return (v + magic) - magic;
 }
 // floor(w) for |w| < 2^22 (all callers: w = v + u with |v| <= 448, u in [0, 1)).
-inline float floor_small(float w) {
+LSG_INLINE float floor_small(float w) {
   const float t = static_cast<float>(static_cast<int32_t>(w));  // truncation toward zero
   return t - (t > w ? 1.0f : 0.0f);
 }
@@ -47,15 +63,15 @@ inline float floor_small(float w) {
 // value (round to nearest even). NaN stays NaN: bf16 gives 0x7FC0 and fp16 sign|0x7E00, the
 // canonical quiet NaNs of c10's scalar conversions (torch's vectorized paths may pick other
 // NaN payloads, so callers compare NaNs as NaNs, never by bits).
-inline float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+LSG_INLINE float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
 
-inline uint16_t f32_to_bf16(float f) {
+LSG_INLINE uint16_t f32_to_bf16(float f) {
   const uint32_t u = f32_bits(f);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   return static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
 
-inline float f16_to_f32(uint16_t h) {
+LSG_INLINE float f16_to_f32(uint16_t h) {
   const uint32_t x = h;
   const uint32_t sign = (x & 0x8000u) << 16;
   const uint32_t e = (x >> 10) & 0x1Fu, m = x & 0x3FFu;
@@ -67,7 +83,7 @@ inline float f16_to_f32(uint16_t h) {
   return bits_f32(sign | mag);
 }
 
-inline uint16_t f32_to_f16(float f) {
+LSG_INLINE uint16_t f32_to_f16(float f) {
   const uint32_t u = f32_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7FFFFFFFu;
@@ -88,22 +104,22 @@ inline uint16_t f32_to_f16(float f) {
 template <DType D> struct Elem;
 template <> struct Elem<DType::F32> {
   using T = float;
-  static float load(T x) { return x; }
-  static T store(float f) { return f; }
+  LSG_INLINE static float load(T x) { return x; }
+  LSG_INLINE static T store(float f) { return f; }
 };
 template <> struct Elem<DType::BF16> {
   using T = uint16_t;
-  static float load(T x) { return bf16_to_f32(x); }
-  static T store(float f) { return f32_to_bf16(f); }
+  LSG_INLINE static float load(T x) { return bf16_to_f32(x); }
+  LSG_INLINE static T store(float f) { return f32_to_bf16(f); }
 };
 template <> struct Elem<DType::F16> {
   using T = uint16_t;
-  static float load(T x) { return f16_to_f32(x); }
-  static T store(float f) { return f32_to_f16(f); }
+  LSG_INLINE static float load(T x) { return f16_to_f32(x); }
+  LSG_INLINE static T store(float f) { return f32_to_f16(f); }
 };
 
 // format.h e4m3_decode, with the sign applied as a bit (same bits, incl. -0) and no branch.
-inline float e4m3_decode_v(uint32_t c) {
+LSG_INLINE float e4m3_decode_v(uint32_t c) {
   const uint32_t e = (c >> 3) & 15u, m = c & 7u;
   const uint32_t sub = f32_bits(static_cast<float>(static_cast<int32_t>(m)) * 0.001953125f);  // m * 2^-9
   const uint32_t mag = e == 0 ? sub : (((e + 120u) << 23) | (m << 20));
@@ -111,7 +127,7 @@ inline float e4m3_decode_v(uint32_t c) {
 }
 
 // format.h e4m3_encode_rn / e4m3_encode_sr for |v| <= 448 (the caller clamps), as selects.
-inline uint8_t e4m3_encode_rn_v(float v) {
+LSG_INLINE uint8_t e4m3_encode_rn_v(float v) {
   const uint32_t bits = f32_bits(v);
   const uint32_t sign = bits >> 31;
   const uint32_t b = bits & 0x7FFFFFFFu;
@@ -123,7 +139,7 @@ inline uint8_t e4m3_encode_rn_v(float v) {
   m = m > 0x7Eu ? 0x7Eu : m;
   return static_cast<uint8_t>(m | (sign << 7));
 }
-inline uint8_t e4m3_encode_sr_v(float v, uint32_t rbits, float u) {
+LSG_INLINE uint8_t e4m3_encode_sr_v(float v, uint32_t rbits, float u) {
   const uint32_t bits = f32_bits(v);
   const uint32_t sign = bits >> 31;
   const uint32_t b = bits & 0x7FFFFFFFu;
@@ -139,7 +155,7 @@ inline uint8_t e4m3_encode_sr_v(float v, uint32_t rbits, float u) {
 // |x| as integer bits. For non-negative IEEE floats the bit pattern orders like the value and
 // NaN/Inf sort above every finite number, so one integer max (which GCC vectorizes without
 // -ffast-math, unlike a NaN-aware float max) yields both absmax and the non-finite flag.
-inline uint32_t abs_bits(float f) { return f32_bits(f) & 0x7FFFFFFFu; }
+LSG_INLINE uint32_t abs_bits(float f) { return f32_bits(f) & 0x7FFFFFFFu; }
 constexpr uint32_t kInfBits = 0x7F800000u;
 
 // ---- OpenMP policy --------------------------------------------------------------------------
@@ -158,6 +174,43 @@ inline int threads_for(int64_t n) {
 #endif
 }
 
+// LOCALSGD_CPU_ISA=baseline forces the baseline loops (debugging; the C++ tests run both).
+inline std::atomic<bool>& baseline_forced() {
+  static std::atomic<bool> forced{[] {
+    const char* v = std::getenv("LOCALSGD_CPU_ISA");
+    return v != nullptr && std::strcmp(v, "baseline") == 0;
+  }()};
+  return forced;
+}
+
+inline bool use_avx2() {
+#if LSG_HAVE_AVX2_PATH
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok && !baseline_forced().load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
+// Runs fn(k0, k1) on [0, nitems) split into one contiguous range per thread (static schedule).
+// The per-ISA range function is called once per thread, so its loops never sit inside an
+// OpenMP-outlined body compiled for the baseline ISA.
+template <typename Fn>
+void parallel_ranges(int64_t nitems, int nt, const Fn& fn) {
+  if (nt <= 1 || nitems < 2) {
+    fn(int64_t(0), nitems);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t k0 = nitems * t / T, k1 = nitems * (t + 1) / T;
+    if (k0 < k1) fn(k0, k1);
+  }
+#endif
+}
+
 // ---- per-block quantizer --------------------------------------------------------------------
 // Quantizes one block of staged fp32 values v[0..len) whose abs-bit max is maxbits.
 //   gstart: index of v[0] in the whole buffer (incl. index_offset), for stochastic rounding;
@@ -167,7 +220,7 @@ inline int threads_for(int64_t n) {
 // Values from format.h: scale, inv, divide path, clamp, round-half-even / SR, e4m3.
 // int8/int4 values: q[i] in [-qmax, qmax] as int8.
 template <Format F, bool SR, bool EF, bool DIV>
-inline void quantize_int_values(const float* __restrict v, int64_t len, float scale, float inv,
+LSG_INLINE void quantize_int_values(const float* __restrict v, int64_t len, float scale, float inv,
                                 uint32_t lo0, uint32_t hkey, int8_t* __restrict q, float* __restrict res) {
   constexpr float m = F == Format::Int8 ? 127.0f : 7.0f;
   for (int64_t i = 0; i < len; ++i) {
@@ -189,7 +242,7 @@ inline void quantize_int_values(const float* __restrict v, int64_t len, float sc
 }
 
 template <Format F, bool SR, bool EF, bool DIV>
-inline void quantize_values(const float* __restrict v, int64_t len, float scale, float inv,
+LSG_INLINE void quantize_values(const float* __restrict v, int64_t len, float scale, float inv,
                             uint64_t gstart, uint32_t key, uint8_t* __restrict pay,
                             float* __restrict res) {
   // rand_bits(key, i) = mix32(lo32(i) ^ mix32(hi32(i) ^ key)); hi32 is constant over a block.
@@ -229,7 +282,7 @@ inline void quantize_values(const float* __restrict v, int64_t len, float scale,
 }
 
 template <Format F, bool SR, bool EF>
-inline void quantize_block(const float* __restrict v, int64_t len, uint32_t maxbits, uint64_t gstart,
+LSG_INLINE void quantize_block(const float* __restrict v, int64_t len, uint32_t maxbits, uint64_t gstart,
                            uint32_t key, uint8_t* __restrict pay, float* __restrict scale_out,
                            float* __restrict res) {
   const BlockQuant bq = block_params(bits_f32(maxbits), maxbits >= kInfBits, F);
@@ -251,14 +304,14 @@ inline void quantize_block(const float* __restrict v, int64_t len, uint32_t maxb
 }
 
 // Byte offset of element `start` (a multiple of the block, hence even) in a payload.
-template <Format F> constexpr int64_t payload_offset(int64_t start) {
+template <Format F> LSG_INLINE constexpr int64_t payload_offset(int64_t start) {
   return F == Format::Int4 ? start / 2 : start;
 }
 
 // out[i] = float(q_i) for the block [start, start+len) of a payload (before the scale).
 // Written per format so each loop vectorizes.
 template <Format F>
-inline void decode_block(const uint8_t* __restrict pay, int64_t len, float* __restrict out) {
+LSG_INLINE void decode_block(const uint8_t* __restrict pay, int64_t len, float* __restrict out) {
   if constexpr (F == Format::Int8) {
     const int8_t* q = reinterpret_cast<const int8_t*>(pay);
     for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(q[i]);

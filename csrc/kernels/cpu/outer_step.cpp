@@ -13,7 +13,7 @@ enum class Mode { Plain, Momentum, Nesterov };  // mu == 0 / heavy ball / Nester
 
 // Updates elements [0, len) of one chunk given their gradient g.
 template <DType D, Mode M, bool P>
-inline void step_chunk(float* __restrict anchor, float* __restrict mom, typename Elem<D>::T* __restrict params,
+LSG_INLINE void step_chunk(float* __restrict anchor, float* __restrict mom, typename Elem<D>::T* __restrict params,
                        const float* __restrict g, int64_t len, float lr, float mu) {
   for (int64_t i = 0; i < len; ++i) {
     const float gi = g[i];
@@ -35,35 +35,55 @@ inline void step_chunk(float* __restrict anchor, float* __restrict mom, typename
 // 4096 floats keep the decoded/staged data in L1 and the loop long enough to vectorize well.
 constexpr int64_t kDenseChunk = 4096;
 
+struct StepArgs {
+  float* anchor;
+  float* momentum;
+  void* params;
+  const float* grad;
+  const uint8_t* gpay;
+  const float* gscales;
+  float gfactor;
+  int64_t n, chunk;
+  float lr, mu;
+};
+
 // GCC cannot see that decode_block fills g[0..len) and warns; the tests cover every length.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 template <DType D, Format GF, Mode M, bool P>
-void step_impl(float* anchor, float* momentum, void* params_, const float* grad, const uint8_t* gpay,
-               const float* gscales, float gfactor, int64_t n, int64_t block, float lr, float mu) {
+LSG_INLINE void step_range(int64_t k0, int64_t k1, const StepArgs& a) {
   using T = typename Elem<D>::T;
-  T* params = static_cast<T*>(params_);
-  const int64_t chunk = GF == Format::None ? kDenseChunk : block;
-  const int64_t nchunks = num_blocks(n, chunk);
-  const int nt = threads_for(n);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t k = 0; k < nchunks; ++k) {
-    const int64_t start = k * chunk;
-    const int64_t len = (n - start) < chunk ? (n - start) : chunk;
-    float* mom = M == Mode::Plain ? nullptr : momentum + start;
+  T* params = static_cast<T*>(a.params);
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t start = k * a.chunk;
+    const int64_t len = (a.n - start) < a.chunk ? (a.n - start) : a.chunk;
+    float* mom = M == Mode::Plain ? nullptr : a.momentum + start;
     T* pb = P ? params + start : nullptr;
     if constexpr (GF == Format::None) {
-      step_chunk<D, M, P>(anchor + start, mom, pb, grad + start, len, lr, mu);
+      step_chunk<D, M, P>(a.anchor + start, mom, pb, a.grad + start, len, a.lr, a.mu);
     } else {
       alignas(64) float g[kMaxBlockSize];
-      decode_block<GF>(gpay + payload_offset<GF>(start), len, g);
-      const float s = gscales[k];
-      for (int64_t i = 0; i < len; ++i) g[i] = g[i] * s * gfactor;  // (float(q) * scale) * factor
-      step_chunk<D, M, P>(anchor + start, mom, pb, g, len, lr, mu);
+      decode_block<GF>(a.gpay + payload_offset<GF>(start), len, g);
+      const float s = a.gscales[k];
+      for (int64_t i = 0; i < len; ++i) g[i] = g[i] * s * a.gfactor;  // (float(q) * scale) * factor
+      step_chunk<D, M, P>(a.anchor + start, mom, pb, g, len, a.lr, a.mu);
     }
   }
 }
 #pragma GCC diagnostic pop
+template <DType D, Format GF, Mode M, bool P>
+LSG_AVX2 void step_range_avx2(int64_t k0, int64_t k1, const StepArgs& a) { step_range<D, GF, M, P>(k0, k1, a); }
+template <DType D, Format GF, Mode M, bool P>
+void step_range_base(int64_t k0, int64_t k1, const StepArgs& a) { step_range<D, GF, M, P>(k0, k1, a); }
+
+template <DType D, Format GF, Mode M, bool P>
+void step_impl(float* anchor, float* momentum, void* params, const float* grad, const uint8_t* gpay,
+               const float* gscales, float gfactor, int64_t n, int64_t block, float lr, float mu) {
+  const int64_t chunk = GF == Format::None ? kDenseChunk : block;
+  const StepArgs a{anchor, momentum, params, grad, gpay, gscales, gfactor, n, chunk, lr, mu};
+  auto* fn = use_avx2() ? &step_range_avx2<D, GF, M, P> : &step_range_base<D, GF, M, P>;
+  parallel_ranges(num_blocks(n, chunk), threads_for(n), [&](int64_t k0, int64_t k1) { fn(k0, k1, a); });
+}
 
 template <DType D, Format GF>
 void dispatch_mode(float* anchor, float* momentum, void* params, const float* grad, const uint8_t* gpay,

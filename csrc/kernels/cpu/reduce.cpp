@@ -12,40 +12,63 @@ namespace {
 
 using namespace detail;
 
+struct ReduceArgs {
+  int64_t p;
+  const uint8_t* payload;
+  int64_t payload_stride;
+  const float* scales;
+  int64_t scales_stride;
+  int64_t n, block;
+  float factor;
+  uint32_t key;
+  uint64_t off;
+  float* out_sum;
+  uint8_t* out_payload;
+  float* out_scales;
+};
+
 template <Format F, bool SR>
-void dequantize_reduce_impl(int64_t p, const uint8_t* payload, int64_t payload_stride, const float* scales,
-                            int64_t scales_stride, int64_t n, int64_t block, float factor, RoundingMode rm,
-                            float* out_sum, uint8_t* out_payload, float* out_scales) {
-  const int64_t nblocks = num_blocks(n, block);
-  const uint32_t key = seed_key(rm.seed);
-  const uint64_t off = static_cast<uint64_t>(rm.index_offset);
-  const bool requant = out_payload != nullptr && out_scales != nullptr;
-  const int nt = threads_for(n * (p > 0 ? p : 1));
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t k = 0; k < nblocks; ++k) {
-    const int64_t start = k * block;
-    const int64_t len = (n - start) < block ? (n - start) : block;
+LSG_INLINE void reduce_range(int64_t k0, int64_t k1, const ReduceArgs& a) {
+  const bool requant = a.out_payload != nullptr && a.out_scales != nullptr;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t start = k * a.block;
+    const int64_t len = (a.n - start) < a.block ? (a.n - start) : a.block;
     alignas(64) float acc[kMaxBlockSize];
     alignas(64) float q[kMaxBlockSize];
     // acc = 0 first (not the first chunk's values): 0 + (-0) = +0, as in format.h's order.
     for (int64_t i = 0; i < len; ++i) acc[i] = 0.0f;
-    for (int64_t r = 0; r < p; ++r) {
-      const float s = scales[r * scales_stride + k];
-      decode_block<F>(payload + r * payload_stride + payload_offset<F>(start), len, q);
+    for (int64_t r = 0; r < a.p; ++r) {
+      const float s = a.scales[r * a.scales_stride + k];
+      decode_block<F>(a.payload + r * a.payload_stride + payload_offset<F>(start), len, q);
       for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] + q[i] * s;
     }
     uint32_t mb = 0;
     for (int64_t i = 0; i < len; ++i) {
-      const float f = acc[i] * factor;
+      const float f = acc[i] * a.factor;
       acc[i] = f;
-      const uint32_t a = abs_bits(f);
-      mb = a > mb ? a : mb;
+      const uint32_t bits = abs_bits(f);
+      mb = bits > mb ? bits : mb;
     }
-    if (out_sum != nullptr) std::memcpy(out_sum + start, acc, static_cast<size_t>(len) * sizeof(float));
+    if (a.out_sum != nullptr) std::memcpy(a.out_sum + start, acc, static_cast<size_t>(len) * sizeof(float));
     if (requant)
-      quantize_block<F, SR, false>(acc, len, mb, off + start, key, out_payload + payload_offset<F>(start),
-                                   out_scales + k, nullptr);
+      quantize_block<F, SR, false>(acc, len, mb, a.off + start, a.key, a.out_payload + payload_offset<F>(start),
+                                   a.out_scales + k, nullptr);
   }
+}
+template <Format F, bool SR>
+LSG_AVX2 void reduce_range_avx2(int64_t k0, int64_t k1, const ReduceArgs& a) { reduce_range<F, SR>(k0, k1, a); }
+template <Format F, bool SR>
+void reduce_range_base(int64_t k0, int64_t k1, const ReduceArgs& a) { reduce_range<F, SR>(k0, k1, a); }
+
+template <Format F, bool SR>
+void dequantize_reduce_impl(int64_t p, const uint8_t* payload, int64_t payload_stride, const float* scales,
+                            int64_t scales_stride, int64_t n, int64_t block, float factor, RoundingMode rm,
+                            float* out_sum, uint8_t* out_payload, float* out_scales) {
+  const ReduceArgs a{p, payload, payload_stride, scales, scales_stride, n, block, factor, seed_key(rm.seed),
+                     static_cast<uint64_t>(rm.index_offset), out_sum, out_payload, out_scales};
+  auto* fn = use_avx2() ? &reduce_range_avx2<F, SR> : &reduce_range_base<F, SR>;
+  parallel_ranges(num_blocks(n, block), threads_for(n * (p > 0 ? p : 1)),
+                  [&](int64_t k0, int64_t k1) { fn(k0, k1, a); });
 }
 
 template <Format F>
