@@ -35,6 +35,7 @@
 
 #include "localsgd/kernels.h"
 #ifdef LOCALSGD_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include "localsgd/kernels_cuda.h"
@@ -426,6 +427,8 @@ void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend
       }
       const char* err = cuda::last_error();
       TORCH_CHECK(err[0] == '\0', "localsgd: CUDA dequantize_reduce failed: ", err);
+#else
+      TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
 #endif
     }
   }
@@ -449,6 +452,8 @@ void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend
                        c10::cuda::getCurrentCUDAStream().stream());
       const char* err = cuda::last_error();
       TORCH_CHECK(err[0] == '\0', "localsgd: CUDA dequantize failed: ", err);
+#else
+      TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
 #endif
     }
   }
