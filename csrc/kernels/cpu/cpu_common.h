@@ -55,8 +55,9 @@ LSG_INLINE float rne_small(float v) {
 }
 // floor(w) for |w| < 2^22 (all callers: w = v + u with |v| <= 448, u in [0, 1)).
 LSG_INLINE float floor_small(float w) {
-  const float t = static_cast<float>(static_cast<int32_t>(w));  // truncation toward zero
-  return t - (t > w ? 1.0f : 0.0f);
+  const int32_t t = static_cast<int32_t>(w);  // truncation toward zero
+  // integer fix-up (a float select here kept the fp8 SR loop scalar)
+  return static_cast<float>(t - static_cast<int32_t>(static_cast<float>(t) > w));
 }
 
 // ---- bf16 / fp16 <-> fp32, matching torch's CPU conversions bit for bit for every non-NaN
@@ -145,7 +146,9 @@ LSG_INLINE uint8_t e4m3_encode_sr_v(float v, uint32_t rbits, float u) {
   const uint32_t b = bits & 0x7FFFFFFFu;
   const float a = bits_f32(b);
   const float as = a < 0.015625f ? a : 0.015625f;
-  const uint32_t msub = static_cast<uint32_t>(static_cast<int32_t>(floor_small(as * 512.0f + u)));
+  // floor(a * 512 + u): the argument is >= 0, so truncation is the floor (and, unlike
+  // floor_small, keeps this loop vectorizable).
+  const uint32_t msub = static_cast<uint32_t>(static_cast<int32_t>(as * 512.0f + u));
   const uint32_t mnrm = ((b + (rbits >> 12)) >> 20) - (120u << 3);
   uint32_t m = a < 0.015625f ? msub : mnrm;
   m = m > 0x7Eu ? 0x7Eu : m;
