@@ -48,6 +48,9 @@ def test_smooth_and_analyse():
     assert rows["diloco-int4"]["steps_to_target"] == 6
     assert rows["diloco-int4"]["speedup_to_ddp_final_loss"] == pytest.approx(100 / 6)
     assert rows["diloco-int8"]["time_to_target_s"] is None
+    # common loss 3.0: DDP gets there at i = 5 (60 s), the flat run at i = 0 (10 s)
+    assert rows["diloco-int8"]["common_loss"] == pytest.approx(3.0)
+    assert rows["diloco-int8"]["speedup_at_common_loss"] == pytest.approx(6.0)
 
 
 def test_cli_collectives_quick_loopback(tmp_path):

@@ -394,7 +394,8 @@ def plot(out: dict, path: str) -> None:
     if not res:
         return
     plt = _plt()
-    panels = sorted({(r["net"], r["world"]) for r in res}, key=lambda k: (k[1], str(k[0])))
+    rate = {r["net"]: r["rate_mbit"] or float("inf") for r in res}  # loopback first, slowest last
+    panels = sorted({(r["net"], r["world"]) for r in res}, key=lambda k: (k[1], -rate[k[0]]))
     ncol = min(3, len(panels))
     nrow = -(-len(panels) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.8 * nrow), squeeze=False)

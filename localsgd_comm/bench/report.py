@@ -91,9 +91,15 @@ def environment() -> dict:
         "git_commit": commit,
         "git_dirty": bool(dirty) if dirty is not None else None,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "command": " ".join([_prog()] + sys.argv[1:]),
         "load": load_snapshot(),
     }
+
+
+def _prog() -> str:
+    name = os.path.basename(sys.argv[0])
+    # ``python -m localsgd_comm.bench.cli`` is the console script under another name
+    return "localsgd-bench" if name in ("cli.py", "__main__.py", "localsgd-bench") else name
 
 
 def _pkg_version() -> Optional[str]:

@@ -7,10 +7,10 @@ Methods (4 workers, one namespace each, the same model, data, inner optimizer an
 * ``diloco-fp32`` / ``diloco-int8`` / ``diloco-int4``  ``localsgd_comm.DiLoCo`` over gloo,
   ``sync_every`` H inner steps, outer Nesterov SGD (lr 0.7, momentum 0.9).
 
-Model: a byte-level causal transformer (GPT shape: token + position embeddings, pre-norm
-blocks, tied head). Data: a synthetic order-2 Markov byte stream (fixed seed; each rank
-reads its own shard): learnable, non-trivial, and no download. Its entropy rate is computed
-exactly and reported as the loss floor.
+Model and data are the main job's (``localsgd-train``): ``localsgd_comm.model.GPT`` (byte-level,
+size "tiny" = 2 layers, 4 heads, d_model 64, 0.13M parameters, tied head) and
+``localsgd_comm.data.ByteData`` over the embedded standard-library text corpus; batches are
+seeded by (rank, step), so every method sees the same tokens.
 
 Measurement: no extra collective during training (it would be communication the method does
 not need). Every rank records, per step, its training loss, its elapsed wall time and the
@@ -31,114 +31,6 @@ import time
 from typing import List, Optional
 
 METHODS = ["ddp-gloo", "ddp-localsgd", "diloco-fp32", "diloco-int8", "diloco-int4"]
-
-
-# ------------------------------------------------------------------------------------------
-# model and data
-# ------------------------------------------------------------------------------------------
-def build_model(d: int, layers: int, heads: int, seq: int, vocab: int = 256):
-    import torch
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln1 = nn.LayerNorm(d)
-            self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-            self.ln2 = nn.LayerNorm(d)
-            self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-        def forward(self, x, mask):
-            h = self.ln1(x)
-            x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-            return x + self.mlp(self.ln2(x))
-
-    class TinyGPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok = nn.Embedding(vocab, d)
-            self.pos = nn.Parameter(torch.zeros(seq, d))
-            self.blocks = nn.ModuleList(Block() for _ in range(layers))
-            self.ln = nn.LayerNorm(d)
-            self.register_buffer("mask", torch.triu(torch.full((seq, seq), float("-inf")), 1), persistent=False)
-
-        def forward(self, idx):
-            x = self.tok(idx) + self.pos[: idx.shape[1]]
-            m = self.mask[: idx.shape[1], : idx.shape[1]]
-            for b in self.blocks:
-                x = b(x, m)
-            return self.ln(x) @ self.tok.weight.t()  # tied head
-
-    model = TinyGPT()
-    with torch.no_grad():  # GPT-2 init scale: N(0,1) tied embeddings start at loss ~20, not ln(256)
-        model.tok.weight.normal_(0.0, 0.02)
-        model.pos.normal_(0.0, 0.02)
-    return model
-
-
-class MarkovBytes:
-    """Markov chain over ``n_sym`` byte values; each context has ``fanout`` successors with
-    Dirichlet(0.5) probabilities. Deterministic from ``seed``. ``order=1``: the context is the
-    previous symbol only (a tiny model learns it within a few hundred steps; an order-2 chain
-    over 48 symbols kept it at the unigram loss ln(48) for 240 steps)."""
-
-    def __init__(self, seed: int = 0, n_sym: int = 48, fanout: int = 4, order: int = 1):
-        import torch
-        if order not in (1, 2):
-            raise ValueError(f"order: expected 1 or 2, got {order!r}")
-        g = torch.Generator().manual_seed(seed)
-        self.n = n_sym
-        self.succ = torch.randint(0, n_sym, (n_sym, n_sym, fanout), generator=g)
-        # Dirichlet(0.5) from normalized Gamma(0.5) = Z^2/2 draws, all from ``g``
-        # (torch.distributions samples from the global RNG: each process would get other data)
-        gam = torch.randn(n_sym, n_sym, fanout, generator=g, dtype=torch.float64).square() / 2 + 1e-12
-        probs = (gam / gam.sum(-1, keepdim=True)).float()
-        if order == 1:  # the same successors for every a: depends on b only
-            self.succ = self.succ[:1].expand(n_sym, -1, -1).contiguous()
-            probs = probs[:1].expand(n_sym, -1, -1).contiguous()
-        self.probs = probs
-        self.symbols = torch.arange(32, 32 + n_sym)  # printable byte values
-
-    def entropy_rate(self) -> float:
-        """Exact conditional entropy (nats) under the stationary context distribution."""
-        import torch
-        n, p = self.n, self.probs.double()
-        T = torch.zeros(n * n, n * n, dtype=torch.float64)  # context (a,b) -> (b,c)
-        for a in range(n):
-            for b in range(n):
-                for k in range(self.succ.shape[2]):
-                    c = int(self.succ[a, b, k])
-                    T[a * n + b, b * n + c] += p[a, b, k]
-        pi = torch.full((n * n,), 1.0 / (n * n), dtype=torch.float64)
-        for _ in range(500):
-            pi = pi @ T
-        h = torch.zeros(n * n, dtype=torch.float64)
-        for a in range(n):
-            for b in range(n):
-                # merge duplicate successors before taking the entropy
-                acc = {}
-                for k in range(self.succ.shape[2]):
-                    c = int(self.succ[a, b, k])
-                    acc[c] = acc.get(c, 0.0) + float(p[a, b, k])
-                h[a * n + b] = -sum(q * math.log(q) for q in acc.values() if q > 0)
-        return float((pi * h).sum())
-
-    def batches(self, rank: int, batch: int, seq: int):
-        import torch
-        g = torch.Generator().manual_seed(10_000 + rank)
-        n = self.n
-        state = torch.randint(0, n, (batch, 2), generator=g)
-        while True:
-            out = torch.empty(batch, seq + 1, dtype=torch.long)
-            a, b = state[:, 0], state[:, 1]
-            for t in range(seq + 1):
-                k = torch.multinomial(self.probs[a, b], 1, generator=g).squeeze(1)
-                c = self.succ[a, b, k]
-                out[:, t] = c
-                a, b = b, c
-            state = torch.stack([a, b], 1)
-            sym = self.symbols[out]
-            yield sym[:, :-1], sym[:, 1:]
 
 
 # ------------------------------------------------------------------------------------------
@@ -163,25 +55,28 @@ def _worker(a) -> None:
         backend = "localsgd"
         kwargs["pg_options"] = localsgd_comm.BackendOptions(format=a.ddp_format)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=a.timeout), **kwargs)
+    from localsgd_comm.data import ByteData, load_corpus
+    from localsgd_comm.model import GPT, config_for
+
     torch.manual_seed(0)  # same init everywhere (DDP and DiLoCo also broadcast from rank 0)
-    model = build_model(a.d_model, a.layers, a.heads, a.seq)
+    model = GPT(config_for(a.model, seq_len=a.seq))
     n_params = sum(p.numel() for p in model.parameters())
-    data = MarkovBytes(seed=0).batches(rank, a.batch, a.seq)
+    data = ByteData(load_corpus(), a.seq, seed=0)
     if m.startswith("ddp"):
         from torch.nn.parallel import DistributedDataParallel as DDP
         # One bucket for the whole (small) model: one all-reduce per step, as a tuned DDP would.
         net = DDP(model, bucket_cap_mb=max(25, 4 * n_params / 2**20 + 1))
-        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.95))
         step_fn = opt
     else:
         import localsgd_comm
         net = model
-        inner = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+        inner = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.95))
         fmt = {"diloco-fp32": "none", "diloco-int8": "int8", "diloco-int4": "int4"}[m]
         step_fn = localsgd_comm.DiLoCo(model, inner, sync_every=a.sync_every, compression=fmt)
-    # Cosine decay to 10% after a 5% linear warm-up, for every method: with a constant lr the
-    # final loss is set by gradient noise, which favours DDP's 4x larger per-step batch and hides
-    # the effect of communication (measured: constant 3e-3 left DiLoCo 0.06 nats above DDP).
+    # The main job's schedule (AdamW betas 0.9/0.95, linear warm-up, cosine decay to 10%), for
+    # every method: with a constant lr the final loss is set by gradient noise, which favours
+    # DDP's 4x larger per-step batch and hides the effect of communication.
     inner_opt = opt if m.startswith("ddp") else inner
     warm = max(1, a.steps // 20)
 
@@ -193,7 +88,7 @@ def _worker(a) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(inner_opt, lr_at)
     losses, times, tx = [], [], []
     # pre-generate the batches: data generation is not what we time
-    batches = [next(data) for _ in range(a.steps)]
+    batches = [data.batch(rank, i, a.batch) for i in range(a.steps)]
     dist.barrier()
     c0 = read_iface_bytes(a.ifname) if a.ifname else None
     t0 = time.perf_counter()
@@ -244,7 +139,7 @@ def config(quick: bool, steps: Optional[int] = None, sync_every: Optional[int] =
     compute ~30 ms/step/worker when 4 workers share 2 cores, fp32 gradient all-reduce
     ~0.5 MB -> ~0.6 s/step at 10 Mbit/s, so DDP is communication-bound on the slow links and
     compute-bound at 1 Gbit/s (the whole time-to-loss run is budgeted at <= ~15 min)."""
-    c = dict(d_model=64, layers=2, heads=4, seq=64, batch=8, lr=3e-3, sync_every=20,
+    c = dict(model="tiny", seq=64, batch=8, lr=2e-3, weight_decay=0.01, sync_every=20,
              steps=240, ddp_format="int8", world=4)
     if quick:
         c.update(steps=40, sync_every=10)
@@ -287,6 +182,12 @@ def analyse(runs: List[dict], window: int) -> List[dict]:
             hit = next((i for i, v in enumerate(sl) if v <= target), None)
             t_hit = r["elapsed_s_max"][hit] if hit is not None else None
             b = r.get("tx_bytes_per_rank_mean")
+            # Common loss: the higher of the two final losses, which both runs reach; the
+            # speedup there still counts when a method ends above DDP's final loss.
+            common = max(target, sl[-1])
+            i_m = next(i for i, v in enumerate(sl) if v <= common)
+            i_d = next(i for i, v in enumerate(sb) if v <= common)
+            sp_common = base["elapsed_s_max"][i_d] / r["elapsed_s_max"][i_m]
             rows.append({
                 "net": net, "rate_mbit": r["rate_mbit"], "method": m, "final_loss": sl[-1],
                 "target_loss": target, "steps_to_target": None if hit is None else hit + 1,
@@ -295,6 +196,7 @@ def analyse(runs: List[dict], window: int) -> List[dict]:
                 "tx_mb_per_rank_total": None if not b else b[-1] / 1e6,
                 "tx_mb_to_target": None if (not b or hit is None) else b[hit] / 1e6,
                 "speedup_to_ddp_final_loss": None if t_hit is None else t_base / t_hit,
+                "common_loss": common, "speedup_at_common_loss": sp_common,
             })
     return rows
 
@@ -329,8 +231,7 @@ def run_suite(out_dir: str, quick: bool = False, log=print, only_nets=None, meth
     if quick and not only_nets:
         nets = [("100mbit", 100)]
     runs = []
-    floor = MarkovBytes(seed=0).entropy_rate()
-    log(f"[time-to-loss] config {cfg}; data entropy rate (loss floor) {floor:.3f} nats")
+    log(f"[time-to-loss] config {cfg}")
     for net_name, rate in nets:
         with ShapedNetwork(cfg["world"], rate) as net:
             for m in methods:
@@ -352,8 +253,7 @@ def run_suite(out_dir: str, quick: bool = False, log=print, only_nets=None, meth
                     f"tx {0 if not b else b[-1] / 1e6:.2f} MB/rank  (params {r['n_params']})")
     window = max(5, cfg["steps"] // 12)
     table = analyse(runs, window)
-    out = {"benchmark": "time_to_loss", "quick": quick, "config": cfg, "smoothing_window": window,
-           "loss_floor_nats": floor, "environment": env, "runs": runs, "table": table,
+    out = {"benchmark": "time_to_loss", "quick": quick, "config": cfg, "smoothing_window": window, "environment": env, "runs": runs, "table": table,
            "skipped": skipped}
     report.write_json(os.path.join(out_dir, name + ".json"), out)
     with open(os.path.join(out_dir, name + ".md"), "w") as f:
@@ -366,17 +266,35 @@ def markdown(out: dict) -> str:
     from .report import md_table
     e, c = out["environment"], out["config"]
     head = (f"Time to loss ({'quick' if out['quick'] else 'full'}): {c['world']} workers, "
-            f"d_model {c['d_model']}, {c['layers']} layers, seq {c['seq']}, batch {c['batch']}/worker, "
-            f"{c['steps']} steps, H={c['sync_every']}, AdamW lr {c['lr']}; "
+            f"GPT '{c['model']}' ({out['runs'][0]['n_params'] if out['runs'] else '?'} params), "
+            f"seq {c['seq']}, batch {c['batch']}/worker, "
+            f"{c['steps']} steps, H={c['sync_every']}, AdamW lr {c['lr']} wd {c['weight_decay']} cosine; "
             f"{e['machine']['cpu_model']}, {e['machine']['cores']} cores, torch {e['versions']['torch']}, "
             f"commit {str(e['git_commit'])[:10]}; loss = mean over ranks, moving average of "
-            f"{out['smoothing_window']} steps; loss floor {out['loss_floor_nats']:.3f} nats\n\n")
+            f"{out['smoothing_window']} steps\n\n")
     rows = [(r["net"], r["method"], r["final_loss"], r["target_loss"], r["steps_to_target"],
              r["time_to_target_s"], r["total_time_s"], 1e3 * r["mean_step_s"], r["tx_mb_per_rank_total"],
-             r["speedup_to_ddp_final_loss"]) for r in out["table"]]
+             r["speedup_to_ddp_final_loss"] if r["speedup_to_ddp_final_loss"] else "not reached",
+             r.get("common_loss"), r.get("speedup_at_common_loss")) for r in out["table"]]
     return head + md_table(["link", "method", "final loss", "target (DDP final)", "steps to target",
-                            "time to target s", "total s", "ms/step", "MB sent/rank", "speedup to DDP loss"],
+                            "time to target s", "total s", "ms/step", "MB sent/rank", "speedup to DDP loss",
+                            "common loss", "speedup at common loss"],
                            rows) + "\n"
+
+
+def rerender(json_path: str) -> dict:
+    """Recompute the table, Markdown and PNG of a saved run (analysis changes need no rerun)."""
+    import json
+    with open(json_path) as f:
+        out = json.load(f)
+    out["table"] = analyse(out["runs"], out["smoothing_window"])
+    from .report import write_json
+    write_json(json_path, out)
+    base = json_path[:-len(".json")]
+    with open(base + ".md", "w") as f:
+        f.write(markdown(out))
+    plot(out, base + ".png")
+    return out
 
 
 def plot(out: dict, path: str) -> None:
@@ -406,11 +324,18 @@ def plot(out: dict, path: str) -> None:
             ax.legend(fontsize=7)
     # speedup vs link bandwidth
     ax = axes[0, -1]
-    for m in METHODS:
+    for k, m in enumerate(METHODS):
+        color = f"C{k}"
         pts = sorted((r["rate_mbit"], r["speedup_to_ddp_final_loss"]) for r in out["table"]
                      if r["method"] == m and r["speedup_to_ddp_final_loss"])
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color,
+                    label=f"{m}: to DDP's final loss")
+        pts = sorted((r["rate_mbit"], r["speedup_at_common_loss"]) for r in out["table"]
+                     if r["method"] == m and r.get("speedup_at_common_loss"))
+        if pts and m != "ddp-gloo":
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="x", ls="--", color=color,
+                    label=f"{m}: at common loss")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("link rate (Mbit/s)")
@@ -429,12 +354,11 @@ def main(argv=None) -> None:
     p.add_argument("--worker", action="store_true")
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--ifname", default="")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--model", default="tiny")
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--sync-every", type=int, default=20)
     p.add_argument("--steps", type=int, default=240)
     p.add_argument("--ddp-format", default="int8")
