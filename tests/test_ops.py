@@ -678,3 +678,43 @@ def test_non_contiguous_state_buffers(impl):
     else:
         want = impl.compress_delta(anchor_c, params, residual_c, "int8", 32, None)
         assert torch.equal(got[0], want[0]) and torch.equal(residual, residual_c)
+
+
+# ---- the C++ baseline (non-AVX2) loops ----------------------------------------------------------
+_BASELINE_CHECK = r"""
+import torch, localsgd_comm
+from localsgd_comm.backends.reference import ops as R
+torch.set_num_threads(1)
+C = torch.ops.localsgd_comm
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    x = (torch.randn(3001, generator=g) * torch.logspace(-3, 3, 3001)).to(dtype)
+    x[7] = 0.5 * 2 ** -126  # one subnormal input value
+    for fmt in ("int8", "int4", "fp8"):
+        for seed in (None, 5):
+            a, b = C.quantize(x, fmt, 64, seed, 0), R.quantize(x, fmt, 64, seed, 0)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (dtype, fmt, seed)
+            assert torch.equal(C.dequantize(*a, fmt, 3001, 64, dtype), R.dequantize(*b, fmt, 3001, 64, dtype))
+            r1, r2 = torch.zeros(3001), torch.zeros(3001)
+            a = C.compress_delta(x.float(), x * 0.5, r1, fmt, 64, seed)
+            b = R.compress_delta(x.float(), x * 0.5, r2, fmt, 64, seed)
+            assert torch.equal(a[0], b[0]) and torch.equal(r1, r2), (dtype, fmt, seed, "compress")
+            pp, ss = torch.stack([a[0], a[0]]), torch.stack([a[1], a[1]])
+            assert torch.equal(C.dequantize_reduce_requantize(pp, ss, fmt, 3001, 64, 0.5, seed, 0)[0],
+                               R.dequantize_reduce_requantize(pp, ss, fmt, 3001, 64, 0.5, seed, 0)[0])
+print("OK")
+"""
+
+
+def test_cpp_baseline_isa_matches_reference():
+    """LOCALSGD_CPU_ISA=baseline selects the portable (non-AVX2) C++ loops, read once per
+    process; machines without AVX2 run those, so they must produce the same bytes too."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, LOCALSGD_CPU_ISA="baseline", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    p = subprocess.run([sys.executable, "-c", _BASELINE_CHECK], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-3000:]
