@@ -41,6 +41,13 @@ class LocalSGDWork : public c10d::Work {
                std::vector<c10::Device> devices);
   void complete(std::exception_ptr eptr);
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
+  // Status reads the future (completed first), wait() the base flag (set right after): so
+  // after get_future().wait() the Work reads completed, and after wait() the future is done.
+  bool isCompleted() override { return future_->completed(); }
+  bool isSuccess() const override { return future_->completed() && !future_->hasError(); }
+  std::exception_ptr exception() const override {
+    return future_->completed() && future_->hasError() ? future_->exception_ptr() : nullptr;
+  }
   std::vector<at::Tensor> result() override { return outputs_; }
 
  private:
