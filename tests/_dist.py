@@ -1,4 +1,4 @@
-"""Multi-process test helper: run a worker function on N ranks on loopback.
+"""Multi-process test utility: run a worker function on N ranks on loopback.
 
     from _dist import run_ranks
     results = run_ranks(worker, 3, arg1, timeout=60, backend="localsgd")
@@ -10,7 +10,7 @@
   torchrun sets: env:// then connects to the existing store instead of binding a new one).
   So ``dist.init_process_group("localsgd")`` (env://) works unchanged inside the worker;
   :func:`connect_store` gives an explicit ``TCPStore`` client for ``store=`` initialization.
-* ``backend=...``: the helper initializes the default group (env://, ``pg_timeout``) before
+* ``backend=...``: run_ranks initializes the default group (env://, ``pg_timeout``) before
   calling the worker and destroys it afterwards; ``backend=None`` leaves it to the worker.
 * One deadline for the whole run (``timeout`` seconds): on timeout, or as soon as one rank fails
   (when ``return_exceptions`` is false), every rank is killed and the parent raises with each
