@@ -75,6 +75,9 @@ def expected_scales(x: torch.Tensor, fmt: str, block: int) -> torch.Tensor:
     b = blocks64(x, block)
     absmax = b.abs().amax(dim=1) if b.numel() else b.sum(dim=1)
     s = (absmax / QMAX[fmt]).float()
+    # ... unless qmax * s overflows fp32 (int8 at absmax = FLT_MAX): then one ulp toward zero.
+    over = torch.isinf(s * torch.full_like(s, QMAX[fmt]))  # the fp32 product, as format.h tests it
+    s = torch.where(over & torch.isfinite(s), (s.view(torch.int32) - 1).view(torch.float32), s)
     return torch.where(torch.isfinite(b).all(dim=1), s, torch.full_like(s, float("nan")))
 
 
@@ -166,26 +169,39 @@ def test_large_blocks_and_multi_block_tails(impl, fmt, block):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_scale_underflow_block(impl, fmt):
     """absmax < ~qmax/2 * 2^-149 (a few smallest subnormals): absmax / qmax rounds to a zero scale
-    although the block is not all zero. Every element then dequantizes to 0 (error <= |x| <=
-    (qmax + 1) * 2^-150, inside quant_bound), and C++ and the reference agree on the bytes.
-    (Those bytes come from x / 0 = +-inf or NaN, see the report on format.h.)"""
+    although the block is not all zero. format.h makes that an all-zero block (scale 0, every
+    payload byte 0), so no x / 0 reaches the encoder and every platform writes the same bytes.
+    Every element dequantizes to 0: error <= |x| <= (qmax + 1) * 2^-150, inside quant_bound."""
     tiny = 2.0 ** -149
     x = torch.tensor([0.0, 3 * tiny, -5 * tiny, 40 * tiny, -0.0] + [0.0] * 11 + [2 * tiny] * 16)
     payload, scales = impl.quantize(x, fmt, 16, None, 0)
     assert scales.tolist()[1] == 0.0
+    per_block = F.payload_bytes(fmt, 16)
+    assert bool((payload[per_block:] == 0).all()), "underflowed-scale block must be all-zero bytes"
     deq = check_against_oracle(impl, x, fmt, 16, payload, scales)
     assert bool((deq[16:] == 0).all())
     for seed in (None, 1):
         assert torch.equal(CPP.quantize(x, fmt, 16, seed, 0)[0], R.quantize(x, fmt, 16, seed, 0)[0])
 
 
-@pytest.mark.xfail(strict=True, reason="format.h gap: scale = fl(FLT_MAX / 127) rounds up, so "
-                   "float(127) * scale overflows to inf for x = FLT_MAX although the scale is finite")
-def test_finite_input_at_float_max_dequantizes_finite(impl):
-    x = torch.tensor([torch.finfo(torch.float32).max, 1.0])
-    payload, scales = impl.quantize(x, "int8", 16, None, 0)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_finite_input_at_float_max_dequantizes_finite(impl, fmt):
+    """format.h: when qmax * fl(absmax / qmax) overflows (int8 at absmax = FLT_MAX), the scale
+    steps one ulp toward zero, so a finite block always dequantizes finite and within bound."""
+    fmax = torch.finfo(torch.float32).max
+    x = torch.tensor([fmax, 1.0, -fmax, fmax / 3])
+    payload, scales = impl.quantize(x, fmt, 16, None, 0)
     assert F.is_finite(scales)
-    assert bool(torch.isfinite(impl.dequantize(payload, scales, "int8", 2, 16, torch.float32)).all())
+    assert float(scales[0]) * _ops_qmax(fmt) <= fmax
+    deq = impl.dequantize(payload, scales, fmt, 4, 16, torch.float32)
+    assert bool(torch.isfinite(deq).all())
+    check_against_oracle(impl, x, fmt, 16, payload, scales)
+    assert torch.equal(CPP.quantize(x, fmt, 16, None, 0)[0], R.quantize(x, fmt, 16, None, 0)[0])
+    assert torch.equal(CPP.quantize(x, fmt, 16, None, 0)[1], R.quantize(x, fmt, 16, None, 0)[1])
+
+
+def _ops_qmax(fmt):
+    return {"int8": 127.0, "int4": 7.0, "fp8": 448.0}[fmt]
 
 
 def test_round_half_even_on_exact_ties(impl):

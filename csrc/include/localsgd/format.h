@@ -28,6 +28,8 @@
 //   elif absmax == 0:                     scale = 0, q = 0.
 //   else:
 //       scale = absmax / qmax             (IEEE division, correctly rounded)
+//       if qmax * scale overflows to inf: scale = the next float toward zero (bits - 1)
+//       if scale == 0 (absmax is a few tiny subnormals): store scale 0, q = 0 (as all-zero)
 //       if scale >= FLT_MIN (normal):     v = x * (1.0f / scale)     (both correctly rounded)
 //       else (subnormal scale):           v = x / scale              (1/scale would overflow)
 //       v = clamp(v, -qmax, +qmax)        (x*inv may exceed qmax by an ulp)
@@ -159,6 +161,13 @@ LSG_HD BlockQuant block_params(float absmax, bool nonfinite, Format f) {
   if (nonfinite) { b.scale = NAN; b.inv = 0.0f; b.divide = false; b.zero = true; return b; }
   if (absmax == 0.0f) { b.scale = 0.0f; b.inv = 0.0f; b.divide = false; b.zero = true; return b; }
   b.scale = absmax / qmax(f);
+  // qmax * scale must stay finite, or the block's largest element dequantizes to inf (seen at
+  // absmax = FLT_MAX with int8: FLT_MAX/127 rounds up). The exact quotient lies between the
+  // rounded scale and the float below it, so one ulp toward zero gives qmax*scale < absmax.
+  if (!(b.scale * qmax(f) <= FLT_MAX)) b.scale = bits_f32(f32_bits(b.scale) - 1u);
+  // A block whose absmax is a few of the smallest subnormals gives a scale that underflows to
+  // 0: encode it as an all-zero block (x / 0 would make the payload platform-dependent).
+  if (b.scale == 0.0f) { b.inv = 0.0f; b.divide = false; b.zero = true; return b; }
   b.zero = false;
   b.divide = !(b.scale >= FLT_MIN);
   b.inv = b.divide ? 0.0f : 1.0f / b.scale;

@@ -26,6 +26,7 @@ from ... import _ops
 Tensor = torch.Tensor
 
 _QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
+_FLT_MAX = torch.finfo(torch.float32).max
 _FLT_MIN = torch.finfo(torch.float32).tiny  # 2^-126, smallest normal fp32
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
@@ -177,8 +178,12 @@ def _quantize_f32(x: Tensor, fmt: str, block_size: int, seed: Optional[int],
     nonfinite = _per_block(~torch.isfinite(x), block_size, lambda t: t.any(dim=1))
     # IEEE division, correctly rounded (against a tensor, never a reciprocal multiply).
     scale = absmax / torch.full_like(absmax, qmax)
+    # qmax * scale must stay finite: when it overflows, the next float toward zero (bits - 1).
+    over = ~(scale * torch.full_like(scale, qmax) <= _FLT_MAX)
+    scale = torch.where(over & torch.isfinite(scale), (scale.view(torch.int32) - 1).view(torch.float32), scale)
     scale = torch.where(nonfinite, torch.full_like(scale, float("nan")), scale)
-    zero_block = nonfinite | (absmax == 0)
+    # absmax of a few tiny subnormals: the scale underflows to 0 -> an all-zero block.
+    zero_block = nonfinite | (absmax == 0) | (scale == 0)
     divide = ~(scale >= _FLT_MIN)  # subnormal scale: 1/scale would overflow; NaN also lands here
     inv = torch.where(divide | zero_block, torch.zeros_like(scale), torch.ones_like(scale) / scale)
 

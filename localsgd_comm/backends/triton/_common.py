@@ -182,6 +182,11 @@ def _quantize_tile(x, idx, key, FMT: tl.constexpr, QM: tl.constexpr, STOCH: tl.c
     absmax = amax_bits.to(tl.float32, bitcast=True)
     zero = nonfinite | (absmax == 0.0)
     scale = tl.math.div_rn(tl.where(zero, 1.0, absmax), QM)  # IEEE division (format.h)
+    # format.h: if qmax * scale overflows, step the scale one ulp toward zero; a scale that
+    # underflows to 0 makes the block an all-zero block.
+    over = (scale * QM) > 3.4028234663852886e38
+    scale = tl.where(over, (scale.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), scale)
+    zero = zero | (scale == 0.0)
     divide = scale < 1.1754943508222875e-38  # FLT_MIN: 1/scale would overflow
     inv = tl.math.div_rn(1.0, tl.where(divide, 1.0, scale))
     v = tl.where(divide[:, None], tl.math.div_rn(x, scale[:, None]), x * inv[:, None])
