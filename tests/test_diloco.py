@@ -75,6 +75,29 @@ def test_one_worker_local_sgd_equals_plain_training(single_group):
         assert torch.equal(a, b)
 
 
+def test_parameters_start_on_block_boundaries(single_group):
+    """Each parameter starts a quantization block, so a small tensor is never quantized with a
+    large neighbour's scale. Linear(7, 9): the 63-element weight would share its block with the
+    bias if packed tightly; the bias delta (1e-4 scale) must keep int8 precision of its own."""
+    torch.manual_seed(0)
+    m = nn.Linear(7, 9)
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=1.0), sync_every=1, outer_lr=1.0,
+                 outer_momentum=0.0, compression="int8", block_size=64)
+    for p in m.parameters():
+        assert p.data.storage_offset() % 64 == 0
+    before = [p.detach().clone() for p in m.parameters()]
+    g_w, g_b = torch.randn(9, 7), torch.randn(9) * 1e-4
+    m.weight.grad, m.bias.grad = g_w.clone(), g_b.clone()
+    opt.step()  # inner SGD step (params -= grad), then the sync: anchor -= Q(delta) = Q(grad)
+    assert opt.sync_count == 1
+    for p, b, g in zip(m.parameters(), before, (g_w, g_b)):
+        applied = (b - p.detach()).double()
+        # int8 round to nearest: half a step of the tensor's own scale, absmax/127/2, plus fp32
+        # rounding of the anchor update (|b| <= 1: 2^-24 per op) -> 1e-6 slack.
+        bound = g.abs().max().double() / 127 / 2 + 1e-6 * max(1.0, float(b.abs().max()))
+        assert float((applied - g.double()).abs().max()) <= bound
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_outer_step_matches_torch_sgd(single_group, nesterov):
     """The anchor follows torch.optim.SGD(lr, momentum, nesterov) fed with g = anchor - params."""
