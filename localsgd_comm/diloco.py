@@ -25,7 +25,8 @@ What happens
   (``functional.outer_nesterov_step_compressed``), which also writes ``params = anchor``.
 * ``compression="none", outer_lr=1, outer_momentum=0`` (plain model averaging) reduces the
   parameters themselves instead of ``anchor - params``: exact, so one worker with
-  ``sync_every=1`` reproduces plain training bit for bit.
+  ``sync_every=1`` reproduces plain training bit for bit (not in overlap mode, whose delayed
+  step needs the pseudo-gradient itself).
 * Replicas are bitwise identical after every sync: every rank dequantizes the same reduced
   bytes into the same anchor with the same fp32 arithmetic.
 * With a ``DistributedDataParallel`` model the per-step gradient all-reduce is switched off
@@ -323,8 +324,11 @@ class DiLoCo:
         self.on_nonfinite = on_nonfinite
         self.rank = dist.get_rank()
         self.sync_size = dist.get_world_size(self.group)
-        # outer_lr=1, outer_momentum=0 is model averaging; in fp32 it is computed as such (exact)
-        self._averaging = self.outer_lr == 1.0 and self.outer_momentum == 0.0 and compression == "none"
+        # outer_lr=1, outer_momentum=0 is model averaging; in fp32 it is computed as such (exact).
+        # Not in overlap mode: there the delayed step is theta <- theta - g_{k-1}, and theta has
+        # moved since g_{k-1}'s round started, so avg(params of round k-1) is not that step.
+        self._averaging = (self.outer_lr == 1.0 and self.outer_momentum == 0.0 and compression == "none"
+                           and not self.overlap)
 
         self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         module = model.module if self._ddp else model

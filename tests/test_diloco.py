@@ -461,3 +461,27 @@ def suite4():
 @pytest.fixture(scope="module")
 def resumed(suite2, ckpt_dir):
     return run_workers(_resume_phase_worker, 2, ckpt_dir, backend="localsgd", timeout=TIMEOUT)
+
+
+
+@pytest.mark.parametrize("outer_lr", [1.0, 0.5])
+def test_overlap_model_averaging_follows_the_delayed_outer_step(single_group, outer_lr):
+    """overlap=True, compression="none", outer_momentum=0: the anchor follows the documented
+    delayed step theta <- theta - outer_lr * g_{k-1}, g_{k-1} = theta_{k-1} - avg(params).
+    outer_lr=1 (plain averaging) must not be special-cased into theta <- avg(params of round
+    k-1), which drops the update applied in between (outer_lr=0.5 is the control)."""
+    m = make_model()
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.05), sync_every=2, outer_lr=outer_lr,
+                 outer_momentum=0.0, compression="none", overlap=True)
+    theta = flat_params(m).double()
+    pending = None
+    for k in range(4):
+        train_steps(m, opt.inner_optimizer, 0, 2 * k, 2)  # inner steps only
+        g = theta - flat_params(m).double()  # one worker: the average is this worker
+        if pending is not None:
+            theta = theta - outer_lr * pending
+        pending = g
+        opt.sync()
+        # fp32 run vs float64 oracle: a few fp32 roundings of O(1) values per sync -> 1e-5
+        torch.testing.assert_close(opt.anchors()[0].double(), theta, atol=1e-5, rtol=0)
+        assert torch.equal(flat_params(m), opt.anchors()[0])
