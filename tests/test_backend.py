@@ -395,3 +395,24 @@ def test_backend_options_validation(monkeypatch):
     with pytest.raises(TypeError, match="must be localsgd_comm.BackendOptions, got dict"):
         dist.init_process_group("localsgd", store=dist.HashStore(), rank=0, world_size=1, pg_options={"format": "int8"})
     assert not dist.is_initialized()
+
+
+def test_parameters_requiring_grad_are_reduced_in_place(world1):
+    """Collectives write raw data (as gloo/NCCL do): an nn.Parameter must be reducible whether the
+    backend writes it through a contiguous copy (non-contiguous, compressed path) or divides it
+    after the inner SUM (AVG pass-through). The worker thread once ran with grad mode on and
+    raised "a leaf Variable that requires grad is being used in an in-place operation"."""
+    world1(format="int8", threshold_bytes=1024)
+    torch.manual_seed(0)
+    big = torch.nn.Parameter(torch.randn(64, 64).t())  # 16 KiB, non-contiguous: compressed
+    small = torch.nn.Parameter(torch.randn(10))         # 40 bytes: pass-through
+    want_big, want_small = big.detach().clone(), small.detach().clone()
+    dist.all_reduce(big, op=dist.ReduceOp.AVG)
+    dist.all_reduce(small, op=dist.ReduceOp.AVG)
+    # world size 1: pass-through AVG is x/1, exact; compressed is one int8 round trip
+    # (requantizing the reduced chunk repeats the same rounding: x is already on the grid),
+    # so |err| <= absmax/127/2 per 128-block
+    assert torch.equal(small.detach(), want_small)
+    bound = want_big.abs().max() / 127 / 2
+    assert float((big.detach() - want_big).abs().max()) <= float(bound) * (1 + 1e-6)
+    assert big.requires_grad and small.requires_grad

@@ -218,6 +218,11 @@ void LocalSGDBackend::enqueue(Task task) {
 }
 
 void LocalSGDBackend::worker_loop() {
+  // Grad mode is thread-local and on by default in a fresh thread: the in-place writes done here
+  // (t.copy_ of a non-contiguous tensor, the AVG division of a pass-through) would then raise
+  // "a leaf Variable that requires grad is being used in an in-place operation" for an
+  // nn.Parameter. Collectives write raw data, as gloo and NCCL do: no autograd here.
+  at::NoGradGuard no_grad;
   for (;;) {
     Task task;
     {
