@@ -611,15 +611,25 @@ class DiLoCo:
         h = self.hierarchy
         for f in self._flats:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in f.params]
-            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            # One "has a gradient" flag per parameter rides along: a parameter that got a gradient
+            # on some members of the cluster only (data-dependent branch) must get the averaged
+            # gradient on all of them, or the inner step moves it on some members only and the
+            # cluster's replicas diverge (as DDP, which assigns the reduced bucket everywhere).
+            has = torch.tensor([0.0 if p.grad is None else 1.0 for p in f.params], device=f.device)
+            flat = torch.cat([g.reshape(-1).float() for g in grads] + [has])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=h.intra)
+            flags = flat[flat.numel() - len(f.params):].tolist()
             flat.div_(h.cluster_size)
             self.stats["intra_bytes_sent"] += int(2 * (h.cluster_size - 1) * flat.numel() * 4 / h.cluster_size)
             off = 0
-            for p in f.params:
+            for p, flag in zip(f.params, flags):
                 n = p.numel()
-                if p.grad is not None:
-                    p.grad.copy_(flat[off:off + n].view_as(p))
+                if flag > 0:
+                    g = flat[off:off + n].view_as(p)
+                    if p.grad is None:
+                        p.grad = g.to(p.dtype, copy=True)
+                    else:
+                        p.grad.copy_(g)
                 off += n
 
     def _sync_hierarchical(self) -> None:

@@ -485,3 +485,32 @@ def test_overlap_model_averaging_follows_the_delayed_outer_step(single_group, ou
         # fp32 run vs float64 oracle: a few fp32 roundings of O(1) values per sync -> 1e-5
         torch.testing.assert_close(opt.anchors()[0].double(), theta, atol=1e-5, rtol=0)
         assert torch.equal(flat_params(m), opt.anchors()[0])
+
+
+class _TwoBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, use_b):
+        return self.a(x) + (self.b(x) if use_b else 0.0)
+
+
+def _hier_unused_worker(rank, world):
+    h = new_hierarchical_groups(2)
+    m = _TwoBranch()
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), sync_every=100, compression="none", hierarchy=h)
+    for s in range(2):
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(10 * rank + s))
+        m(x, use_b=(rank == 0)).pow(2).mean().backward()  # branch b gets a gradient on rank 0 only
+        opt.step()
+        opt.zero_grad()
+    return flat_params(m)
+
+
+def test_hierarchical_gradient_on_some_members_only_keeps_cluster_identical():
+    """Inside a cluster (no DDP) the averaged gradient of a parameter used by one member only
+    must reach every member: before, the member without a gradient skipped it and diverged."""
+    out = run_workers(_hier_unused_worker, 2, timeout=TIMEOUT)
+    assert torch.equal(out[0], out[1])
