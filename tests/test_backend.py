@@ -416,3 +416,16 @@ def test_parameters_requiring_grad_are_reduced_in_place(world1):
     bound = want_big.abs().max() / 127 / 2
     assert float((big.detach() - want_big).abs().max()) <= float(bound) * (1 + 1e-6)
     assert big.requires_grad and small.requires_grad
+
+
+def test_negative_seeds_are_rejected(world1):
+    """The C++ backend encodes "round to nearest" as seed -1: a negative seed used to be accepted
+    and silently meant no stochastic rounding on a localsgd group, while the Python-composed
+    path (other groups) rounded stochastically with it: different bytes for one call."""
+    with pytest.raises(ValueError, match=r"seed: expected None or an int in \[0, 2\*\*63\)"):
+        BackendOptions(seed=-1).resolved()
+    world1(threshold_bytes=0)
+    p, s = localsgd_comm.functional.quantize(torch.randn(300), "int8")
+    with pytest.raises(RuntimeError, match=r"seed must be None or an int in \[0, 2\*\*63\), got -5"):
+        localsgd_comm.all_reduce_compressed(p, s, 300, "int8", seed=-5)
+    localsgd_comm.all_reduce_compressed(p, s, 300, "int8", seed=5)  # valid seeds still run
