@@ -686,6 +686,12 @@ class DiLoCo:
         for k in ("compression", "block_size", "overlap"):
             if cfg[k] != getattr(self, k):
                 raise ValueError(f"load_state_dict: expected {k}={getattr(self, k)!r} as constructed, got {cfg[k]!r}")
+        for k, what in (("momentum", "outer_momentum != 0"), ("residual", "error_feedback")):
+            have = [getattr(f, k) is not None for f in self._flats]
+            got = [t is not None for t in state[k]]
+            if have != got:
+                raise ValueError(f"load_state_dict: expected {k} buffers {have} ({what} as constructed), "
+                                 f"got {got} in the state")
         self.inner_optimizer.load_state_dict(state["inner_optimizer"])
         with torch.no_grad():
             for i, f in enumerate(self._flats):

@@ -514,3 +514,24 @@ def test_hierarchical_gradient_on_some_members_only_keeps_cluster_identical():
     must reach every member: before, the member without a gradient skipped it and diverged."""
     out = run_workers(_hier_unused_worker, 2, timeout=TIMEOUT)
     assert torch.equal(out[0], out[1])
+
+
+def test_load_state_dict_with_other_buffers_names_them(single_group):
+    """A state saved without error feedback (or outer momentum) loaded into a DiLoCo that has
+    them used to fail inside Tensor.copy_(None); it must name the mismatch, before changing
+    anything."""
+    m = make_model()
+    plain = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), sync_every=2, compression="int8")
+    state = plain.state_dict()
+    m2 = make_model()
+    ef = DiLoCo(m2, torch.optim.SGD(m2.parameters(), lr=0.1), sync_every=2, compression="int8",
+                error_feedback=True)
+    before = flat_params(m2)
+    with pytest.raises(ValueError, match=r"residual buffers \[True\] \(error_feedback as constructed\), got \[False\]"):
+        ef.load_state_dict(state)
+    assert torch.equal(flat_params(m2), before)
+    m3 = make_model()
+    nomom = DiLoCo(m3, torch.optim.SGD(m3.parameters(), lr=0.1), sync_every=2, compression="int8",
+                   outer_momentum=0.0)
+    with pytest.raises(ValueError, match=r"momentum buffers \[False\]"):
+        nomom.load_state_dict(state)
