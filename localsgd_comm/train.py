@@ -182,9 +182,11 @@ def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
         opt.zero_grad(set_to_none=True)
         last = step == cfg.steps - 1
         if cfg.mode == "diloco" and last:
-            opt.flush()
             if opt.local_step % cfg.sync_every:  # end on a sync: every replica holds the same model
                 opt.sync()
+            # overlap: apply the last launched reduce (flushing before that sync left it pending
+            # and the final partial round was discarded)
+            opt.flush()
         if rank == 0:
             lv = loss.item()
             rec = {"step": step + 1, "wall_s": time.perf_counter() - t0 - eval_time,
@@ -208,6 +210,7 @@ def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
             "final_val_loss": final["val_loss"], "tokens": final["tokens"], "bytes_sent_per_rank": final["bytes_sent"],
             "bytes_source": src, "wall_s": final["wall_s"], "records": records,
             "syncs": opt.sync_count if cfg.mode == "diloco" else None,
+            "applied_syncs": opt.stats["syncs"] if cfg.mode == "diloco" else None,
             "torch": torch.__version__}
 
 

@@ -84,3 +84,14 @@ def test_config_validation():
         TrainConfig(mode="fsdp").validate()
     with pytest.raises(ValueError, match="data"):
         TrainConfig(data="/nonexistent/file.txt").validate()
+
+
+def test_overlap_run_applies_every_sync_it_launches():
+    """overlap=True with steps not a multiple of sync_every: the closing sync's reduce must be
+    applied too (it was launched after the flush, left pending, and the final partial round
+    discarded). 5 steps, sync_every=2: syncs at steps 2 and 4 and the closing one."""
+    cfg = TrainConfig(model_size="tiny", steps=5, sync_every=2, eval_every=5, batch_size=4, seq_len=32,
+                      progress=False, warmup_steps=1, overlap=True)
+    (run,) = run_modes(cfg, ["diloco"])
+    assert run["syncs"] == 3
+    assert run["applied_syncs"] == 3
