@@ -429,3 +429,14 @@ def test_negative_seeds_are_rejected(world1):
     with pytest.raises(RuntimeError, match=r"seed must be None or an int in \[0, 2\*\*63\), got -5"):
         localsgd_comm.all_reduce_compressed(p, s, 300, "int8", seed=-5)
     localsgd_comm.all_reduce_compressed(p, s, 300, "int8", seed=5)  # valid seeds still run
+
+
+def test_coalesced_avg_of_integers_fails_before_issuing(world1):
+    """all_reduce_coalesced with AVG on an integer tensor: a clear error at the call, as for
+    all_reduce (it used to sum on the worker, then fail inside the division, the tensor left
+    summed and the error only on wait())."""
+    world1(threshold_bytes=0)
+    with pytest.raises(RuntimeError, match="AVG needs floating tensors, got Long"):
+        dist.all_reduce_coalesced([torch.arange(4)], op=dist.ReduceOp.AVG)
+    st = localsgd_comm.get_backend_stats()
+    assert st["passthrough_calls"] == 0 and st["compressed_calls"] == 0  # nothing was issued

@@ -563,6 +563,14 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_coalesced(std::vector<
                 tensors[0].device(), " and ", x.device());
   }
   auto inner = inner_for(tensors[0]);
+  if (opts.reduceOp == c10d::ReduceOp::AVG && dev == c10::DeviceType::CPU) {
+    // Checked before anything is issued (as all_reduce does): otherwise the worker would sum the
+    // integer tensor and only then fail in the division, leaving it summed.
+    for (const auto& x : tensors) {
+      TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+                  "localsgd all_reduce_coalesced: ReduceOp.AVG needs floating tensors, got ", x.scalar_type());
+    }
+  }
   std::vector<const char*> reasons;
   for (const auto& x : tensors) {
     const char* r = passthrough_reason(x, opts.reduceOp);
