@@ -401,7 +401,17 @@ class DiLoCo:
     def step(self, closure=None):
         """One inner step; a sync every ``sync_every`` calls. Returns the closure's loss."""
         if self.hierarchy is not None and not self._ddp:
-            self._allreduce_grads_intra()
+            if closure is not None:
+                # The closure computes the gradients inside inner_optimizer.step(): average them
+                # after it ran (averaging before would see the previous step's gradients).
+                inner_closure = closure
+
+                def closure():
+                    loss = inner_closure()
+                    self._allreduce_grads_intra()
+                    return loss
+            else:
+                self._allreduce_grads_intra()
         loss = self.inner_optimizer.step(closure) if closure is not None else self.inner_optimizer.step()
         self._local_step += 1
         if self._local_step % self.sync_every == 0:

@@ -535,3 +535,27 @@ def test_load_state_dict_with_other_buffers_names_them(single_group):
                    outer_momentum=0.0)
     with pytest.raises(ValueError, match=r"momentum buffers \[False\]"):
         nomom.load_state_dict(state)
+
+
+def _hier_closure_worker(rank, world):
+    h = new_hierarchical_groups(2)
+    m = make_model()
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), sync_every=100, compression="none", hierarchy=h)
+    for s in range(2):
+        x, y = batch(rank, s)  # different data per member
+
+        def closure():
+            opt.zero_grad()
+            loss = ((m(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return flat_params(m)
+
+
+def test_hierarchical_step_with_closure_averages_the_closures_gradients():
+    """step(closure) in hierarchical mode without DDP: the gradients the closure computes are the
+    ones averaged inside the cluster (they used to be averaged before the closure ran, i.e. the
+    previous step's, and members diverged)."""
+    out = run_workers(_hier_closure_worker, 2, timeout=TIMEOUT)
+    assert torch.equal(out[0], out[1])
