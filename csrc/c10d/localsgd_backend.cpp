@@ -365,6 +365,16 @@ void LocalSGDBackend::reset_stats() {
   stats_ = BackendStats();
 }
 
+at::Tensor LocalSGDBackend::scratch(int64_t nbytes, const at::TensorOptions& opts) {
+  // CUDA tensors come from torch's caching allocator already; only CPU scratch is kept.
+  if (!opts.device().is_cpu()) return at::empty({nbytes}, opts);
+  if (!cpu_workspace_.defined() || cpu_workspace_.numel() < nbytes) {
+    cpu_workspace_ = at::Tensor();  // drop the old one first: peak memory is the new size only
+    cpu_workspace_ = at::empty({nbytes}, opts);
+  }
+  return cpu_workspace_.narrow(0, 0, nbytes);
+}
+
 // ---- the quantized all-reduce (runs on the worker) -----------------------------------------------
 // Steps as in DESIGN.md: (1) quantize the local tensor per chunk, (2) all-to-all of the p
 // records, (3+4) fused dequantize + fp32 sum (+ 1/p) + requantize of the owned chunk, (5)
@@ -382,8 +392,9 @@ void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend
   const Chunking ch = make_chunking(f, n, B, p);
   const int64_t R = ch.record, esize = x.element_size();
   auto bytes = at::TensorOptions().dtype(at::kByte).device(x.device());
-  at::Tensor send = at::empty({p * R}, bytes), recv = at::empty({p * R}, bytes);
-  at::Tensor mine = at::empty({R}, bytes), gathered = at::empty({p * R}, bytes);
+  at::Tensor ws = scratch((3 * p + 1) * R, bytes);
+  at::Tensor send = ws.narrow(0, 0, p * R), recv = ws.narrow(0, p * R, p * R);
+  at::Tensor mine = ws.narrow(0, 2 * p * R, R), gathered = ws.narrow(0, 2 * p * R + R, p * R);
   RoundingMode rm;
   uint64_t call_seed = 0;
   if (seed_ >= 0) {
@@ -650,7 +661,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
       const int64_t R = ch.record;
       auto bytes = at::TensorOptions().dtype(at::kByte).device(payload.device());
       // Records are assembled with tensor copies (device-agnostic); the reduction is the kernel.
-      at::Tensor send = at::zeros({p, R}, bytes);
+      at::Tensor ws = scratch((3 * p + 1) * R, bytes);
+      at::Tensor send = ws.narrow(0, 0, p * R).view({p, R});
+      send.zero_();  // padding: never send uninitialized memory
       at::Tensor sc_bytes = scales.view(at::kByte);
       for (int64_t r = 0; r < p; ++r) {
         const int64_t lo = ch.lo(r, n), nr = ch.hi(r, n) - lo;
@@ -659,7 +672,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
         send[r].narrow(0, 0, pb).copy_(payload.narrow(0, payload_offset(f, lo), pb));
         send[r].narrow(0, ch.cap, 4 * nb).copy_(sc_bytes.narrow(0, 4 * (lo / B), 4 * nb));
       }
-      at::Tensor recv = at::empty({p, R}, bytes);
+      at::Tensor recv = ws.narrow(0, p * R, p * R).view({p, R});
       if (p > 1) {
         std::vector<int64_t> splits;
         at::Tensor s1 = send.view({-1}), r1 = recv.view({-1});
@@ -667,7 +680,8 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
       } else {
         recv.copy_(send);
       }
-      at::Tensor mine = at::zeros({R}, bytes);
+      at::Tensor mine = ws.narrow(0, 2 * p * R, R);
+      mine.zero_();
       const int64_t lo = ch.lo(me, n), nr = ch.hi(me, n) - lo;
       RoundingMode q;
       q.stochastic = seed >= 0;
@@ -692,7 +706,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
 #endif
         }
       }
-      at::Tensor gathered = at::empty({p, R}, bytes);
+      at::Tensor gathered = ws.narrow(0, 2 * p * R + R, p * R).view({p, R});
       if (p > 1) {
         at::Tensor g1 = gathered.view({-1});
         inner->_allgather_base(g1, mine, c10d::AllgatherOptions())->wait();
