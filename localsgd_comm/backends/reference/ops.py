@@ -312,16 +312,9 @@ def outer_nesterov_step_compressed(anchor: Tensor, momentum: Optional[Tensor], p
     _outer_step(anchor, momentum, params, g, lr, mu, nesterov)
 
 
-#: op name -> reference function, for tests and tools that iterate over all ops.
-OPS = {
-    "quantize": quantize,
-    "dequantize": dequantize,
-    "compress_delta": compress_delta,
-    "dequantize_reduce": dequantize_reduce,
-    "dequantize_reduce_requantize": dequantize_reduce_requantize,
-    "outer_nesterov_step": outer_nesterov_step,
-    "outer_nesterov_step_compressed": outer_nesterov_step_compressed,
-}
+#: op name -> implementation, for tests and tools that iterate over all ops (the names are
+#: those declared in localsgd_comm/_ops.py, so a new op cannot be missed here).
+OPS = {name: globals()[name] for name in _ops._SCHEMAS}
 
 __all__ = list(OPS) + ["OPS", "e4m3_encode", "e4m3_decode", "pack_int4", "unpack_int4", "decode_q",
                        "rand_bits", "seed_key"]

@@ -5,19 +5,14 @@ They run on CUDA tensors (selected with LOCALSGD_COMM_CUDA_IMPL=triton) and, und
 TRITON_INTERPRET=1 (set before this package is imported), on CPU tensors, which is how CI
 checks them without a GPU. Shared format arithmetic: _common.py.
 """
+from ... import _ops
 from .compress_delta import compress_delta
 from .outer import outer_nesterov_step, outer_nesterov_step_compressed
 from .quantize import dequantize, quantize
 from .reduce import dequantize_reduce, dequantize_reduce_requantize
 
-OPS = {
-    "quantize": quantize,
-    "dequantize": dequantize,
-    "compress_delta": compress_delta,
-    "dequantize_reduce": dequantize_reduce,
-    "dequantize_reduce_requantize": dequantize_reduce_requantize,
-    "outer_nesterov_step": outer_nesterov_step,
-    "outer_nesterov_step_compressed": outer_nesterov_step_compressed,
-}
+#: op name -> implementation, for tests and tools that iterate over all ops (the names are
+#: those declared in localsgd_comm/_ops.py, so a new op cannot be missed here).
+OPS = {name: globals()[name] for name in _ops._SCHEMAS}
 
 __all__ = ["OPS", *OPS]
