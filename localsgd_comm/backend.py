@@ -51,6 +51,15 @@ _FORMAT_CODES = {"none": 0, "int8": 1, "int4": 2, "fp8": 3}
 DEFAULT_THRESHOLD_BYTES = 64 * 1024
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable; unset or empty gives ``default``."""
+    env = os.environ.get(name)
+    try:
+        return int(env) if env else default
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer, got {env!r}") from None
+
+
 @dataclass
 class BackendOptions:
     """Options of the ``"localsgd"`` backend, passed as ``pg_options``.
@@ -81,19 +90,11 @@ class BackendOptions:
             raise ValueError(f"{where}: expected one of {FORMATS}, got {fmt!r}")
         block = self.block_size
         if block is None:
-            env = os.environ.get("LOCALSGD_COMM_BLOCK_SIZE")
-            try:
-                block = int(env) if env else DEFAULT_BLOCK_SIZE
-            except ValueError:
-                raise ValueError(f"LOCALSGD_COMM_BLOCK_SIZE: expected an integer, got {env!r}") from None
+            block = _env_int("LOCALSGD_COMM_BLOCK_SIZE", DEFAULT_BLOCK_SIZE)
         _ops.check_block_size(block)
         thr = self.threshold_bytes
         if thr is None:
-            env = os.environ.get("LOCALSGD_COMM_THRESHOLD_BYTES")
-            try:
-                thr = int(env) if env else DEFAULT_THRESHOLD_BYTES
-            except ValueError:
-                raise ValueError(f"LOCALSGD_COMM_THRESHOLD_BYTES: expected an integer, got {env!r}") from None
+            thr = _env_int("LOCALSGD_COMM_THRESHOLD_BYTES", DEFAULT_THRESHOLD_BYTES)
         if not isinstance(thr, int) or thr < 0:
             raise ValueError(f"threshold_bytes: expected an integer >= 0, got {thr!r}")
         if self.cuda_inner not in ("nccl", "gloo"):
