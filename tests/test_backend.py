@@ -117,6 +117,19 @@ def test_allreduce_matches_oracle_and_is_bitwise_identical(world_size):
             assert torch.equal(bits, res[r][key]), f"rank {r} differs from rank 0 for {key}"
 
 
+# Sizes whose records span several pieces of the pipelined CPU path (csrc/c10d: 64 KiB - 1 MiB
+# of payload per piece): p=2 int8 -> 8 pieces per record, p=3 int4 -> 3, the last piece short
+# and the last rank's chunk ending inside a piece and inside a block. The bits must still be
+# those of the whole-buffer reference pipeline.
+@pytest.mark.parametrize("world_size,fmts", [(2, ("int8", "fp8")), (3, ("int4",))])
+def test_pipelined_pieces_match_the_reference_pipeline(world_size, fmts):
+    n = 1_000_003
+    res = run_ranks(_w_oracle, world_size, fmts, (n,), (torch.float32,), backend="gloo", timeout=180)
+    for key, bits in res[0].items():
+        for r in range(1, world_size):
+            assert torch.equal(bits, res[r][key]), f"rank {r} differs from rank 0 for {key}"
+
+
 def _w_shapes_and_passthrough(rank, p):
     """Non-contiguous tensors, all_reduce_coalesced, and every pass-through collective (exact)."""
     opts = BackendOptions(format="int8", threshold_bytes=0)
@@ -299,7 +312,9 @@ def _w_compressed(rank, p, fmt, n, seed):
 
 
 @pytest.mark.parametrize("world_size,fmt,n,seed", [(2, "int4", 3001, None), (3, "int8", 129, None),
-                                                   (3, "fp8", 10007, 1234), (4, "int8", 5, None)])
+                                                   (3, "fp8", 10007, 1234), (4, "int8", 5, None),
+                                                   # several pipelined pieces per record
+                                                   (2, "int8", 1_000_003, 77), (3, "int4", 2_000_001, None)])
 def test_all_reduce_compressed_cpp_and_python_paths_identical(world_size, fmt, n, seed):
     res = run_ranks(_w_compressed, world_size, fmt, n, seed, timeout=60)
     for p, s in res[1:]:

@@ -26,7 +26,9 @@
 // dropping the gloo backends (gloo's threads may need the GIL while the main thread joins them).
 #include "localsgd_backend.h"
 
+#include <algorithm>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 
 #include <ATen/ATen.h>
@@ -125,52 +127,177 @@ void exchange_meta(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, co
 }
 
 
-// Data phases of the quantized all-reduce for CPU tensors: point-to-point pieces of at most
-// kPieceBytes, every piece posted before any wait. Measured on a 1 Gbit/s shaped link (2 ranks,
-// 8.25 MB each way): gloo's all_to_all with one large message per peer took 115-140 ms and its
-// all-gather 85-110 ms, because the two directions of the link barely overlapped; the same
-// bytes as 8 concurrently posted 1 MiB isend/irecv pieces took 72 ms, the wire time of one
-// direction. Tags sit in a range of their own per phase, far above what user send/recv use (those
-// pass through with the user's tags). The FIFO worker waits for every piece of a phase before
-// the next phase starts, so reusing the tags across calls cannot pair a piece with another call.
+// Data phases of the quantized all-reduce for CPU tensors, as point-to-point messages with
+// every receive posted up front.
+//
+// Why point-to-point: measured on a 1 Gbit/s shaped link (2 ranks, 8.25 MB each way), gloo's
+// all_to_all with one large message per peer took 115-140 ms and its all-gather 85-110 ms,
+// because the two directions of the link barely overlapped; the same bytes as concurrently
+// posted 1 MiB isend/irecv pieces took 72 ms, the wire time of one direction.
+//
+// Why pieces of blocks, pipelined: with whole phases (compress everything, exchange, reduce
+// everything, exchange, decompress everything) the ~35 ms of compression compute of a 64 MB
+// tensor (2 ranks, one thread) added to the wire time. Every record is therefore cut into pieces
+// of whole blocks; piece j of a record travels as two messages (its payload bytes, then its
+// scales), so the record layout (and the bytes) are those of the unpipelined algorithm:
+//   A  for each piece j: compress piece j of every peer's chunk and post its sends at once;
+//   B  for each piece j: wait for piece j of our chunk from every peer, reduce + requantize it,
+//      post its sends to every peer (they queue on the link behind phase A's);
+//   C  decompress our own reduced chunk, then every peer's pieces as they arrive.
+// Compute then runs while the link is busy with earlier pieces: only the first piece's compress
+// and the last piece's decompress are not hidden.
+//
+// Tags sit in a range of their own per phase (piece j: base + 2j for the payload, + 2j + 1 for
+// the scales), far above what user send/recv use (those pass through with the user's tags).
+// The FIFO worker waits for every message of a call before the next call starts, so reusing
+// the tags across calls cannot pair a message with another call.
 constexpr int kPhaseTag[2] = {0x40000000, 0x48000000};
-constexpr int64_t kPieceBytes = 1 << 20;
+constexpr int64_t kPieceBytes = 1 << 20;     // payload bytes per piece, at most ...
+constexpr int64_t kMinPieceBytes = 1 << 16;  // ... and at least (unless the record is smaller)
 
-// gather == false: all-to-all, `send` holds p records and record q goes to rank q.
-// gather == true: all-gather, `send` holds this rank's single record.
-// `recv` receives p records, record q from rank q (this rank's own is copied locally).
-void exchange_records(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, int64_t me, const at::Tensor& send,
-                      const at::Tensor& recv, int64_t R, bool gather) {
-  const int tag0 = kPhaseTag[gather ? 1 : 0];
-  recv.narrow(0, me * R, R).copy_(gather ? send.narrow(0, 0, R) : send.narrow(0, me * R, R));
-  std::vector<c10::intrusive_ptr<c10d::Work>> works;
-  for (int64_t i = 1; i < p; ++i) {
-    const int64_t to = (me + i) % p, from = (me + p - i) % p;
-    const at::Tensor src = gather ? send.narrow(0, 0, R) : send.narrow(0, to * R, R);
-    const at::Tensor dst = recv.narrow(0, from * R, R);
-    int k = 0;
-    for (int64_t off = 0; off < R; off += kPieceBytes, ++k) {
-      const int64_t len = std::min(kPieceBytes, R - off);
-      std::vector<at::Tensor> r{dst.narrow(0, off, len)}, s{src.narrow(0, off, len)};
-      works.push_back(inner->recv(r, static_cast<int>(from), tag0 + k));
-      works.push_back(inner->send(s, static_cast<int>(to), tag0 + k));
+struct Pieces {
+  int64_t blocks;  // blocks per piece (the last piece of a record may be short)
+  int64_t count;   // pieces per record
+};
+
+// About 8 pieces per record (so small records pipeline too), each 64 KiB - 1 MiB of payload.
+Pieces make_pieces(Format f, const Chunking& ch, int64_t block) {
+  const int64_t per_block = payload_bytes(f, block);
+  const int64_t target = std::clamp<int64_t>(ch.cap / 8, kMinPieceBytes, kPieceBytes);
+  const int64_t blocks = std::clamp<int64_t>(target / per_block, 1, ch.blocks_per_chunk);
+  return {blocks, (ch.blocks_per_chunk + blocks - 1) / blocks};
+}
+
+// Elements [e0, e0 + valid) of a chunk with nr elements that lie in blocks [b0, b1) of its record.
+struct PieceSpan {
+  int64_t e0, valid;
+  bool padded;  // the piece reaches past the chunk's end: its record bytes must be zeroed first
+};
+PieceSpan piece_span(int64_t b0, int64_t b1, int64_t block, int64_t nr) {
+  const int64_t e0 = b0 * block, full = (b1 - b0) * block;
+  const int64_t valid = std::clamp<int64_t>(nr - e0, 0, full);
+  return {e0, valid, valid < full};
+}
+
+// Posted inner works; any not waited for when this goes out of scope (an error on the way) are
+// aborted, best effort, so no receive is left writing into the reused workspace.
+class PostedWorks {
+ public:
+  size_t add(c10::intrusive_ptr<c10d::Work> w) {
+    works_.push_back(std::move(w));
+    return works_.size() - 1;
+  }
+  // Each wait is bounded by the inner group's timeout; the first failure propagates and the
+  // destructor aborts the rest: one timeout, not one per message.
+  void wait(size_t i) {
+    if (works_[i]) {
+      works_[i]->wait();
+      works_[i].reset();
     }
   }
-  // Each wait is bounded by the inner group's timeout. On the first failure the rest are
-  // aborted (best effort) and the error propagates: one timeout, not one per piece.
-  for (size_t i = 0; i < works.size(); ++i) {
-    try {
-      works[i]->wait();
-    } catch (...) {
-      for (size_t j = i + 1; j < works.size(); ++j) {
-        try {
-          works[j]->abort();
-        } catch (...) {
-        }
+  void wait_all() {
+    for (size_t i = 0; i < works_.size(); ++i) wait(i);
+  }
+  ~PostedWorks() {
+    for (auto& w : works_) {
+      if (!w) continue;
+      try {
+        w->abort();
+      } catch (...) {
       }
-      throw;
     }
   }
+
+ private:
+  std::vector<c10::intrusive_ptr<c10d::Work>> works_;
+};
+
+// produce(r, b0, b1, rec): write blocks [b0, b1) of chunk r (payload and scales, padding zeroed)
+//   into the record at rec.
+// reduce(b0, b1, recv, out): reduce blocks [b0, b1) of the p records at recv (stride R) into out.
+// consume(r, b0, b1, rec): read blocks [b0, b1) of rank r's reduced record at rec.
+using ProduceFn = std::function<void(int64_t, int64_t, int64_t, uint8_t*)>;
+using ReduceFn = std::function<void(int64_t, int64_t, const uint8_t*, uint8_t*)>;
+using ConsumeFn = std::function<void(int64_t, int64_t, int64_t, const uint8_t*)>;
+
+// The pipelined all-reduce of records for CPU tensors (phases A, B, C above). `ws` holds
+// (3 p + 1) R bytes: send records, received records, our reduced record, gathered records.
+void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, int64_t me, Format f,
+                             int64_t block, const Chunking& ch, const at::Tensor& ws, const ProduceFn& produce,
+                             const ReduceFn& reduce, const ConsumeFn& consume) {
+  const int64_t R = ch.record, c = ch.blocks_per_chunk;
+  const Pieces pc = make_pieces(f, ch, block);
+  const int64_t kSend = 0, kRecv = p * R, kMine = 2 * p * R, kGath = 2 * p * R + R;
+  uint8_t* base = ws.data_ptr<uint8_t>();
+  // message m (0 payload, 1 scales) of piece j: (offset in its record, length)
+  auto msg = [&](int64_t j, int m) -> std::pair<int64_t, int64_t> {
+    const int64_t b0 = j * pc.blocks, b1 = std::min(b0 + pc.blocks, c);
+    if (m == 0) return {payload_offset(f, b0 * block), payload_offset(f, (b1 - b0) * block)};
+    return {ch.cap + 4 * b0, 4 * (b1 - b0)};
+  };
+  PostedWorks works;
+  auto post = [&](bool send, int64_t off, int64_t len, int64_t peer, int tag) {
+    std::vector<at::Tensor> t{ws.narrow(0, off, len)};
+    return works.add(send ? inner->send(t, static_cast<int>(peer), tag) : inner->recv(t, static_cast<int>(peer), tag));
+  };
+  auto slot = [&](int64_t r, int64_t j, int m) { return static_cast<size_t>((r * pc.count + j) * 2 + m); };
+  std::vector<size_t> recv_a(static_cast<size_t>(p * pc.count * 2)), recv_b(recv_a.size());
+  for (int64_t i = 1; i < p; ++i) {
+    const int64_t from = (me + p - i) % p;
+    for (int64_t j = 0; j < pc.count; ++j) {
+      for (int m = 0; m < 2; ++m) {
+        const auto [off, len] = msg(j, m);
+        const int tag = static_cast<int>(2 * j + m);
+        recv_a[slot(from, j, m)] = post(false, kRecv + from * R + off, len, from, kPhaseTag[0] + tag);
+        recv_b[slot(from, j, m)] = post(false, kGath + from * R + off, len, from, kPhaseTag[1] + tag);
+      }
+    }
+  }
+  // A: compress piece by piece; our own chunk's pieces go straight to the receive area.
+  for (int64_t j = 0; j < pc.count; ++j) {
+    const int64_t b0 = j * pc.blocks, b1 = std::min(b0 + pc.blocks, c);
+    for (int64_t i = 1; i < p; ++i) {
+      const int64_t to = (me + i) % p;
+      produce(to, b0, b1, base + kSend + to * R);
+      for (int m = 0; m < 2; ++m) {
+        const auto [off, len] = msg(j, m);
+        post(true, kSend + to * R + off, len, to, kPhaseTag[0] + static_cast<int>(2 * j + m));
+      }
+    }
+    produce(me, b0, b1, base + kRecv + me * R);
+  }
+  // B: reduce each piece once every peer's copy of it is in, and send it on.
+  for (int64_t j = 0; j < pc.count; ++j) {
+    const int64_t b0 = j * pc.blocks, b1 = std::min(b0 + pc.blocks, c);
+    for (int64_t i = 1; i < p; ++i) {
+      const int64_t from = (me + p - i) % p;
+      works.wait(recv_a[slot(from, j, 0)]);
+      works.wait(recv_a[slot(from, j, 1)]);
+    }
+    reduce(b0, b1, base + kRecv, base + kMine);
+    for (int64_t i = 1; i < p; ++i) {
+      const int64_t to = (me + i) % p;
+      for (int m = 0; m < 2; ++m) {
+        const auto [off, len] = msg(j, m);
+        post(true, kMine + off, len, to, kPhaseTag[1] + static_cast<int>(2 * j + m));
+      }
+    }
+  }
+  // C: our own reduced chunk (while the link still carries phase B), then the peers' pieces.
+  for (int64_t j = 0; j < pc.count; ++j) {
+    const int64_t b0 = j * pc.blocks;
+    consume(me, b0, std::min(b0 + pc.blocks, c), base + kMine);
+  }
+  for (int64_t j = 0; j < pc.count; ++j) {
+    const int64_t b0 = j * pc.blocks, b1 = std::min(b0 + pc.blocks, c);
+    for (int64_t i = 1; i < p; ++i) {
+      const int64_t from = (me + p - i) % p;
+      works.wait(recv_b[slot(from, j, 0)]);
+      works.wait(recv_b[slot(from, j, 1)]);
+      consume(from, b0, b1, base + kGath + from * R);
+    }
+  }
+  works.wait_all();  // the sends
 }
 }  // namespace
 
@@ -427,7 +554,9 @@ at::Tensor LocalSGDBackend::scratch(int64_t nbytes, const at::TensorOptions& opt
 // Steps as in DESIGN.md: (1) quantize the local tensor per chunk, (2) all-to-all of the p
 // records, (3+4) fused dequantize + fp32 sum (+ 1/p) + requantize of the owned chunk, (5)
 // all-gather of the reduced records, (6) dequantize into the tensor. Two roundings per element;
-// every rank dequantizes the same bytes, so results are bitwise identical.
+// every rank dequantizes the same bytes, so results are bitwise identical. CPU tensors run the
+// steps pipelined piece by piece (pipelined_allreduce_cpu); the kernels are given the pieces'
+// global element offsets, so the bytes are those of whole-chunk calls.
 void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend>& inner, at::Tensor t,
                                           bool average, uint64_t call_id) {
   const int64_t p = getSize(), me = getRank(), n = t.numel(), B = block_;
@@ -441,105 +570,114 @@ void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend
   const int64_t R = ch.record, esize = x.element_size();
   auto bytes = at::TensorOptions().dtype(at::kByte).device(x.device());
   at::Tensor ws = scratch((3 * p + 1) * R, bytes);
-  at::Tensor send = ws.narrow(0, 0, p * R), recv = ws.narrow(0, p * R, p * R);
-  at::Tensor mine = ws.narrow(0, 2 * p * R, R), gathered = ws.narrow(0, 2 * p * R + R, p * R);
   RoundingMode rm;
   uint64_t call_seed = 0;
   if (seed_ >= 0) {
     rm.stochastic = true;
     call_seed = mix64(static_cast<uint64_t>(seed_), call_id);
   }
+  // Each rank draws its own random numbers for step (1) (seed mixed with the rank) so stochastic
+  // rounding errors average out across ranks; step (4) uses the call's seed.
+  RoundingMode rm_local = rm, rm_reduce = rm;
+  rm_local.seed = mix64(call_seed, static_cast<uint64_t>(me) + 1);
+  rm_reduce.seed = call_seed;
   const float factor = average ? 1.0f / static_cast<float>(p) : 1.0f;
-  const bool on_cuda = x.is_cuda();
 
-  // (1) quantize: chunk r into record r. Each rank draws its own random numbers (seed mixed
-  // with the rank) so stochastic rounding errors average out across ranks.
-  for (int64_t r = 0; r < p; ++r) {
-    const int64_t lo = ch.lo(r, n), hi = ch.hi(r, n), nr = hi - lo;
-    uint8_t* rec = send.data_ptr<uint8_t>() + r * R;
-    RoundingMode q = rm;
-    q.seed = mix64(call_seed, static_cast<uint64_t>(me) + 1);
-    q.index_offset = lo;
-    const char* src = static_cast<const char*>(x.const_data_ptr()) + lo * esize;
-    if (!on_cuda) {
-      if (nr < ch.elems) std::memset(rec, 0, R);  // padding: never send uninitialized memory
-      if (nr > 0) cpu::quantize(f, dt, src, nr, B, q, rec, reinterpret_cast<float*>(rec + ch.cap));
-    } else {
+  if (!x.is_cuda()) {
+    char* data = static_cast<char*>(x.data_ptr());
+    const int64_t my_lo = ch.lo(me, n), my_nr = ch.hi(me, n) - my_lo;
+    auto clear = [&](uint8_t* rec, int64_t b0, int64_t b1) {
+      std::memset(rec + payload_offset(f, b0 * B), 0, payload_offset(f, (b1 - b0) * B));
+      std::memset(rec + ch.cap + 4 * b0, 0, 4 * (b1 - b0));
+    };
+    ProduceFn produce = [&](int64_t r, int64_t b0, int64_t b1, uint8_t* rec) {
+      const int64_t lo = ch.lo(r, n);
+      const PieceSpan sp = piece_span(b0, b1, B, ch.hi(r, n) - lo);
+      if (sp.padded) clear(rec, b0, b1);  // never send uninitialized memory
+      if (sp.valid == 0) return;
+      RoundingMode q = rm_local;
+      q.index_offset = lo + sp.e0;
+      cpu::quantize(f, dt, data + (lo + sp.e0) * esize, sp.valid, B, q, rec + payload_offset(f, sp.e0),
+                    reinterpret_cast<float*>(rec + ch.cap) + b0);
+    };
+    ReduceFn reduce = [&](int64_t b0, int64_t b1, const uint8_t* in, uint8_t* out) {
+      const PieceSpan sp = piece_span(b0, b1, B, my_nr);
+      if (sp.padded) clear(out, b0, b1);
+      if (sp.valid == 0) return;
+      RoundingMode q = rm_reduce;
+      q.index_offset = my_lo + sp.e0;
+      cpu::dequantize_reduce(f, p, in + payload_offset(f, sp.e0), R, reinterpret_cast<const float*>(in + ch.cap) + b0,
+                             R / 4, sp.valid, B, factor, q, nullptr, out + payload_offset(f, sp.e0),
+                             reinterpret_cast<float*>(out + ch.cap) + b0);
+    };
+    ConsumeFn consume = [&](int64_t r, int64_t b0, int64_t b1, const uint8_t* rec) {
+      const int64_t lo = ch.lo(r, n);
+      const PieceSpan sp = piece_span(b0, b1, B, ch.hi(r, n) - lo);
+      if (sp.valid == 0) return;
+      cpu::dequantize(f, rec + payload_offset(f, sp.e0), reinterpret_cast<const float*>(rec + ch.cap) + b0, sp.valid,
+                      B, dt, data + (lo + sp.e0) * esize);
+    };
+    pipelined_allreduce_cpu(inner, p, me, f, B, ch, ws, produce, reduce, consume);
+  } else {
 #ifdef LOCALSGD_WITH_CUDA
-      auto stream = c10::cuda::getCurrentCUDAStream();
+    // CUDA tensors: whole phases on the caller's stream, data phases as inner collectives.
+    at::Tensor send = ws.narrow(0, 0, p * R), recv = ws.narrow(0, p * R, p * R);
+    at::Tensor mine = ws.narrow(0, 2 * p * R, R), gathered = ws.narrow(0, 2 * p * R + R, p * R);
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    auto check = [](const char* what) {
+      const char* err = cuda::last_error();
+      TORCH_CHECK(err[0] == '\0', "localsgd: CUDA ", what, " failed: ", err);
+    };
+    // (1) quantize: chunk r into record r.
+    for (int64_t r = 0; r < p; ++r) {
+      const int64_t lo = ch.lo(r, n), nr = ch.hi(r, n) - lo;
+      uint8_t* rec = send.data_ptr<uint8_t>() + r * R;
+      RoundingMode q = rm_local;
+      q.index_offset = lo;
+      const char* src = static_cast<const char*>(x.const_data_ptr()) + lo * esize;
       if (nr < ch.elems) C10_CUDA_CHECK(cudaMemsetAsync(rec, 0, R, stream.stream()));
       if (nr > 0) cuda::quantize(f, dt, src, nr, B, q, rec, reinterpret_cast<float*>(rec + ch.cap), stream.stream());
-      const char* err = cuda::last_error();
-      TORCH_CHECK(err[0] == '\0', "localsgd: CUDA quantize failed: ", err);
-#else
-      TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
-#endif
+      check("quantize");
     }
-  }
-  // (2) all-to-all: record r goes to rank r; we receive every rank's record of our chunk.
-  if (p > 1 && !on_cuda) {
-    exchange_records(inner, p, me, send, recv, R, /*gather=*/false);
-  } else if (p > 1) {
-    std::vector<int64_t> splits;  // empty: equal split
-    inner->alltoall_base(recv, send, splits, splits, c10d::AllToAllOptions())->wait();
-  } else {
-    recv.copy_(send);
-  }
-  // (3+4) fused dequantize + fp32 sum in rank order + requantize of the owned chunk.
-  {
-    const int64_t lo = ch.lo(me, n), nr = ch.hi(me, n) - lo;
-    const uint8_t* in = recv.const_data_ptr<uint8_t>();
-    uint8_t* out = mine.data_ptr<uint8_t>();
-    RoundingMode q = rm;
-    q.seed = call_seed;
-    q.index_offset = lo;
-    if (!on_cuda) {
-      if (nr < ch.elems) std::memset(out, 0, R);
-      if (nr > 0) {
-        cpu::dequantize_reduce(f, p, in, R, reinterpret_cast<const float*>(in + ch.cap), R / 4, nr, B, factor, q,
-                               nullptr, out, reinterpret_cast<float*>(out + ch.cap));
-      }
+    // (2) all-to-all: record r goes to rank r; we receive every rank's record of our chunk.
+    if (p > 1) {
+      std::vector<int64_t> splits;  // empty: equal split
+      inner->alltoall_base(recv, send, splits, splits, c10d::AllToAllOptions())->wait();
     } else {
-#ifdef LOCALSGD_WITH_CUDA
-      auto stream = c10::cuda::getCurrentCUDAStream();
+      recv.copy_(send);
+    }
+    // (3+4) fused dequantize + fp32 sum in rank order + requantize of the owned chunk.
+    {
+      const int64_t lo = ch.lo(me, n), nr = ch.hi(me, n) - lo;
+      const uint8_t* in = recv.const_data_ptr<uint8_t>();
+      uint8_t* out = mine.data_ptr<uint8_t>();
+      RoundingMode q = rm_reduce;
+      q.index_offset = lo;
       if (nr < ch.elems) C10_CUDA_CHECK(cudaMemsetAsync(out, 0, R, stream.stream()));
       if (nr > 0) {
         cuda::dequantize_reduce(f, p, in, R, reinterpret_cast<const float*>(in + ch.cap), R / 4, nr, B, factor, q,
                                 nullptr, out, reinterpret_cast<float*>(out + ch.cap), stream.stream());
       }
-      const char* err = cuda::last_error();
-      TORCH_CHECK(err[0] == '\0', "localsgd: CUDA dequantize_reduce failed: ", err);
-#else
-      TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
-#endif
+      check("dequantize_reduce");
     }
-  }
-  // (5) all-gather of the reduced records.
-  if (p > 1 && !on_cuda) {
-    exchange_records(inner, p, me, mine, gathered, R, /*gather=*/true);
-  } else if (p > 1) {
-    inner->_allgather_base(gathered, mine, c10d::AllgatherOptions())->wait();
-  } else {
-    gathered.copy_(mine);
-  }
-  // (6) dequantize every chunk into the tensor.
-  for (int64_t r = 0; r < p; ++r) {
-    const int64_t lo = ch.lo(r, n), nr = ch.hi(r, n) - lo;
-    if (nr == 0) continue;
-    const uint8_t* rec = gathered.const_data_ptr<uint8_t>() + r * R;
-    char* dst = static_cast<char*>(x.data_ptr()) + lo * esize;
-    if (!on_cuda) {
-      cpu::dequantize(f, rec, reinterpret_cast<const float*>(rec + ch.cap), nr, B, dt, dst);
+    // (5) all-gather of the reduced records.
+    if (p > 1) {
+      inner->_allgather_base(gathered, mine, c10d::AllgatherOptions())->wait();
     } else {
-#ifdef LOCALSGD_WITH_CUDA
-      cuda::dequantize(f, rec, reinterpret_cast<const float*>(rec + ch.cap), nr, B, dt, dst,
-                       c10::cuda::getCurrentCUDAStream().stream());
-      const char* err = cuda::last_error();
-      TORCH_CHECK(err[0] == '\0', "localsgd: CUDA dequantize failed: ", err);
-#else
-      TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
-#endif
+      gathered.copy_(mine);
     }
+    // (6) dequantize every chunk into the tensor.
+    for (int64_t r = 0; r < p; ++r) {
+      const int64_t lo = ch.lo(r, n), nr = ch.hi(r, n) - lo;
+      if (nr == 0) continue;
+      const uint8_t* rec = gathered.const_data_ptr<uint8_t>() + r * R;
+      char* dst = static_cast<char*>(x.data_ptr()) + lo * esize;
+      cuda::dequantize(f, rec, reinterpret_cast<const float*>(rec + ch.cap), nr, B, dt, dst, stream.stream());
+      check("dequantize");
+    }
+#else
+    TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
+#endif
   }
   if (!x.is_same(t)) t.copy_(x);
   std::lock_guard<std::mutex> lk(stats_mu_);
@@ -712,69 +850,98 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
       const Chunking ch = make_chunking(f, n, B, p);
       const int64_t R = ch.record;
       auto bytes = at::TensorOptions().dtype(at::kByte).device(payload.device());
-      // Records are assembled with tensor copies (device-agnostic); the reduction is the kernel.
       at::Tensor ws = scratch((3 * p + 1) * R, bytes);
-      at::Tensor send = ws.narrow(0, 0, p * R).view({p, R});
-      send.zero_();  // padding: never send uninitialized memory
-      at::Tensor sc_bytes = scales.view(at::kByte);
-      for (int64_t r = 0; r < p; ++r) {
-        const int64_t lo = ch.lo(r, n), nr = ch.hi(r, n) - lo;
-        if (nr == 0) continue;
-        const int64_t pb = payload_bytes(f, nr), nb = num_blocks(nr, B);
-        send[r].narrow(0, 0, pb).copy_(payload.narrow(0, payload_offset(f, lo), pb));
-        send[r].narrow(0, ch.cap, 4 * nb).copy_(sc_bytes.narrow(0, 4 * (lo / B), 4 * nb));
-      }
-      at::Tensor recv = ws.narrow(0, p * R, p * R).view({p, R});
-      if (p > 1 && payload.is_cpu()) {
-        exchange_records(inner, p, getRank(), send.view({-1}), recv.view({-1}), R, /*gather=*/false);
-      } else if (p > 1) {
-        std::vector<int64_t> splits;
-        at::Tensor s1 = send.view({-1}), r1 = recv.view({-1});
-        inner->alltoall_base(r1, s1, splits, splits, c10d::AllToAllOptions())->wait();
-      } else {
-        recv.copy_(send);
-      }
-      at::Tensor mine = ws.narrow(0, 2 * p * R, R);
-      mine.zero_();
-      const int64_t lo = ch.lo(me, n), nr = ch.hi(me, n) - lo;
+      const int64_t my_lo = ch.lo(me, n), my_nr = ch.hi(me, n) - my_lo;
       RoundingMode q;
       q.stochastic = seed >= 0;
       q.seed = seed >= 0 ? static_cast<uint64_t>(seed) : 0;
-      q.index_offset = lo;
       const float factor = average ? 1.0f / static_cast<float>(p) : 1.0f;
-      if (nr > 0) {
-        const uint8_t* in = recv.const_data_ptr<uint8_t>();
-        uint8_t* out = mine.data_ptr<uint8_t>();
-        if (payload.is_cpu()) {
-          cpu::dequantize_reduce(f, p, in, R, reinterpret_cast<const float*>(in + ch.cap), R / 4, nr, B, factor, q,
-                                 nullptr, out, reinterpret_cast<float*>(out + ch.cap));
-        } else {
+      if (payload.is_cpu()) {
+        uint8_t* pay = payload.data_ptr<uint8_t>();
+        uint8_t* sc = reinterpret_cast<uint8_t*>(scales.data_ptr<float>());
+        // Records are filled from and emptied into the caller's encoded tensor by byte copies.
+        ProduceFn produce = [&](int64_t r, int64_t b0, int64_t b1, uint8_t* rec) {
+          const int64_t lo = ch.lo(r, n);
+          const PieceSpan sp = piece_span(b0, b1, B, ch.hi(r, n) - lo);
+          if (sp.padded) {  // padding: never send uninitialized memory
+            std::memset(rec + payload_offset(f, b0 * B), 0, payload_offset(f, (b1 - b0) * B));
+            std::memset(rec + ch.cap + 4 * b0, 0, 4 * (b1 - b0));
+          }
+          if (sp.valid == 0) return;
+          std::memcpy(rec + payload_offset(f, sp.e0), pay + payload_offset(f, lo + sp.e0), payload_bytes(f, sp.valid));
+          std::memcpy(rec + ch.cap + 4 * b0, sc + 4 * ((lo + sp.e0) / B), 4 * num_blocks(sp.valid, B));
+        };
+        ReduceFn reduce = [&](int64_t b0, int64_t b1, const uint8_t* in, uint8_t* out) {
+          const PieceSpan sp = piece_span(b0, b1, B, my_nr);
+          if (sp.padded) {
+            std::memset(out + payload_offset(f, b0 * B), 0, payload_offset(f, (b1 - b0) * B));
+            std::memset(out + ch.cap + 4 * b0, 0, 4 * (b1 - b0));
+          }
+          if (sp.valid == 0) return;
+          RoundingMode qq = q;
+          qq.index_offset = my_lo + sp.e0;
+          cpu::dequantize_reduce(f, p, in + payload_offset(f, sp.e0), R,
+                                 reinterpret_cast<const float*>(in + ch.cap) + b0, R / 4, sp.valid, B, factor, qq,
+                                 nullptr, out + payload_offset(f, sp.e0), reinterpret_cast<float*>(out + ch.cap) + b0);
+        };
+        ConsumeFn consume = [&](int64_t r, int64_t b0, int64_t b1, const uint8_t* rec) {
+          const int64_t lo = ch.lo(r, n);
+          const PieceSpan sp = piece_span(b0, b1, B, ch.hi(r, n) - lo);
+          if (sp.valid == 0) return;
+          std::memcpy(pay + payload_offset(f, lo + sp.e0), rec + payload_offset(f, sp.e0), payload_bytes(f, sp.valid));
+          std::memcpy(sc + 4 * ((lo + sp.e0) / B), rec + ch.cap + 4 * b0, 4 * num_blocks(sp.valid, B));
+        };
+        pipelined_allreduce_cpu(inner, p, me, f, B, ch, ws, produce, reduce, consume);
+      } else {
 #ifdef LOCALSGD_WITH_CUDA
-          cuda::dequantize_reduce(f, p, in, R, reinterpret_cast<const float*>(in + ch.cap), R / 4, nr, B, factor, q,
+        // Records are assembled with tensor copies; the reduction is the kernel.
+        at::Tensor send = ws.narrow(0, 0, p * R).view({p, R});
+        send.zero_();  // padding: never send uninitialized memory
+        at::Tensor sc_bytes = scales.view(at::kByte);
+        for (int64_t r = 0; r < p; ++r) {
+          const int64_t lo = ch.lo(r, n), nr = ch.hi(r, n) - lo;
+          if (nr == 0) continue;
+          const int64_t pb = payload_bytes(f, nr), nb = num_blocks(nr, B);
+          send[r].narrow(0, 0, pb).copy_(payload.narrow(0, payload_offset(f, lo), pb));
+          send[r].narrow(0, ch.cap, 4 * nb).copy_(sc_bytes.narrow(0, 4 * (lo / B), 4 * nb));
+        }
+        at::Tensor recv = ws.narrow(0, p * R, p * R).view({p, R});
+        if (p > 1) {
+          std::vector<int64_t> splits;
+          at::Tensor s1 = send.view({-1}), r1 = recv.view({-1});
+          inner->alltoall_base(r1, s1, splits, splits, c10d::AllToAllOptions())->wait();
+        } else {
+          recv.copy_(send);
+        }
+        at::Tensor mine = ws.narrow(0, 2 * p * R, R);
+        mine.zero_();
+        q.index_offset = my_lo;
+        if (my_nr > 0) {
+          const uint8_t* in = recv.const_data_ptr<uint8_t>();
+          uint8_t* out = mine.data_ptr<uint8_t>();
+          cuda::dequantize_reduce(f, p, in, R, reinterpret_cast<const float*>(in + ch.cap), R / 4, my_nr, B, factor, q,
                                   nullptr, out, reinterpret_cast<float*>(out + ch.cap),
                                   c10::cuda::getCurrentCUDAStream().stream());
           const char* err = cuda::last_error();
           TORCH_CHECK(err[0] == '\0', "localsgd: CUDA dequantize_reduce failed: ", err);
-#else
-          TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
-#endif
         }
-      }
-      at::Tensor gathered = ws.narrow(0, 2 * p * R + R, p * R).view({p, R});
-      if (p > 1 && payload.is_cpu()) {
-        exchange_records(inner, p, getRank(), mine, gathered.view({-1}), R, /*gather=*/true);
-      } else if (p > 1) {
-        at::Tensor g1 = gathered.view({-1});
-        inner->_allgather_base(g1, mine, c10d::AllgatherOptions())->wait();
-      } else {
-        gathered[0].copy_(mine);
-      }
-      for (int64_t r = 0; r < p; ++r) {
-        const int64_t l = ch.lo(r, n), k = ch.hi(r, n) - l;
-        if (k == 0) continue;
-        const int64_t pb = payload_bytes(f, k), nb = num_blocks(k, B);
-        payload.narrow(0, payload_offset(f, l), pb).copy_(gathered[r].narrow(0, 0, pb));
-        sc_bytes.narrow(0, 4 * (l / B), 4 * nb).copy_(gathered[r].narrow(0, ch.cap, 4 * nb));
+        at::Tensor gathered = ws.narrow(0, 2 * p * R + R, p * R).view({p, R});
+        if (p > 1) {
+          at::Tensor g1 = gathered.view({-1});
+          inner->_allgather_base(g1, mine, c10d::AllgatherOptions())->wait();
+        } else {
+          gathered[0].copy_(mine);
+        }
+        for (int64_t r = 0; r < p; ++r) {
+          const int64_t l = ch.lo(r, n), k = ch.hi(r, n) - l;
+          if (k == 0) continue;
+          const int64_t pb = payload_bytes(f, k), nb = num_blocks(k, B);
+          payload.narrow(0, payload_offset(f, l), pb).copy_(gathered[r].narrow(0, 0, pb));
+          sc_bytes.narrow(0, 4 * (l / B), 4 * nb).copy_(gathered[r].narrow(0, ch.cap, 4 * nb));
+        }
+#else
+        TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
+#endif
       }
       {
         std::lock_guard<std::mutex> lk(stats_mu_);
