@@ -5,12 +5,13 @@ method), one 100 Mbit/s shaped-link check, and pure-function checks. Speed is ne
 the shaped-link test only checks that the shaping is in force (a rate within a wide band).
 """
 import json
+import math
 import os
 import subprocess
 
 import pytest
 
-from localsgd_comm.bench import cli, collectives, netns, time_to_loss
+from localsgd_comm.bench import cli, collectives, launch, netns, time_to_loss
 from localsgd_comm import functional
 
 NETNS_WHY = netns.availability()
@@ -51,6 +52,22 @@ def test_smooth_and_analyse():
     # common loss 3.0: DDP gets there at i = 5 (60 s), the flat run at i = 0 (10 s)
     assert rows["diloco-int8"]["common_loss"] == pytest.approx(3.0)
     assert rows["diloco-int8"]["speedup_at_common_loss"] == pytest.approx(6.0)
+
+
+def test_time_to_loss_ranks_train_with_the_configured_method():
+    # The driver's command lines: every config key passed on, the -2x run with twice the steps.
+    cfg = time_to_loss.config(quick=True)
+    args = time_to_loss.rank_args(cfg, "diloco-int4-2x", "veth0")
+    assert f"--steps={2 * cfg['steps']}" in args and f"--outer-momentum={cfg['outer_momentum']}" in args
+    assert f"--steps={cfg['steps']}" in time_to_loss.rank_args(cfg, "diloco-int4", "veth0")
+    # A rank of that run on loopback (2 workers, 6 steps, H=3): int4 syncs, a finite loss.
+    args = time_to_loss.rank_args(dict(cfg, steps=3, sync_every=3), "diloco-int4-2x", "")
+    r = launch.run_ranks(2, "localsgd_comm.bench.time_to_loss", args, timeout_s=120)
+    assert r["method"] == "diloco-int4-2x" and r["steps"] == 6 and r["world"] == 2
+    assert len(r["loss_mean"]) == 6 and all(math.isfinite(v) for v in r["loss_mean"])
+    st = r["diloco_stats"]
+    # int4 on the wire: about a quarter of a byte per parameter and sync, far below fp32's 4
+    assert st["syncs"] == 2 and 0 < st["bytes_sent"] < 2 * 0.6 * r["n_params"], st
 
 
 def test_cli_collectives_quick_loopback(tmp_path):

@@ -5,7 +5,16 @@ Methods (4 workers, one namespace each, the same model, data, inner optimizer an
 * ``ddp-gloo``       torch DDP over gloo, fp32 gradients all-reduced every step;
 * ``ddp-localsgd``   torch DDP over the ``localsgd`` backend (int8, compressed every step);
 * ``diloco-fp32`` / ``diloco-int8`` / ``diloco-int4``  ``localsgd_comm.DiLoCo`` over gloo,
-  ``sync_every`` H inner steps, outer Nesterov SGD (lr 0.7, momentum 0.9).
+  ``sync_every`` H inner steps, outer Nesterov SGD (lr 0.7, momentum ``outer_momentum``);
+* ``diloco-int4-2x``  the same as ``diloco-int4`` for twice the steps (twice DDP's tokens, its
+  own schedule over its own length): the question the target asks is when DiLoCo reaches DDP's
+  final loss, and at equal tokens it does not (fewer, noisier updates of a 4x smaller batch).
+
+The DiLoCo settings come from ``benchmarks/diloco_tuning.py`` (results in
+``benchmarks/results/diloco_tuning.md``): loss against steps does not depend on the link, so
+they were tuned on loopback. The DiLoCo paper's outer momentum 0.9 suits thousands of outer
+steps; with 12-24 outer steps its ~10-step memory overshoots, and 0.6 gave a lower loss at every
+H and length tried. DDP's lr was tuned on the same grid (2e-3 was best).
 
 Model and data are the main job's (``localsgd-train``): ``localsgd_comm.model.GPT`` (byte-level,
 size "tiny" = 2 layers, 4 heads, d_model 64, 0.13M parameters, tied head) and
@@ -30,7 +39,9 @@ import os
 import time
 from typing import List, Optional
 
-METHODS = ["ddp-gloo", "ddp-localsgd", "diloco-fp32", "diloco-int8", "diloco-int4"]
+METHODS = ["ddp-gloo", "ddp-localsgd", "diloco-fp32", "diloco-int8", "diloco-int4", "diloco-int4-2x"]
+# DiLoCo runs with this many times the steps (and tokens) of the others
+LONG_FACTOR = {"diloco-int4-2x": 2}
 
 
 # ------------------------------------------------------------------------------------------
@@ -71,9 +82,11 @@ def _worker(a) -> None:
     else:
         import localsgd_comm
         net = model
-        inner = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.95))
-        fmt = {"diloco-fp32": "none", "diloco-int8": "int8", "diloco-int4": "int4"}[m]
-        step_fn = localsgd_comm.DiLoCo(model, inner, sync_every=a.sync_every, compression=fmt)
+        inner = torch.optim.AdamW(model.parameters(), lr=a.inner_lr or a.lr, weight_decay=a.weight_decay,
+                                  betas=(0.9, 0.95))
+        fmt = {"fp32": "none", "int8": "int8", "int4": "int4"}[m.split("-")[1]]
+        step_fn = localsgd_comm.DiLoCo(model, inner, sync_every=a.sync_every, compression=fmt,
+                                       outer_lr=a.outer_lr, outer_momentum=a.outer_momentum)
     # The main job's schedule (AdamW betas 0.9/0.95, linear warm-up, cosine decay to 10%), for
     # every method: with a constant lr the final loss is set by gradient noise, which favours
     # DDP's 4x larger per-step batch and hides the effect of communication.
@@ -139,8 +152,8 @@ def config(quick: bool, steps: Optional[int] = None, sync_every: Optional[int] =
     compute ~45 ms/step/worker when 4 workers share 2 cores, fp32 gradient all-reduce
     ~0.5 MB -> ~0.6 s/step at 10 Mbit/s, so DDP is communication-bound on the slow links and
     compute-bound at 1 Gbit/s (the whole time-to-loss run measured 573 s, budget ~15 min)."""
-    c = dict(model="tiny", seq=64, batch=8, lr=2e-3, weight_decay=0.01, sync_every=20,
-             steps=240, ddp_format="int8", world=4)
+    c = dict(model="tiny", seq=64, batch=8, lr=2e-3, weight_decay=0.01, sync_every=20, outer_lr=0.7,
+             outer_momentum=0.6, steps=240, ddp_format="int8", world=4)
     if quick:
         c.update(steps=40, sync_every=10)
     if steps is not None:
@@ -148,6 +161,13 @@ def config(quick: bool, steps: Optional[int] = None, sync_every: Optional[int] =
     if sync_every is not None:
         c["sync_every"] = sync_every
     return c
+
+
+def rank_args(cfg: dict, method: str, ifname: str) -> List[str]:
+    """Command line of one rank of ``method`` (the -2x runs get LONG_FACTOR times the steps)."""
+    run_cfg = dict(cfg, steps=cfg["steps"] * LONG_FACTOR.get(method, 1))
+    return ["--worker", "--method", method, "--ifname", ifname] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in run_cfg.items() if k != "world"]
 
 
 NETS = [("1gbit", 1000), ("100mbit", 100), ("10mbit", 10)]
@@ -192,7 +212,7 @@ def analyse(runs: List[dict], window: int) -> List[dict]:
                 "net": net, "rate_mbit": r["rate_mbit"], "method": m, "final_loss": sl[-1],
                 "target_loss": target, "steps_to_target": None if hit is None else hit + 1,
                 "time_to_target_s": t_hit, "total_time_s": r["elapsed_s_max"][-1],
-                "mean_step_s": r["elapsed_s_max"][-1] / r["steps"],
+                "mean_step_s": r["elapsed_s_max"][-1] / r["steps"], "steps": r["steps"],
                 "tx_mb_per_rank_total": None if not b else b[-1] / 1e6,
                 "tx_mb_to_target": None if (not b or hit is None) else b[hit] / 1e6,
                 "speedup_to_ddp_final_loss": None if t_hit is None else t_base / t_hit,
@@ -235,8 +255,7 @@ def run_suite(out_dir: str, quick: bool = False, log=print, only_nets=None, meth
     for net_name, rate in nets:
         with ShapedNetwork(cfg["world"], rate) as net:
             for m in methods:
-                args = ["--worker", "--method", m, "--ifname", net.ifname] + [
-                    f"--{k.replace('_', '-')}={v}" for k, v in cfg.items() if k != "world"]
+                args = rank_args(cfg, m, net.ifname)
                 load0 = report.load_snapshot()
                 try:
                     r = run_ranks(cfg["world"], "localsgd_comm.bench.time_to_loss", args, net=net,
@@ -268,15 +287,17 @@ def markdown(out: dict) -> str:
     head = (f"Time to loss ({'quick' if out['quick'] else 'full'}): {c['world']} workers, "
             f"GPT '{c['model']}' ({out['runs'][0]['n_params'] if out['runs'] else '?'} params), "
             f"seq {c['seq']}, batch {c['batch']}/worker, "
-            f"{c['steps']} steps, H={c['sync_every']}, AdamW lr {c['lr']} wd {c['weight_decay']} cosine; "
+            f"{c['steps']} steps (diloco-int4-2x: {2 * c['steps']}), H={c['sync_every']}, "
+            f"outer Nesterov SGD lr {c.get('outer_lr', 0.7)} momentum {c.get('outer_momentum', 0.9)}, "
+            f"AdamW lr {c['lr']} wd {c['weight_decay']} cosine; "
             f"{e['machine']['cpu_model']}, {e['machine']['cores']} cores, torch {e['versions']['torch']}, "
             f"commit {str(e['git_commit'])[:10]}; loss = mean over ranks, moving average of "
             f"{out['smoothing_window']} steps\n\n")
-    rows = [(r["net"], r["method"], r["final_loss"], r["target_loss"], r["steps_to_target"],
+    rows = [(r["net"], r["method"], r.get("steps"), r["final_loss"], r["target_loss"], r["steps_to_target"],
              r["time_to_target_s"], r["total_time_s"], 1e3 * r["mean_step_s"], r["tx_mb_per_rank_total"],
              r["speedup_to_ddp_final_loss"] if r["speedup_to_ddp_final_loss"] else "not reached",
              r.get("common_loss"), r.get("speedup_at_common_loss")) for r in out["table"]]
-    return head + md_table(["link", "method", "final loss", "target (DDP final)", "steps to target",
+    return head + md_table(["link", "method", "steps", "final loss", "target (DDP final)", "steps to target",
                             "time to target s", "total s", "ms/step", "MB sent/rank", "speedup to DDP loss",
                             "common loss", "speedup at common loss"],
                            rows) + "\n"
@@ -360,6 +381,9 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--sync-every", type=int, default=20)
+    p.add_argument("--inner-lr", type=float, default=0.0, help="DiLoCo's inner AdamW lr (0: --lr)")
+    p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.6)
     p.add_argument("--steps", type=int, default=240)
     p.add_argument("--ddp-format", default="int8")
     p.add_argument("--timeout", type=float, default=1200.0)
