@@ -241,6 +241,17 @@ void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int
     return works.add(send ? inner->send(t, static_cast<int>(peer), tag) : inner->recv(t, static_cast<int>(peer), tag));
   };
   auto slot = [&](int64_t r, int64_t j, int m) { return static_cast<size_t>((r * pc.count + j) * 2 + m); };
+  // both messages of piece j: send them from the record at offset `rec` to `to`, or wait for them
+  auto send_piece = [&](int64_t rec, int64_t to, int64_t j, int tag_base) {
+    for (int m = 0; m < 2; ++m) {
+      const auto [off, len] = msg(j, m);
+      post(true, rec + off, len, to, tag_base + static_cast<int>(2 * j + m));
+    }
+  };
+  auto wait_piece = [&](const std::vector<size_t>& ids, int64_t from, int64_t j) {
+    works.wait(ids[slot(from, j, 0)]);
+    works.wait(ids[slot(from, j, 1)]);
+  };
   std::vector<size_t> recv_a(static_cast<size_t>(p * pc.count * 2)), recv_b(recv_a.size());
   for (int64_t i = 1; i < p; ++i) {
     const int64_t from = (me + p - i) % p;
@@ -259,29 +270,16 @@ void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int
     for (int64_t i = 1; i < p; ++i) {
       const int64_t to = (me + i) % p;
       produce(to, b0, b1, base + kSend + to * R);
-      for (int m = 0; m < 2; ++m) {
-        const auto [off, len] = msg(j, m);
-        post(true, kSend + to * R + off, len, to, kPhaseTag[0] + static_cast<int>(2 * j + m));
-      }
+      send_piece(kSend + to * R, to, j, kPhaseTag[0]);
     }
     produce(me, b0, b1, base + kRecv + me * R);
   }
   // B: reduce each piece once every peer's copy of it is in, and send it on.
   for (int64_t j = 0; j < pc.count; ++j) {
     const int64_t b0 = j * pc.blocks, b1 = std::min(b0 + pc.blocks, c);
-    for (int64_t i = 1; i < p; ++i) {
-      const int64_t from = (me + p - i) % p;
-      works.wait(recv_a[slot(from, j, 0)]);
-      works.wait(recv_a[slot(from, j, 1)]);
-    }
+    for (int64_t i = 1; i < p; ++i) wait_piece(recv_a, (me + p - i) % p, j);
     reduce(b0, b1, base + kRecv, base + kMine);
-    for (int64_t i = 1; i < p; ++i) {
-      const int64_t to = (me + i) % p;
-      for (int m = 0; m < 2; ++m) {
-        const auto [off, len] = msg(j, m);
-        post(true, kMine + off, len, to, kPhaseTag[1] + static_cast<int>(2 * j + m));
-      }
-    }
+    for (int64_t i = 1; i < p; ++i) send_piece(kMine, (me + i) % p, j, kPhaseTag[1]);
   }
   // C: our own reduced chunk (while the link still carries phase B), then the peers' pieces.
   for (int64_t j = 0; j < pc.count; ++j) {
@@ -292,8 +290,7 @@ void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int
     const int64_t b0 = j * pc.blocks, b1 = std::min(b0 + pc.blocks, c);
     for (int64_t i = 1; i < p; ++i) {
       const int64_t from = (me + p - i) % p;
-      works.wait(recv_b[slot(from, j, 0)]);
-      works.wait(recv_b[slot(from, j, 1)]);
+      wait_piece(recv_b, from, j);
       consume(from, b0, b1, base + kGath + from * R);
     }
   }
