@@ -28,7 +28,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from localsgd_comm.bench import report  # noqa: E402
-from localsgd_comm.bench.launch import run_ranks  # noqa: E402
+from localsgd_comm.bench.launch import RankFailure, run_ranks  # noqa: E402
 from localsgd_comm.bench.time_to_loss import smooth  # noqa: E402
 
 WINDOW = 20
@@ -86,8 +86,10 @@ def markdown(out: dict) -> str:
     rows = [(r["method"], r["steps"], r["lr"], r["sync_every"] or "-", r["outer_lr"] or "-",
              "-" if r["outer_momentum"] is None else r["outer_momentum"], r["loss_at_240"], r["final_loss"])
             for r in out["runs"]]
+    fails = "".join(f"\nFailed once and retried: {f['point']}: {f['error'].strip().splitlines()[-1]}\n"
+                    for f in out.get("failures", []))
     return head + report.md_table(["method", "steps", "inner lr", "H", "outer lr", "outer momentum",
-                                   "loss at step 240", "final loss"], rows) + "\n"
+                                   "loss at step 240", "final loss"], rows) + "\n" + fails
 
 
 def main(argv=None) -> None:
@@ -98,8 +100,16 @@ def main(argv=None) -> None:
     os.makedirs(a.out_dir, exist_ok=True)
     out = {"benchmark": "diloco_tuning", "environment": report.environment(), "window": WINDOW, "runs": []}
     name = "diloco_tuning_quick" if a.quick else "diloco_tuning"
+    out["failures"] = []
     for pt in (QUICK if a.quick else GRID):
-        r = run_point(*pt)
+        try:
+            r = run_point(*pt)
+        except RankFailure as exc:
+            # Recorded, then retried once: the loss of a point is deterministic, so a retry that
+            # succeeds gives the same numbers; a second failure stops the sweep.
+            out["failures"].append({"point": list(pt), "error": str(exc)[-3000:]})
+            print(f"FAILED {pt}, retrying once: {str(exc)[-500:]}", flush=True)
+            r = run_point(*pt)
         out["runs"].append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "curve_every_10"}), flush=True)
         report.write_json(os.path.join(a.out_dir, name + ".json"), out)  # partial results survive
