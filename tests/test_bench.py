@@ -54,6 +54,14 @@ def test_smooth_and_analyse():
     assert rows["diloco-int8"]["speedup_at_common_loss"] == pytest.approx(6.0)
 
 
+def test_default_output_directory_is_relative(tmp_path, monkeypatch):
+    # Logs and results record it: no path of the measuring machine may end up in them.
+    from localsgd_comm.bench import report
+    assert not os.path.isabs(report.default_out_dir())
+    monkeypatch.chdir(tmp_path)  # outside a checkout
+    assert report.default_out_dir() == "localsgd_bench_results"
+
+
 def test_time_to_loss_ranks_train_with_the_configured_method():
     # The driver's command lines: every config key passed on, the -2x run with twice the steps.
     cfg = time_to_loss.config(quick=True)

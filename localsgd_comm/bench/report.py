@@ -21,10 +21,12 @@ def repo_checkout() -> Optional[str]:
 
 
 def default_out_dir() -> str:
+    # Relative to the working directory: the path ends up in the logs and results, which must
+    # not carry the layout of the machine they were measured on.
     root = repo_checkout()
     if root is not None and os.path.abspath(os.getcwd()).startswith(root):
-        return os.path.join(root, "benchmarks", "results")
-    return os.path.join(os.getcwd(), "localsgd_bench_results")
+        return os.path.relpath(os.path.join(root, "benchmarks", "results"))
+    return "localsgd_bench_results"
 
 
 def _cmd(args: List[str], cwd: Optional[str] = None) -> Optional[str]:
