@@ -168,16 +168,14 @@ Pieces make_pieces(Format f, const Chunking& ch, int64_t block) {
   return {blocks, (ch.blocks_per_chunk + blocks - 1) / blocks};
 }
 
-// Elements [e0, e0 + valid) of a chunk with nr elements that lie in blocks [b0, b1) of its record.
-struct PieceSpan {
-  int64_t e0, valid;
-  bool padded;  // the piece reaches past the chunk's end: its record bytes must be zeroed first
+// The elements of one piece of a chunk's record: blocks from b0 on, elements [e0, e0 + valid)
+// of the chunk (e0 = b0 * block), i.e. [g0, g0 + valid) of the whole tensor. valid is 0 for a
+// piece wholly past the chunk's end; the callbacks below only ever see valid > 0. padded: the
+// piece's blocks reach past the chunk's end.
+struct Piece {
+  int64_t b0, e0, g0, valid;
+  bool padded;
 };
-PieceSpan piece_span(int64_t b0, int64_t b1, int64_t block, int64_t nr) {
-  const int64_t e0 = b0 * block, full = (b1 - b0) * block;
-  const int64_t valid = std::clamp<int64_t>(nr - e0, 0, full);
-  return {e0, valid, valid < full};
-}
 
 // Posted inner works; any not waited for when this goes out of scope (an error on the way) are
 // aborted, best effort, so no receive is left writing into the reused workspace.
@@ -212,19 +210,22 @@ class PostedWorks {
   std::vector<c10::intrusive_ptr<c10d::Work>> works_;
 };
 
-// produce(r, b0, b1, rec): write blocks [b0, b1) of chunk r (payload and scales, padding zeroed)
-//   into the record at rec.
-// reduce(b0, b1, recv, out): reduce blocks [b0, b1) of the p records at recv (stride R) into out.
-// consume(r, b0, b1, rec): read blocks [b0, b1) of rank r's reduced record at rec.
-using ProduceFn = std::function<void(int64_t, int64_t, int64_t, uint8_t*)>;
-using ReduceFn = std::function<void(int64_t, int64_t, const uint8_t*, uint8_t*)>;
-using ConsumeFn = std::function<void(int64_t, int64_t, int64_t, const uint8_t*)>;
+// produce(pc, rec): write the piece's elements of its chunk (payload and scales) into the record
+//   at rec.
+// reduce(pc, recv, out): reduce the piece of the p records at recv (stride R) into out.
+// consume(pc, rec): read the piece of a reduced record at rec.
+// Payload and scales of a piece sit at rec + payload_offset(f, pc.e0) and
+// reinterpret_cast<float*>(rec + ch.cap) + pc.b0. Padding is the pipeline's business.
+using ProduceFn = std::function<void(const Piece&, uint8_t*)>;
+using ReduceFn = std::function<void(const Piece&, const uint8_t*, uint8_t*)>;
+using ConsumeFn = std::function<void(const Piece&, const uint8_t*)>;
 
-// The pipelined all-reduce of records for CPU tensors (phases A, B, C above). `ws` holds
-// (3 p + 1) R bytes: send records, received records, our reduced record, gathered records.
+// The pipelined all-reduce of records for CPU tensors of n elements (phases A, B, C above).
+// `ws` holds (3 p + 1) R bytes: send records, received records, our reduced record, gathered
+// records. Record bytes past a chunk's end are zeroed here (never send uninitialized memory).
 void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, int64_t me, Format f,
-                             int64_t block, const Chunking& ch, const at::Tensor& ws, const ProduceFn& produce,
-                             const ReduceFn& reduce, const ConsumeFn& consume) {
+                             int64_t block, const Chunking& ch, int64_t n, const at::Tensor& ws,
+                             const ProduceFn& produce, const ReduceFn& reduce, const ConsumeFn& consume) {
   const int64_t R = ch.record, c = ch.blocks_per_chunk;
   const Pieces pc = make_pieces(f, ch, block);
   const int64_t kSend = 0, kRecv = p * R, kMine = 2 * p * R, kGath = 2 * p * R + R;
@@ -234,6 +235,21 @@ void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int
     const int64_t b0 = j * pc.blocks, b1 = std::min(b0 + pc.blocks, c);
     if (m == 0) return {payload_offset(f, b0 * block), payload_offset(f, (b1 - b0) * block)};
     return {ch.cap + 4 * b0, 4 * (b1 - b0)};
+  };
+  // piece j of rank r's chunk
+  auto piece = [&](int64_t r, int64_t j) {
+    const int64_t b0 = j * pc.blocks, e0 = b0 * block, lo = ch.lo(r, n);
+    const int64_t full = (std::min(b0 + pc.blocks, c) - b0) * block;
+    const int64_t valid = std::clamp<int64_t>(ch.hi(r, n) - lo - e0, 0, full);
+    return Piece{b0, e0, lo + e0, valid, valid < full};
+  };
+  // zero both messages of a padded piece j in the record at rec, before it is written
+  auto pad = [&](const Piece& x, int64_t j, uint8_t* rec) {
+    if (!x.padded) return;
+    for (int m = 0; m < 2; ++m) {
+      const auto [off, len] = msg(j, m);
+      std::memset(rec + off, 0, len);
+    }
   };
   PostedWorks works;
   auto post = [&](bool send, int64_t off, int64_t len, int64_t peer, int tag) {
@@ -264,34 +280,40 @@ void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int
       }
     }
   }
+  // writes piece j of rank r's chunk into the record at rec (padding zeroed)
+  auto fill = [&](int64_t r, int64_t j, uint8_t* rec) {
+    const Piece x = piece(r, j);
+    pad(x, j, rec);
+    if (x.valid > 0) produce(x, rec);
+  };
   // A: compress piece by piece; our own chunk's pieces go straight to the receive area.
   for (int64_t j = 0; j < pc.count; ++j) {
-    const int64_t b0 = j * pc.blocks, b1 = std::min(b0 + pc.blocks, c);
     for (int64_t i = 1; i < p; ++i) {
       const int64_t to = (me + i) % p;
-      produce(to, b0, b1, base + kSend + to * R);
+      fill(to, j, base + kSend + to * R);
       send_piece(kSend + to * R, to, j, kPhaseTag[0]);
     }
-    produce(me, b0, b1, base + kRecv + me * R);
+    fill(me, j, base + kRecv + me * R);
   }
   // B: reduce each piece once every peer's copy of it is in, and send it on.
   for (int64_t j = 0; j < pc.count; ++j) {
-    const int64_t b0 = j * pc.blocks, b1 = std::min(b0 + pc.blocks, c);
     for (int64_t i = 1; i < p; ++i) wait_piece(recv_a, (me + p - i) % p, j);
-    reduce(b0, b1, base + kRecv, base + kMine);
+    const Piece x = piece(me, j);
+    pad(x, j, base + kMine);
+    if (x.valid > 0) reduce(x, base + kRecv, base + kMine);
     for (int64_t i = 1; i < p; ++i) send_piece(kMine, (me + i) % p, j, kPhaseTag[1]);
   }
   // C: our own reduced chunk (while the link still carries phase B), then the peers' pieces.
+  auto drain = [&](int64_t r, int64_t j, const uint8_t* rec) {
+    const Piece x = piece(r, j);
+    if (x.valid > 0) consume(x, rec);
+  };
+  for (int64_t j = 0; j < pc.count; ++j) drain(me, j, base + kMine);
   for (int64_t j = 0; j < pc.count; ++j) {
-    const int64_t b0 = j * pc.blocks;
-    consume(me, b0, std::min(b0 + pc.blocks, c), base + kMine);
-  }
-  for (int64_t j = 0; j < pc.count; ++j) {
-    const int64_t b0 = j * pc.blocks, b1 = std::min(b0 + pc.blocks, c);
     for (int64_t i = 1; i < p; ++i) {
       const int64_t from = (me + p - i) % p;
       wait_piece(recv_b, from, j);
-      consume(from, b0, b1, base + kGath + from * R);
+      drain(from, j, base + kGath + from * R);
     }
   }
   works.wait_all();  // the sends
@@ -582,39 +604,24 @@ void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend
 
   if (!x.is_cuda()) {
     char* data = static_cast<char*>(x.data_ptr());
-    const int64_t my_lo = ch.lo(me, n), my_nr = ch.hi(me, n) - my_lo;
-    auto clear = [&](uint8_t* rec, int64_t b0, int64_t b1) {
-      std::memset(rec + payload_offset(f, b0 * B), 0, payload_offset(f, (b1 - b0) * B));
-      std::memset(rec + ch.cap + 4 * b0, 0, 4 * (b1 - b0));
-    };
-    ProduceFn produce = [&](int64_t r, int64_t b0, int64_t b1, uint8_t* rec) {
-      const int64_t lo = ch.lo(r, n);
-      const PieceSpan sp = piece_span(b0, b1, B, ch.hi(r, n) - lo);
-      if (sp.padded) clear(rec, b0, b1);  // never send uninitialized memory
-      if (sp.valid == 0) return;
+    ProduceFn produce = [&](const Piece& pc, uint8_t* rec) {
       RoundingMode q = rm_local;
-      q.index_offset = lo + sp.e0;
-      cpu::quantize(f, dt, data + (lo + sp.e0) * esize, sp.valid, B, q, rec + payload_offset(f, sp.e0),
-                    reinterpret_cast<float*>(rec + ch.cap) + b0);
+      q.index_offset = pc.g0;
+      cpu::quantize(f, dt, data + pc.g0 * esize, pc.valid, B, q, rec + payload_offset(f, pc.e0),
+                    reinterpret_cast<float*>(rec + ch.cap) + pc.b0);
     };
-    ReduceFn reduce = [&](int64_t b0, int64_t b1, const uint8_t* in, uint8_t* out) {
-      const PieceSpan sp = piece_span(b0, b1, B, my_nr);
-      if (sp.padded) clear(out, b0, b1);
-      if (sp.valid == 0) return;
+    ReduceFn reduce = [&](const Piece& pc, const uint8_t* in, uint8_t* out) {
       RoundingMode q = rm_reduce;
-      q.index_offset = my_lo + sp.e0;
-      cpu::dequantize_reduce(f, p, in + payload_offset(f, sp.e0), R, reinterpret_cast<const float*>(in + ch.cap) + b0,
-                             R / 4, sp.valid, B, factor, q, nullptr, out + payload_offset(f, sp.e0),
-                             reinterpret_cast<float*>(out + ch.cap) + b0);
+      q.index_offset = pc.g0;
+      cpu::dequantize_reduce(f, p, in + payload_offset(f, pc.e0), R,
+                             reinterpret_cast<const float*>(in + ch.cap) + pc.b0, R / 4, pc.valid, B, factor, q,
+                             nullptr, out + payload_offset(f, pc.e0), reinterpret_cast<float*>(out + ch.cap) + pc.b0);
     };
-    ConsumeFn consume = [&](int64_t r, int64_t b0, int64_t b1, const uint8_t* rec) {
-      const int64_t lo = ch.lo(r, n);
-      const PieceSpan sp = piece_span(b0, b1, B, ch.hi(r, n) - lo);
-      if (sp.valid == 0) return;
-      cpu::dequantize(f, rec + payload_offset(f, sp.e0), reinterpret_cast<const float*>(rec + ch.cap) + b0, sp.valid,
-                      B, dt, data + (lo + sp.e0) * esize);
+    ConsumeFn consume = [&](const Piece& pc, const uint8_t* rec) {
+      cpu::dequantize(f, rec + payload_offset(f, pc.e0), reinterpret_cast<const float*>(rec + ch.cap) + pc.b0,
+                      pc.valid, B, dt, data + pc.g0 * esize);
     };
-    pipelined_allreduce_cpu(inner, p, me, f, B, ch, ws, produce, reduce, consume);
+    pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, produce, reduce, consume);
   } else {
 #ifdef LOCALSGD_WITH_CUDA
     // CUDA tensors: whole phases on the caller's stream, data phases as inner collectives.
@@ -848,7 +855,6 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
       const int64_t R = ch.record;
       auto bytes = at::TensorOptions().dtype(at::kByte).device(payload.device());
       at::Tensor ws = scratch((3 * p + 1) * R, bytes);
-      const int64_t my_lo = ch.lo(me, n), my_nr = ch.hi(me, n) - my_lo;
       RoundingMode q;
       q.stochastic = seed >= 0;
       q.seed = seed >= 0 ? static_cast<uint64_t>(seed) : 0;
@@ -857,38 +863,22 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
         uint8_t* pay = payload.data_ptr<uint8_t>();
         uint8_t* sc = reinterpret_cast<uint8_t*>(scales.data_ptr<float>());
         // Records are filled from and emptied into the caller's encoded tensor by byte copies.
-        ProduceFn produce = [&](int64_t r, int64_t b0, int64_t b1, uint8_t* rec) {
-          const int64_t lo = ch.lo(r, n);
-          const PieceSpan sp = piece_span(b0, b1, B, ch.hi(r, n) - lo);
-          if (sp.padded) {  // padding: never send uninitialized memory
-            std::memset(rec + payload_offset(f, b0 * B), 0, payload_offset(f, (b1 - b0) * B));
-            std::memset(rec + ch.cap + 4 * b0, 0, 4 * (b1 - b0));
-          }
-          if (sp.valid == 0) return;
-          std::memcpy(rec + payload_offset(f, sp.e0), pay + payload_offset(f, lo + sp.e0), payload_bytes(f, sp.valid));
-          std::memcpy(rec + ch.cap + 4 * b0, sc + 4 * ((lo + sp.e0) / B), 4 * num_blocks(sp.valid, B));
+        ProduceFn produce = [&](const Piece& pc, uint8_t* rec) {
+          std::memcpy(rec + payload_offset(f, pc.e0), pay + payload_offset(f, pc.g0), payload_bytes(f, pc.valid));
+          std::memcpy(rec + ch.cap + 4 * pc.b0, sc + 4 * (pc.g0 / B), 4 * num_blocks(pc.valid, B));
         };
-        ReduceFn reduce = [&](int64_t b0, int64_t b1, const uint8_t* in, uint8_t* out) {
-          const PieceSpan sp = piece_span(b0, b1, B, my_nr);
-          if (sp.padded) {
-            std::memset(out + payload_offset(f, b0 * B), 0, payload_offset(f, (b1 - b0) * B));
-            std::memset(out + ch.cap + 4 * b0, 0, 4 * (b1 - b0));
-          }
-          if (sp.valid == 0) return;
+        ReduceFn reduce = [&](const Piece& pc, const uint8_t* in, uint8_t* out) {
           RoundingMode qq = q;
-          qq.index_offset = my_lo + sp.e0;
-          cpu::dequantize_reduce(f, p, in + payload_offset(f, sp.e0), R,
-                                 reinterpret_cast<const float*>(in + ch.cap) + b0, R / 4, sp.valid, B, factor, qq,
-                                 nullptr, out + payload_offset(f, sp.e0), reinterpret_cast<float*>(out + ch.cap) + b0);
+          qq.index_offset = pc.g0;
+          cpu::dequantize_reduce(f, p, in + payload_offset(f, pc.e0), R,
+                                 reinterpret_cast<const float*>(in + ch.cap) + pc.b0, R / 4, pc.valid, B, factor, qq,
+                                 nullptr, out + payload_offset(f, pc.e0), reinterpret_cast<float*>(out + ch.cap) + pc.b0);
         };
-        ConsumeFn consume = [&](int64_t r, int64_t b0, int64_t b1, const uint8_t* rec) {
-          const int64_t lo = ch.lo(r, n);
-          const PieceSpan sp = piece_span(b0, b1, B, ch.hi(r, n) - lo);
-          if (sp.valid == 0) return;
-          std::memcpy(pay + payload_offset(f, lo + sp.e0), rec + payload_offset(f, sp.e0), payload_bytes(f, sp.valid));
-          std::memcpy(sc + 4 * ((lo + sp.e0) / B), rec + ch.cap + 4 * b0, 4 * num_blocks(sp.valid, B));
+        ConsumeFn consume = [&](const Piece& pc, const uint8_t* rec) {
+          std::memcpy(pay + payload_offset(f, pc.g0), rec + payload_offset(f, pc.e0), payload_bytes(f, pc.valid));
+          std::memcpy(sc + 4 * (pc.g0 / B), rec + ch.cap + 4 * pc.b0, 4 * num_blocks(pc.valid, B));
         };
-        pipelined_allreduce_cpu(inner, p, me, f, B, ch, ws, produce, reduce, consume);
+        pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, produce, reduce, consume);
       } else {
 #ifdef LOCALSGD_WITH_CUDA
         // Records are assembled with tensor copies; the reduction is the kernel.
@@ -912,6 +902,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
         }
         at::Tensor mine = ws.narrow(0, 2 * p * R, R);
         mine.zero_();
+        const int64_t my_lo = ch.lo(me, n), my_nr = ch.hi(me, n) - my_lo;
         q.index_offset = my_lo;
         if (my_nr > 0) {
           const uint8_t* in = recv.const_data_ptr<uint8_t>();
