@@ -60,6 +60,12 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name}: expected an integer, got {env!r}") from None
 
 
+def _is_seed(seed) -> bool:
+    """A stochastic-rounding seed: an int in [0, 2**63). The C++ backend encodes "round to
+    nearest" as -1, so a negative seed would silently mean no stochastic rounding there."""
+    return isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63
+
+
 @dataclass
 class BackendOptions:
     """Options of the ``"localsgd"`` backend, passed as ``pg_options``.
@@ -99,10 +105,7 @@ class BackendOptions:
             raise ValueError(f"threshold_bytes: expected an integer >= 0, got {thr!r}")
         if self.cuda_inner not in ("nccl", "gloo"):
             raise ValueError(f"cuda_inner: expected 'nccl' or 'gloo', got {self.cuda_inner!r}")
-        # The C++ backend takes -1 for "round to nearest": a negative seed would silently mean
-        # no stochastic rounding there.
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
+        if self.seed is not None and not _is_seed(self.seed):
             raise ValueError(f"seed: expected None or an int in [0, 2**63), got {self.seed!r}")
         return replace(self, format=fmt, block_size=block, threshold_bytes=thr)
 
@@ -349,9 +352,9 @@ def all_reduce_compressed(payload: torch.Tensor, scales: torch.Tensor, numel: in
     """
     block = DEFAULT_BLOCK_SIZE if block_size is None else block_size
     _check_compressed_args(payload, scales, numel, fmt, block, op)
-    # The C++ path encodes "round to nearest" as -1: a negative seed there would round to nearest
-    # while the Python path rounds stochastically (different bytes for the same call).
-    torch._check(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63),
+    # A negative seed would round to nearest on the C++ path while the Python path rounds
+    # stochastically (different bytes for the same call).
+    torch._check(seed is None or _is_seed(seed),
                  lambda: f"seed must be None or an int in [0, 2**63), got {seed!r}")
     pg = group if group is not None else dist.group.WORLD
     backend = _localsgd_backend(pg, payload.device)
