@@ -212,20 +212,21 @@ class PostedWorks {
 
 // produce(pc, rec): write the piece's elements of its chunk (payload and scales) into the record
 //   at rec.
-// reduce(pc, recv, out): reduce the piece of the p records at recv (stride R) into out.
 // consume(pc, rec): read the piece of a reduced record at rec.
 // Payload and scales of a piece sit at rec + payload_offset(f, pc.e0) and
 // reinterpret_cast<float*>(rec + ch.cap) + pc.b0. Padding is the pipeline's business.
 using ProduceFn = std::function<void(const Piece&, uint8_t*)>;
-using ReduceFn = std::function<void(const Piece&, const uint8_t*, uint8_t*)>;
 using ConsumeFn = std::function<void(const Piece&, const uint8_t*)>;
 
 // The pipelined all-reduce of records for CPU tensors of n elements (phases A, B, C above).
-// `ws` holds (3 p + 1) R bytes: send records, received records, our reduced record, gathered
-// records. Record bytes past a chunk's end are zeroed here (never send uninitialized memory).
+// The reduce step (dequantize the p records, fp32 sum in rank order, times `factor`,
+// requantize with `rm`, whose index_offset is set per piece) is done here; the caller supplies
+// how records are filled and emptied. `ws` holds (3 p + 1) R bytes: send records, received
+// records, our reduced record, gathered records. Record bytes past a chunk's end are zeroed
+// here (never send uninitialized memory).
 void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, int64_t me, Format f,
-                             int64_t block, const Chunking& ch, int64_t n, const at::Tensor& ws,
-                             const ProduceFn& produce, const ReduceFn& reduce, const ConsumeFn& consume) {
+                             int64_t block, const Chunking& ch, int64_t n, const at::Tensor& ws, float factor,
+                             RoundingMode rm, const ProduceFn& produce, const ConsumeFn& consume) {
   const int64_t R = ch.record, c = ch.blocks_per_chunk;
   const Pieces pc = make_pieces(f, ch, block);
   const int64_t kSend = 0, kRecv = p * R, kMine = 2 * p * R, kGath = 2 * p * R + R;
@@ -299,8 +300,15 @@ void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int
   for (int64_t j = 0; j < pc.count; ++j) {
     for (int64_t i = 1; i < p; ++i) wait_piece(recv_a, (me + p - i) % p, j);
     const Piece x = piece(me, j);
-    pad(x, j, base + kMine);
-    if (x.valid > 0) reduce(x, base + kRecv, base + kMine);
+    uint8_t* out = base + kMine;
+    pad(x, j, out);
+    if (x.valid > 0) {
+      const uint8_t* in = base + kRecv;
+      rm.index_offset = x.g0;
+      cpu::dequantize_reduce(f, p, in + payload_offset(f, x.e0), R,
+                             reinterpret_cast<const float*>(in + ch.cap) + x.b0, R / 4, x.valid, block, factor, rm,
+                             nullptr, out + payload_offset(f, x.e0), reinterpret_cast<float*>(out + ch.cap) + x.b0);
+    }
     for (int64_t i = 1; i < p; ++i) send_piece(kMine, (me + i) % p, j, kPhaseTag[1]);
   }
   // C: our own reduced chunk (while the link still carries phase B), then the peers' pieces.
@@ -610,18 +618,11 @@ void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend
       cpu::quantize(f, dt, data + pc.g0 * esize, pc.valid, B, q, rec + payload_offset(f, pc.e0),
                     reinterpret_cast<float*>(rec + ch.cap) + pc.b0);
     };
-    ReduceFn reduce = [&](const Piece& pc, const uint8_t* in, uint8_t* out) {
-      RoundingMode q = rm_reduce;
-      q.index_offset = pc.g0;
-      cpu::dequantize_reduce(f, p, in + payload_offset(f, pc.e0), R,
-                             reinterpret_cast<const float*>(in + ch.cap) + pc.b0, R / 4, pc.valid, B, factor, q,
-                             nullptr, out + payload_offset(f, pc.e0), reinterpret_cast<float*>(out + ch.cap) + pc.b0);
-    };
     ConsumeFn consume = [&](const Piece& pc, const uint8_t* rec) {
       cpu::dequantize(f, rec + payload_offset(f, pc.e0), reinterpret_cast<const float*>(rec + ch.cap) + pc.b0,
                       pc.valid, B, dt, data + pc.g0 * esize);
     };
-    pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, produce, reduce, consume);
+    pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, factor, rm_reduce, produce, consume);
   } else {
 #ifdef LOCALSGD_WITH_CUDA
     // CUDA tensors: whole phases on the caller's stream, data phases as inner collectives.
@@ -867,18 +868,11 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
           std::memcpy(rec + payload_offset(f, pc.e0), pay + payload_offset(f, pc.g0), payload_bytes(f, pc.valid));
           std::memcpy(rec + ch.cap + 4 * pc.b0, sc + 4 * (pc.g0 / B), 4 * num_blocks(pc.valid, B));
         };
-        ReduceFn reduce = [&](const Piece& pc, const uint8_t* in, uint8_t* out) {
-          RoundingMode qq = q;
-          qq.index_offset = pc.g0;
-          cpu::dequantize_reduce(f, p, in + payload_offset(f, pc.e0), R,
-                                 reinterpret_cast<const float*>(in + ch.cap) + pc.b0, R / 4, pc.valid, B, factor, qq,
-                                 nullptr, out + payload_offset(f, pc.e0), reinterpret_cast<float*>(out + ch.cap) + pc.b0);
-        };
         ConsumeFn consume = [&](const Piece& pc, const uint8_t* rec) {
           std::memcpy(pay + payload_offset(f, pc.g0), rec + payload_offset(f, pc.e0), payload_bytes(f, pc.valid));
           std::memcpy(sc + 4 * (pc.g0 / B), rec + ch.cap + 4 * pc.b0, 4 * num_blocks(pc.valid, B));
         };
-        pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, produce, reduce, consume);
+        pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, factor, q, produce, consume);
       } else {
 #ifdef LOCALSGD_WITH_CUDA
         // Records are assembled with tensor copies; the reduction is the kernel.
