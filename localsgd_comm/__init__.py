@@ -19,7 +19,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from .backends import cuda as _cuda_impl  # noqa: E402  registers the CUDA kernels
 from . import functional  # noqa: E402
-from .backend import BackendOptions, all_reduce_compressed, get_backend_stats  # noqa: E402
+from .backend import (BackendOptions, all_reduce_compressed, ddp_bytes_per_rank, get_backend_stats,  # noqa: E402
+                      traffic_report)
 from .diloco import DiLoCo, HierarchicalGroups, new_hierarchical_groups  # noqa: E402
 
 __version__ = "0.1.0"
@@ -38,7 +39,9 @@ __all__ = [
     "HierarchicalGroups",
     "all_reduce_compressed",
     "cuda_implementation",
+    "ddp_bytes_per_rank",
     "functional",
     "get_backend_stats",
     "new_hierarchical_groups",
+    "traffic_report",
 ]

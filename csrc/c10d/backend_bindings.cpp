@@ -41,6 +41,11 @@ void init_c10d_bindings(pybind11::module& m) {
              py::dict reasons;
              for (const auto& [k, v] : s.passthrough_reasons) reasons[py::str(k)] = v;
              d["passthrough_reasons"] = reasons;
+             py::dict op_calls, op_bytes;
+             for (const auto& [k, v] : s.op_calls) op_calls[py::str(k)] = v;
+             for (const auto& [k, v] : s.op_bytes_sent) op_bytes[py::str(k)] = v;
+             d["op_calls"] = op_calls;
+             d["op_bytes_sent"] = op_bytes;
              return d;
            })
       .def("reset_stats", &LocalSGDBackend::reset_stats);

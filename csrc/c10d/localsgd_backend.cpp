@@ -557,6 +557,14 @@ void LocalSGDBackend::count_passthrough(const char* reason, int64_t bytes, bool 
   }
 }
 
+void LocalSGDBackend::count_op(const char* op, int64_t sent, int64_t received) {
+  std::lock_guard<std::mutex> lk(stats_mu_);
+  stats_.op_calls[op] += 1;
+  stats_.op_bytes_sent[op] += sent;
+  stats_.bytes_sent += sent;
+  stats_.bytes_received += received;
+}
+
 BackendStats LocalSGDBackend::stats() const {
   std::lock_guard<std::mutex> lk(stats_mu_);
   return stats_;
@@ -943,11 +951,48 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
 // ---- pass-through -----------------------------------------------------------------------------
 #define LSG_DEV(t) ((t).device().type())
 
+namespace {
+int64_t nbytes_of(const at::Tensor& t) { return t.numel() * t.element_size(); }
+int64_t nbytes_of(const std::vector<at::Tensor>& ts) {
+  int64_t n = 0;
+  for (const auto& t : ts) n += nbytes_of(t);
+  return n;
+}
+// Children of `rank` in a binomial broadcast tree rooted at `root` (gloo's broadcast): each one
+// receives the whole tensor from it.
+int64_t binomial_children(int64_t rank, int64_t root, int64_t p) {
+  const int64_t v = (rank - root + p) % p;
+  int64_t children = 0;
+  for (int64_t mask = 1; mask < p; mask <<= 1) {
+    if (v < mask && v + mask < p) ++children;
+  }
+  return children;
+}
+// Bytes of the rows of an all-to-all buffer that go to (or come from) other ranks.
+int64_t alltoall_bytes(const at::Tensor& t, const std::vector<int64_t>& splits, int64_t me, int64_t p) {
+  const int64_t total = nbytes_of(t);
+  if (splits.empty()) return p > 0 ? total - total / p : 0;
+  const int64_t rows = t.dim() > 0 ? t.size(0) : 0;
+  const int64_t row_bytes = rows > 0 ? total / rows : 0;
+  int64_t others = 0;
+  for (int64_t r = 0; r < static_cast<int64_t>(splits.size()); ++r) {
+    if (r != me) others += splits[r];
+  }
+  return others * row_bytes;
+}
+}  // namespace
+
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::broadcast(std::vector<at::Tensor>& tensors,
                                                           const c10d::BroadcastOptions& opts) {
   TORCH_CHECK(!tensors.empty(), "localsgd broadcast: expected at least one tensor");
   auto inner = inner_for(tensors[0]);
   std::vector<at::Tensor> ts = tensors;
+  const int64_t p = getSize(), me = getRank();
+  {
+    const int64_t n = nbytes_of(ts);
+    const int64_t root = opts.rootRank;
+    count_op("broadcast", n * binomial_children(me, root, p), me == root ? 0 : n);
+  }
   return passthrough(c10d::OpType::BROADCAST, ts, LSG_DEV(ts[0]),
                      [inner, ts, opts]() mutable { return inner->broadcast(ts, opts); });
 }
@@ -957,6 +1002,13 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce(std::vector<at::Tensor>& 
   TORCH_CHECK(!tensors.empty(), "localsgd reduce: expected at least one tensor");
   auto inner = inner_for(tensors[0]);
   std::vector<at::Tensor> ts = tensors;
+  const int64_t p = getSize(), me = getRank();
+  {
+    // reduce-scatter then gather to the root: (p-1)/p of the tensor out of every rank.
+    const int64_t n = nbytes_of(ts);
+    count_op("reduce", n - n / p, me == opts.rootRank ? n - n / p : 0);
+    (void)me;
+  }
   return passthrough(c10d::OpType::REDUCE, ts, LSG_DEV(ts[0]),
                      [inner, ts, opts]() mutable { return inner->reduce(ts, opts); });
 }
@@ -970,6 +1022,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather(std::vector<std::vecto
   auto ins = inputs;
   std::vector<at::Tensor> flat;
   for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
+  const int64_t p = getSize(), me = getRank();
+  (void)me;
+  count_op("allgather", (p - 1) * nbytes_of(ins), (p - 1) * nbytes_of(ins));
   return passthrough(c10d::OpType::ALLGATHER, flat, LSG_DEV(ins[0]),
                      [inner, outs, ins, opts]() mutable { return inner->allgather(outs, ins, opts); });
 }
@@ -978,6 +1033,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::_allgather_base(at::Tensor& outp
                                                                 const c10d::AllgatherOptions& opts) {
   auto inner = inner_for(input);
   at::Tensor o = output, i = input;
+  const int64_t p = getSize(), me = getRank();
+  (void)me;
+  count_op("allgather", (p - 1) * nbytes_of(i), (p - 1) * nbytes_of(i));
   return passthrough(c10d::OpType::_ALLGATHER_BASE, {o}, LSG_DEV(i),
                      [inner, o, i, opts]() mutable { return inner->_allgather_base(o, i, opts); });
 }
@@ -991,6 +1049,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather_coalesced(std::vector<
   auto ins = inputs;
   std::vector<at::Tensor> flat;
   for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
+  const int64_t p = getSize(), me = getRank();
+  (void)me;
+  count_op("allgather", (p - 1) * nbytes_of(ins), (p - 1) * nbytes_of(ins));
   return passthrough(c10d::OpType::ALLGATHER_COALESCED, flat, LSG_DEV(ins[0]),
                      [inner, outs, ins, opts]() mutable { return inner->allgather_coalesced(outs, ins, opts); });
 }
@@ -1002,6 +1063,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather_into_tensor_coalesced(
   auto inner = inner_for(inputs[0]);
   auto outs = outputs;
   auto ins = inputs;
+  const int64_t p = getSize(), me = getRank();
+  (void)me;
+  count_op("allgather", (p - 1) * nbytes_of(ins), (p - 1) * nbytes_of(ins));
   return passthrough(c10d::OpType::COALESCED, outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
     return inner->allgather_into_tensor_coalesced(outs, ins, opts);
   });
@@ -1016,6 +1080,12 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::gather(std::vector<std::vector<a
   auto ins = inputs;
   std::vector<at::Tensor> flat;
   for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
+  const int64_t p = getSize(), me = getRank();
+  {
+    const int64_t n = nbytes_of(ins);
+    const bool root = me == opts.rootRank;
+    count_op("gather", root ? 0 : n, root ? (p - 1) * n : 0);
+  }
   return passthrough(c10d::OpType::GATHER, flat, LSG_DEV(ins[0]),
                      [inner, outs, ins, opts]() mutable { return inner->gather(outs, ins, opts); });
 }
@@ -1027,6 +1097,12 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::scatter(std::vector<at::Tensor>&
   auto inner = inner_for(outputs[0]);
   auto outs = outputs;
   auto ins = inputs;
+  const int64_t p = getSize(), me = getRank();
+  {
+    const int64_t n = nbytes_of(outs);
+    const bool root = me == opts.rootRank;
+    count_op("scatter", root ? (p - 1) * n : 0, root ? 0 : n);
+  }
   return passthrough(c10d::OpType::SCATTER, outs, LSG_DEV(outs[0]),
                      [inner, outs, ins, opts]() mutable { return inner->scatter(outs, ins, opts); });
 }
@@ -1038,6 +1114,13 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce_scatter(std::vector<at::T
   auto inner = inner_for(outputs[0]);
   auto outs = outputs;
   auto ins = inputs;
+  const int64_t p = getSize(), me = getRank();
+  (void)me;
+  {
+    // gloo reduces the whole input with its all-reduce, then keeps this rank's part.
+    const int64_t n = [&] { int64_t k = 0; for (auto& v : ins) k += nbytes_of(v); return k; }();
+    count_op("reduce_scatter", 2 * (p - 1) * n / p, 2 * (p - 1) * n / p);
+  }
   return passthrough(c10d::OpType::REDUCE_SCATTER, outs, LSG_DEV(outs[0]),
                      [inner, outs, ins, opts]() mutable { return inner->reduce_scatter(outs, ins, opts); });
 }
@@ -1046,6 +1129,13 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::_reduce_scatter_base(at::Tensor&
                                                                      const c10d::ReduceScatterOptions& opts) {
   auto inner = inner_for(input);
   at::Tensor o = output, i = input;
+  const int64_t p = getSize(), me = getRank();
+  (void)me;
+  {
+    // gloo reduces the whole input with its all-reduce, then keeps this rank's part.
+    const int64_t n = nbytes_of(i);
+    count_op("reduce_scatter", 2 * (p - 1) * n / p, 2 * (p - 1) * n / p);
+  }
   return passthrough(c10d::OpType::_REDUCE_SCATTER_BASE, {o}, LSG_DEV(i),
                      [inner, o, i, opts]() mutable { return inner->_reduce_scatter_base(o, i, opts); });
 }
@@ -1056,6 +1146,13 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce_scatter_tensor_coalesced(
   auto inner = inner_for(inputs[0]);
   auto outs = outputs;
   auto ins = inputs;
+  const int64_t p = getSize(), me = getRank();
+  (void)me;
+  {
+    // gloo reduces the whole input with its all-reduce, then keeps this rank's part.
+    const int64_t n = nbytes_of(ins);
+    count_op("reduce_scatter", 2 * (p - 1) * n / p, 2 * (p - 1) * n / p);
+  }
   return passthrough(c10d::OpType::COALESCED, outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
     return inner->reduce_scatter_tensor_coalesced(outs, ins, opts);
   });
@@ -1068,6 +1165,8 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::alltoall_base(at::Tensor& output
   auto inner = inner_for(input);
   at::Tensor o = output, i = input;
   auto os = output_splits, is = input_splits;
+  const int64_t p = getSize(), me = getRank();
+  count_op("alltoall", alltoall_bytes(i, is, me, p), alltoall_bytes(o, os, me, p));
   return passthrough(c10d::OpType::ALLTOALL_BASE, {o}, LSG_DEV(i),
                      [inner, o, i, os, is, opts]() mutable { return inner->alltoall_base(o, i, os, is, opts); });
 }
@@ -1079,6 +1178,17 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::alltoall(std::vector<at::Tensor>
   auto inner = inner_for(inputs[0]);
   auto outs = outputs;
   auto ins = inputs;
+  const int64_t me = getRank();
+  {
+    int64_t sent = 0, received = 0;
+    for (int64_t r = 0; r < static_cast<int64_t>(ins.size()); ++r) {
+      if (r != me) sent += nbytes_of(ins[r]);
+    }
+    for (int64_t r = 0; r < static_cast<int64_t>(outs.size()); ++r) {
+      if (r != me) received += nbytes_of(outs[r]);
+    }
+    count_op("alltoall", sent, received);
+  }
   return passthrough(c10d::OpType::ALLTOALL, outs, LSG_DEV(ins[0]),
                      [inner, outs, ins, opts]() mutable { return inner->alltoall(outs, ins, opts); });
 }
@@ -1092,16 +1202,19 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::barrier(const c10d::BarrierOptio
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::send(std::vector<at::Tensor>& tensors, int dst, int tag) {
   TORCH_CHECK(!tensors.empty(), "localsgd send: expected a tensor");
+  count_op("send", nbytes_of(tensors), 0);
   return inner_for(tensors[0])->send(tensors, dst, tag);
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::recv(std::vector<at::Tensor>& tensors, int src, int tag) {
   TORCH_CHECK(!tensors.empty(), "localsgd recv: expected a tensor");
+  count_op("recv", 0, nbytes_of(tensors));
   return inner_for(tensors[0])->recv(tensors, src, tag);
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::recvAnysource(std::vector<at::Tensor>& tensors, int tag) {
   TORCH_CHECK(!tensors.empty(), "localsgd recvAnysource: expected a tensor");
+  count_op("recv", 0, nbytes_of(tensors));
   return inner_for(tensors[0])->recvAnysource(tensors, tag);
 }
 

@@ -61,6 +61,10 @@ struct BackendStats {
   int64_t compressed_calls = 0;
   int64_t passthrough_calls = 0;
   std::map<std::string, int64_t> passthrough_reasons;
+  // Every other pass-through collective (broadcast, all-gather, all-to-all, send, ...): calls
+  // and bytes this rank sends, by op name. Included in bytes_sent / bytes_received.
+  std::map<std::string, int64_t> op_calls;
+  std::map<std::string, int64_t> op_bytes_sent;
 };
 
 class LocalSGDBackend : public c10d::Backend {
@@ -152,6 +156,10 @@ class LocalSGDBackend : public c10d::Backend {
   void quantized_allreduce(const c10::intrusive_ptr<c10d::Backend>& inner, at::Tensor t,
                            bool average, uint64_t call_id);
   void count_passthrough(const char* reason, int64_t bytes, bool log);
+  // A pass-through collective other than all-reduce: what this rank sends and receives under
+  // the inner backend's algorithm (ring all-gather, binomial-tree broadcast, pairwise
+  // all-to-all; see count_op's callers), added to the byte counters.
+  void count_op(const char* op, int64_t sent, int64_t received);
   // Why an all-reduce of t with op cannot be compressed (nullptr: it can).
   const char* passthrough_reason(const at::Tensor& t, c10d::ReduceOp op) const;
 
