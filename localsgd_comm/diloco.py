@@ -29,10 +29,52 @@ What happens
   step needs the pseudo-gradient itself).
 * Replicas are bitwise identical after every sync: every rank dequantizes the same reduced
   bytes into the same anchor with the same fp32 arithmetic.
-* With a ``DistributedDataParallel`` model the per-step gradient all-reduce is switched off
-  (``require_backward_grad_sync = False``, what ``no_sync()`` sets; in torch 2.13 that also
-  skips the reducer's bucket preparation, and ``require_forward_param_sync = False`` stops
-  the per-forward buffer broadcast), so inner steps are purely local.
+* With a ``DistributedDataParallel`` model (also inside ``torch.compile``, before or after the
+  DDP wrapper) no gradient crosses the wire between syncs, whatever the script does with DDP:
+  see "DDP under DiLoCo" below.
+
+DDP under DiLoCo
+----------------
+Real scripts drive DDP themselves: gradient accumulation sets
+``model.require_backward_grad_sync = (micro_step == last)`` on every micro-step or enters
+``model.no_sync()``; so a flag set once at construction does not hold. DiLoCo makes local
+gradients a property of the wrapped DDP object instead:
+
+1. ``require_backward_grad_sync`` reads ``False`` for good (the object's class is swapped for a
+   subclass of its own class with that read-only property; what the script writes is recorded
+   and ignored). DDP then takes the path of ``no_sync()`` on every forward: no
+   ``prepare_for_backward``, no bucket copies, no unused-parameter map all-reduce with
+   ``find_unused_parameters``, no bucket rebuild broadcast, no per-forward buffer broadcast.
+   With ``static_graph=True`` the first iteration's delayed all-reduce is switched off too.
+2. A communication hook that completes locally with the local gradient (it sends nothing) is
+   registered, so that any path into DDP's reducer that bypasses the flag still sends nothing;
+   it counts its calls. A hook the script registered before is reported at construction (it
+   will not run); registering one afterwards raises.
+3. A tripwire: at every sync DiLoCo compares the bytes the group's "localsgd" backend counted
+   since the previous sync with what its own sync sent. Other traffic of at least a quarter of
+   one fp32 all-reduce of the model (a DDP wrapper DiLoCo was not given, the script's own
+   collectives) is reported once with its byte count (``RuntimeWarning``), and counted in
+   ``stats["foreign_bytes"]`` either way. Groups of other backends keep no counters; there the
+   hook's call count is the check.
+
+Parameters must stay where DiLoCo put them: they are views of its flat buffers. ``model.to(...)``
+with another dtype or device, ``.half()``, ``load_state_dict(..., assign=True)`` and the like
+after construction replace them; the next ``step()`` or sync raises a ``RuntimeError`` naming the
+parameter (move or cast the model before constructing DiLoCo).
+
+Training-script features
+------------------------
+* ``DiLoCo`` is a ``torch.optim.Optimizer``: ``torch.optim.lr_scheduler`` objects can be built on
+  it, and ``param_groups`` is the inner optimizer's list, so writing
+  ``opt.param_groups[i]["lr"]`` sets the inner learning rate.
+* ``torch.amp.GradScaler``: ``scaler.step(opt)`` hands DiLoCo the scale and the found-inf flag
+  (``_step_supports_amp_scaling``) instead of skipping the call. A rank whose gradients hold an
+  inf/NaN skips its inner update (as GradScaler does), but its step still counts, so every rank
+  syncs at the same step; ``scaler.unscale_(opt)`` and ``clip_grad_norm_`` work as usual.
+* Checkpoints: ``opt.state_dict()`` holds this rank's inner-optimizer state and local parameters
+  plus the shared anchor and momentum; loading on the same rank resumes bit for bit. Between
+  syncs ranks differ, so for an exact resume save one file per rank (a checkpoint saved on rank 0
+  only and loaded everywhere gives every rank rank 0's local state; a warning says so).
 
 Parameters of special kinds
 ---------------------------
@@ -97,6 +139,7 @@ import dataclasses
 import hashlib
 import math
 import warnings
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -167,6 +210,96 @@ def _derive_seed(seed: int, sync_index: int, rank: int) -> int:
     return int.from_bytes(h, "little") >> 2
 
 
+
+# ---- DDP under DiLoCo ---------------------------------------------------------------------------
+def _unwrap_compiled(m: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` wrappers (OptimizedModule keeps it as ``_orig_mod``)."""
+    while isinstance(m, nn.Module) and "_orig_mod" in m._modules and type(m).__name__ == "OptimizedModule":
+        m = m._modules["_orig_mod"]
+    return m
+
+
+def _find_ddp(model: nn.Module):
+    """``model`` itself, or the DDP module inside ``torch.compile(DDP(...))``; None otherwise."""
+    m = _unwrap_compiled(model)
+    return m if isinstance(m, nn.parallel.DistributedDataParallel) else None
+
+
+def _local_gradient_hook(state: Dict[str, int], bucket):
+    """DDP communication hook of DiLoCo: the bucket's gradient stays local (nothing is sent).
+
+    DDP hands custom hooks the local gradient sum undivided, so returning the bucket unchanged
+    leaves every parameter's own gradient in place."""
+    state["calls"] += 1
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def _refuse_comm_hook(self, *args, **kwargs):
+    raise RuntimeError(
+        "register_comm_hook: this DistributedDataParallel model is wrapped by localsgd_comm.DiLoCo, which keeps "
+        "gradients local between syncs (DDP sends nothing), so a communication hook would never run; "
+        "compression of the outer step is DiLoCo's compression= argument")
+
+
+_LOCAL_DDP_CLASSES: Dict[type, type] = {}
+
+
+def _local_ddp_class(cls: type) -> type:
+    """A subclass of ``cls`` (a DDP class) whose ``require_backward_grad_sync`` always reads False.
+
+    Scripts set the flag on every micro-step for gradient accumulation; as a class property it
+    cannot be overridden by them. What they write is kept in ``_localsgd_requested_sync``."""
+    if getattr(cls, "_localsgd_local_grads", False):
+        return cls
+    if cls not in _LOCAL_DDP_CLASSES:
+        def _get(self):
+            return False
+
+        def _set(self, value):
+            self.__dict__["_localsgd_requested_sync"] = bool(value)
+
+        ns = {
+            "require_backward_grad_sync": property(
+                _get, _set, doc="Always False under localsgd_comm.DiLoCo: gradients stay local between syncs."),
+            "register_comm_hook": _refuse_comm_hook,
+            "_register_builtin_comm_hook": _refuse_comm_hook,
+            "_localsgd_local_grads": True,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        }
+        _LOCAL_DDP_CLASSES[cls] = type(cls.__name__, (cls,), ns)
+    return _LOCAL_DDP_CLASSES[cls]
+
+
+def _make_ddp_local(ddp, hook_state: Dict[str, int]) -> None:
+    """Make a DDP module's gradients local for good (see "DDP under DiLoCo")."""
+    if getattr(type(ddp), "_localsgd_local_grads", False):
+        raise ValueError("model: this DistributedDataParallel model is already wrapped by another DiLoCo")
+    user_hooks = [getattr(h, "__qualname__", repr(h)) for h, _ in getattr(ddp, "_comm_hooks", [])]
+    if user_hooks:
+        warnings.warn(
+            f"DiLoCo: the DDP communication hook(s) {user_hooks} registered on this model will not run: DiLoCo keeps "
+            "gradients local between syncs (its outer step is compressed by compression=)", UserWarning, stacklevel=3)
+    else:
+        type(ddp).register_comm_hook(ddp, hook_state, _local_gradient_hook)
+    ddp.__dict__.pop("require_backward_grad_sync", None)
+    ddp.__class__ = _local_ddp_class(type(ddp))
+    ddp.require_forward_param_sync = False  # no per-forward buffer broadcast
+    if getattr(ddp, "static_graph", False):
+        # static_graph's first backward queues an all-reduce of every gradient (DDPSink), flag or not
+        ddp._static_graph_delay_allreduce_enqueued = True
+
+
+def _backend_bytes(group) -> Optional[int]:
+    """Bytes this rank sent on ``group`` as counted by its "localsgd" backend (None: not one)."""
+    if _backend._localsgd_backend(group, torch.device("cpu")) is None and (
+            not torch.cuda.is_available() or _backend._localsgd_backend(group, torch.device("cuda")) is None):
+        return None
+    return int(_backend.get_backend_stats(group)["bytes_sent"])
+
+
 class _Flat:
     """One flat parameter buffer (one device and dtype) and its DiLoCo state."""
 
@@ -192,6 +325,8 @@ class _Flat:
                 self.flat[off:off + n].copy_(p.data.reshape(-1))
             p.data = self.flat[off:off + n].view_as(p)
         self.params = params
+        # where each parameter's data must stay (checked every step: see DiLoCo._check_params)
+        self.ptrs = [p.data_ptr() for p in params]
         sd = self.device if state_device is None else torch.device(state_device)
         self.state_device = sd
         self.anchor = self.flat.detach().to(device=sd, dtype=torch.float32, copy=True)
@@ -249,7 +384,7 @@ class _Pending:
         self.works = []
 
 
-class DiLoCo:
+class DiLoCo(torch.optim.Optimizer):
     """DiLoCo (or plain local SGD) around an inner optimizer; see the module docstring.
 
     Args:
@@ -330,17 +465,18 @@ class DiLoCo:
         self._averaging = (self.outer_lr == 1.0 and self.outer_momentum == 0.0 and compression == "none"
                            and not self.overlap)
 
-        self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        module = model.module if self._ddp else model
-        if self._ddp:
+        ddp = _find_ddp(model)
+        self._ddp = ddp is not None
+        module = ddp.module if ddp is not None else _unwrap_compiled(model)
+        self._ddp_module = ddp if hierarchy is None else None
+        self._hook_state = {"calls": 0}
+        if ddp is not None:
             if hierarchy is None:
-                # Local inner steps: what no_sync() sets, permanently; plus no per-forward buffer broadcast.
-                model.require_backward_grad_sync = False
-                model.require_forward_param_sync = False
-            elif dist.get_world_size(model.process_group) != hierarchy.cluster_size:
+                _make_ddp_local(ddp, self._hook_state)  # see "DDP under DiLoCo"
+            elif dist.get_world_size(ddp.process_group) != hierarchy.cluster_size:
                 raise ValueError("hierarchical mode with DDP: expected DDP over hierarchy.intra (size "
                                  f"{hierarchy.cluster_size}), got a DDP group of size "
-                                 f"{dist.get_world_size(model.process_group)}")
+                                 f"{dist.get_world_size(ddp.process_group)}")
 
         # ---- parameters: deduplicated (tied weights), trainable ones synced ----
         seen, all_params = set(), []
@@ -378,28 +514,68 @@ class DiLoCo:
         mom = self.outer_momentum != 0.0
         align = self.block_size if self.compression != "none" else 1
         self._flats = [_Flat(ps, state_device, mom, self.error_feedback, align) for ps in keys.values()]
+        names = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), name)
+        self._param_names = [[names.get(id(p), f"<parameter {i}>") for i, p in enumerate(f.params)]
+                             for f in self._flats]
         if hierarchy is not None:
             self._setup_shards()
 
         self._local_step = 0   # inner steps taken
         self._sync_index = 0   # syncs started
         self._pending: Optional[_Pending] = None
-        self.stats = {"syncs": 0, "skipped_syncs": 0, "bytes_sent": 0, "intra_bytes_sent": 0}
+        self.stats = {"syncs": 0, "skipped_syncs": 0, "bytes_sent": 0, "intra_bytes_sent": 0, "foreign_bytes": 0,
+                      "ddp_hook_calls": 0}
+        # torch.optim.Optimizer's bookkeeping (its __init__ would build param groups of its own):
+        # lr schedulers and hook registration find what they expect.
+        self.defaults = inner_optimizer.defaults
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                     "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, name, OrderedDict())
+        # Tripwire (see "DDP under DiLoCo"): traffic on the watched groups between syncs.
+        groups = [self.group]
+        if ddp is not None and hierarchy is None and ddp.process_group is not self.group:
+            groups.append(ddp.process_group)
+        self._watched = [g for g in groups if _backend_bytes(g) is not None]
+        self._own_bytes_mark = 0
+        self._traffic_mark = self._watched_bytes()
+        self._tripwire_fired = False
+        # fp32 bytes of one all-reduce of the synced parameters: the scale of "gradient traffic"
+        self._fp32_ring_bytes = sum(self._wire_bytes_fp32(f.numel) for f in self._flats)
 
     # ------------------------------------------------------------------ public API
+    #: GradScaler.step(opt) calls step() with ``grad_scale``/``found_inf`` set instead of skipping
+    #: it on an inf, so the step count (hence the sync schedule) stays the same on every rank.
+    _step_supports_amp_scaling = True
+
     @property
     def param_groups(self):
         return self.inner_optimizer.param_groups
 
+    @param_groups.setter
+    def param_groups(self, value):
+        self.inner_optimizer.param_groups = value
+
     @property
     def state(self):
         return self.inner_optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.inner_optimizer.state = value
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        raise RuntimeError("DiLoCo.add_param_group: parameters are fixed at construction (they live in DiLoCo's "
+                           "flat buffers); build the inner optimizer with every parameter group first")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner_optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure=None):
         """One inner step; a sync every ``sync_every`` calls. Returns the closure's loss."""
+        self._check_params("step()")
         if self.hierarchy is not None and not self._ddp:
             if closure is not None:
                 # The closure computes the gradients inside inner_optimizer.step(): average them
@@ -412,7 +588,7 @@ class DiLoCo:
                     return loss
             else:
                 self._allreduce_grads_intra()
-        loss = self.inner_optimizer.step(closure) if closure is not None else self.inner_optimizer.step()
+        loss = self._inner_step(closure)
         self._local_step += 1
         if self._local_step % self.sync_every == 0:
             self.sync()
@@ -420,6 +596,13 @@ class DiLoCo:
 
     def sync(self) -> None:
         """Run one outer sync now (``step`` calls this every ``sync_every`` steps)."""
+        self._check_params("sync()")
+        if self._watched and self._pending is not None:
+            # Overlap mode: the previous sync's reduce must be counted before the tripwire reads the
+            # counters. Free on a "localsgd" group: its worker runs collectives in order, so the new
+            # reduce could not start before this one ends anyway.
+            self._pending.wait()
+        self._check_traffic()
         self._sync_index += 1
         if self.hierarchy is not None:
             self._sync_hierarchical()
@@ -457,6 +640,85 @@ class DiLoCo:
         return [f.packed(f.anchor) for f in self._flats]
 
     # ------------------------------------------------------------------ internals
+    def _inner_step(self, closure):
+        """The inner optimizer's step; under ``GradScaler.step`` (which set ``grad_scale`` and
+        ``found_inf`` on this object) it unscales and skips exactly as GradScaler would have."""
+        inner = self.inner_optimizer
+        found_inf = self.__dict__.get("found_inf")
+        if found_inf is None:
+            return inner.step(closure) if closure is not None else inner.step()
+        grad_scale = self.__dict__.get("grad_scale")  # None: the script already called scaler.unscale_(opt)
+        if getattr(inner, "_step_supports_amp_scaling", False):  # e.g. fused Adam: it unscales and skips itself
+            inner.grad_scale, inner.found_inf = grad_scale, found_inf
+            try:
+                return inner.step()
+            finally:
+                del inner.grad_scale, inner.found_inf
+        if float(found_inf.sum().item()) != 0.0:
+            return None  # inf/NaN in this rank's gradients: no inner update (the step still counts)
+        if grad_scale is not None:
+            # GradScaler.unscale_'s arithmetic (fp64 reciprocal rounded to fp32, one fused pass).
+            inv = grad_scale.double().reciprocal().float()
+            by_device: Dict[torch.device, List[torch.Tensor]] = {}
+            for g in inner.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        by_device.setdefault(p.grad.device, []).append(p.grad)
+            for dev, grads in by_device.items():
+                dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, dummy, inv.to(dev))
+        return inner.step()
+
+    def _check_params(self, where: str) -> None:
+        """Every trainable parameter must still be a view of its flat buffer."""
+        for f, names in zip(self._flats, self._param_names):
+            for p, ptr, name in zip(f.params, f.ptrs, names):
+                if p.data_ptr() != ptr or p.dtype != f.dtype or p.device != f.device:
+                    raise RuntimeError(
+                        f"DiLoCo.{where}: parameter {name!r} no longer lives in DiLoCo's buffer (it is now "
+                        f"{p.dtype} on {p.device}, DiLoCo holds it as {f.dtype} on {f.device}): the model was moved, "
+                        "cast or had its parameters replaced (model.to(...), .half(), load_state_dict(assign=True)) "
+                        "after DiLoCo was constructed, so syncs would no longer change it. Move or cast the model "
+                        "before constructing DiLoCo.")
+
+    def _watched_bytes(self) -> int:
+        return sum(_backend_bytes(g) or 0 for g in self._watched)
+
+    def _wire_bytes_fp32(self, numel: int) -> int:
+        p = self.sync_size
+        return 0 if p <= 1 else int(2 * (p - 1) * numel * 4 / p)
+
+    def _check_traffic(self) -> None:
+        """The tripwire: traffic between the previous sync and this one that DiLoCo did not send."""
+        calls = self._hook_state["calls"]
+        if calls:
+            self.stats["ddp_hook_calls"] += calls
+            self._hook_state["calls"] = 0
+        foreign = 0
+        if self._watched:
+            # The interval runs from the start of the previous sync: its own traffic is in both counts.
+            now = self._watched_bytes()
+            foreign = max((now - self._traffic_mark) - (self.stats["bytes_sent"] - self._own_bytes_mark), 0)
+            self._traffic_mark, self._own_bytes_mark = now, self.stats["bytes_sent"]
+            self.stats["foreign_bytes"] += foreign
+        if self._tripwire_fired:
+            return
+        if foreign >= max(self._fp32_ring_bytes // 4, 1 << 16):
+            self._tripwire_fired = True
+            warnings.warn(
+                f"DiLoCo: {foreign:,} bytes crossed the process group in the {self.sync_every} inner steps before sync "
+                f"{self._sync_index + 1}, besides DiLoCo's own syncs (one fp32 all-reduce of the model is "
+                f"{self._fp32_ring_bytes:,} bytes). Gradients are still being communicated: a DDP wrapper DiLoCo was "
+                "not given (pass the DDP-wrapped model itself, not model.module), or the script's own collectives. "
+                "Reported once; DiLoCo.stats['foreign_bytes'] keeps counting.", RuntimeWarning, stacklevel=3)
+        elif calls:
+            self._tripwire_fired = True
+            warnings.warn(
+                f"DiLoCo: DDP's reducer ran {calls} time(s) in the inner steps before sync {self._sync_index + 1} "
+                "although its gradient sync is switched off; DiLoCo's local communication hook kept the gradients "
+                "local (nothing was sent), at the cost of two gradient copies per call. Reported once.",
+                RuntimeWarning, stacklevel=3)
+
     def _seed(self) -> Optional[int]:
         if not self.stochastic_rounding:
             return None
@@ -518,8 +780,13 @@ class DiLoCo:
         """Exact fp32 SUM all-reduce of ``buf`` in place, identical bytes on every rank.
 
         On a "localsgd" group ``dist.all_reduce`` of a large float tensor is *quantized* (that is
-        the backend's job), so fp32 DiLoCo goes through reduce-scatter + all-gather there, which
-        the backend passes through untouched (same ring volume). Other groups use all_reduce.
+        the backend's job), so fp32 DiLoCo composes the sum from collectives the backend passes
+        through untouched: an all-to-all of the p chunks (the reduce-scatter half: each rank
+        receives every rank's copy of its own chunk, (p-1)/p of the tensor each way), a sum in
+        rank order on the chunk's owner, and an all-gather of the summed chunks. That is the ring
+        volume 2 (p-1)/p x 4 bytes per element (gloo's reduce_scatter would all-reduce the whole
+        tensor: 1.5x that at p = 2), and every rank receives the owner's bytes, so replicas stay
+        bitwise identical. Other groups use all_reduce.
         """
         if _backend._localsgd_backend(self.group, buf.device) is None:
             return dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
@@ -528,13 +795,17 @@ class DiLoCo:
         chunk = -(-n // p)
         padded = torch.zeros(chunk * p, dtype=buf.dtype, device=buf.device)
         padded[:n].copy_(buf)
-        mine = torch.empty(chunk, dtype=buf.dtype, device=buf.device)
+        received = torch.empty_like(padded)
         group = self.group
-        work = dist.reduce_scatter_tensor(mine, padded, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+        work = dist.all_to_all_single(received, padded, group=group, async_op=async_op)
 
         def finish():
             if work is not None:
                 work.wait()
+            parts = received.view(p, chunk)
+            mine = parts[0].clone()
+            for r in range(1, p):  # fixed order: the same bytes in every run
+                mine.add_(parts[r])
             _all_gather(padded, mine, group=group)
             buf.copy_(padded[:n])
 
@@ -686,6 +957,7 @@ class DiLoCo:
             "config": {"sync_every": self.sync_every, "compression": self.compression,
                        "block_size": self.block_size, "seed": self.seed, "overlap": self.overlap,
                        "numels": [f.numel for f in self._flats]},
+            "rank": self.rank,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -702,6 +974,13 @@ class DiLoCo:
             if have != got:
                 raise ValueError(f"load_state_dict: expected {k} buffers {have} ({what} as constructed), "
                                  f"got {got} in the state")
+        saved_rank = state.get("rank", self.rank)
+        if saved_rank != self.rank:
+            warnings.warn(
+                f"DiLoCo.load_state_dict: this state was saved on rank {saved_rank} and is loaded on rank {self.rank}: "
+                "anchor, momentum and counters are shared and resume exactly, but the local parameters and the inner "
+                f"optimizer state are rank {saved_rank}'s. For a bit-exact resume save one state per rank.",
+                UserWarning, stacklevel=2)
         self.inner_optimizer.load_state_dict(state["inner_optimizer"])
         with torch.no_grad():
             for i, f in enumerate(self._flats):
