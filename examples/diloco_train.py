@@ -42,6 +42,7 @@ def train():
         val = model(xv, yv).item()
     if rank == 0:
         print(f"diloco: validation loss {val:.4f}", flush=True)
+        print(localsgd_comm.traffic_report(model, STEPS), flush=True)
     dist.destroy_process_group()
 
 

@@ -314,12 +314,22 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def _ddp_bytes(r: dict) -> int:
+    """Exactly what plain DDP sends per rank for this run's steps: one fp32 ring all-reduce of
+    every gradient per step."""
+    from .backend import ddp_bytes_per_rank
+    return ddp_bytes_per_rank(r["params"], r["config"]["steps"], r["workers"])
+
+
 def summary_table(results: List[dict]) -> str:
     head = f"{'':22}" + "".join(f"{r['mode']:>18}" for r in results)
     rows = [
         ("validation loss", lambda r: f"{r['final_val_loss']:.4f}"),
         ("tokens", lambda r: f"{r['tokens']:,}"),
         ("bytes sent / rank", lambda r: _fmt_bytes(r["bytes_sent_per_rank"])),
+        ("plain DDP would send", lambda r: _fmt_bytes(_ddp_bytes(r))),
+        ("  ratio", lambda r: f"{_ddp_bytes(r) / max(r['bytes_sent_per_rank'], 1):.1f}x less"
+         if r["bytes_sent_per_rank"] < _ddp_bytes(r) else "1.0x"),
         ("wall time (train)", lambda r: f"{r['wall_s']:.1f} s"),
         ("syncs", lambda r: "-" if r["syncs"] is None else str(r["syncs"])),
     ]
