@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "(the extension is built for one torch version)."
     ) from exc
 
-from .backends import cuda as _cuda_impl  # noqa: E402  registers the CUDA kernels
+from .kernels import cuda as _cuda_impl  # noqa: E402  registers the CUDA kernels
 from . import functional  # noqa: E402
 from .backend import (BackendOptions, all_reduce_compressed, ddp_bytes_per_rank, get_backend_stats,  # noqa: E402
                       traffic_report)

@@ -4,9 +4,9 @@ This file is the single source of truth for the ops' signatures. Implementations
 per device elsewhere:
 
 * CPU: C++ (``csrc/bindings/ops_cpu.cpp``, ``TORCH_LIBRARY_IMPL(localsgd_comm, CPU, m)``).
-* CUDA: ``localsgd_comm/backends/cuda.py`` picks CUDA C++ or Triton
+* CUDA: ``localsgd_comm/kernels/cuda.py`` picks CUDA C++ or Triton
   (``LOCALSGD_COMM_CUDA_IMPL=native|triton``).
-* ``localsgd_comm/backends/reference/ops.py``: readable pure PyTorch, same signatures, used as
+* ``localsgd_comm/kernels/reference/ops.py``: readable pure PyTorch, same signatures, used as
   the oracle-checked reference by the tests (and callable directly).
 
 Formats are passed as strings ("int8", "int4", "fp8"); "none" never reaches an op (the

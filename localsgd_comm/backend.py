@@ -249,7 +249,7 @@ def _reduce_impl(device: torch.device):
     key = "CUDA" if device.type == "cuda" else "CPU"
     if torch._C._dispatch_has_kernel_for_dispatch_key("localsgd_comm::dequantize_reduce_requantize", key):
         return _ops.ops().dequantize_reduce_requantize, "op"
-    from .backends.reference import ops as ref
+    from .kernels.reference import ops as ref
     return ref.dequantize_reduce_requantize, "reference"
 
 

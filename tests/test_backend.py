@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import localsgd_comm
 from localsgd_comm import BackendOptions
-from localsgd_comm.backends.reference import ops as ref
+from localsgd_comm.kernels.reference import ops as ref
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _dist import RankError, run_ranks  # noqa: E402

@@ -69,11 +69,11 @@ def _compile_all() -> list[dict]:  # runs in the subprocess
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from localsgd_comm.backends.triton._common import LAUNCH_OPTS
+    from localsgd_comm.kernels.triton._common import LAUNCH_OPTS
 
     results = []
     for module, kernel, sig, consts, needs_div in _configs():
-        fn = getattr(importlib.import_module(f"localsgd_comm.backends.triton.{module}"), kernel)
+        fn = getattr(importlib.import_module(f"localsgd_comm.kernels.triton.{module}"), kernel)
         signature = dict(sig, **{k: "constexpr" for k in consts})
         src = ASTSource(fn=fn, signature=signature, constexprs=consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(LAUNCH_OPTS, num_warps=4))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import localsgd_comm
-from localsgd_comm.backends import cuda as cuda_impl
+from localsgd_comm.kernels import cuda as cuda_impl
 
 
 OPS = torch.ops.localsgd_comm  # CPU or CUDA kernels, by the tensors' device

@@ -7,7 +7,7 @@ import torch
 
 import localsgd_comm
 from localsgd_comm import functional as F
-from localsgd_comm.backends.reference import ops as R
+from localsgd_comm.kernels.reference import ops as R
 
 FORMATS = ("int8", "int4", "fp8")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

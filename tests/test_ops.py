@@ -2,7 +2,7 @@
 
 Implementations under test (``impl`` fixture): the C++ kernels through the dispatcher
 (``torch.ops.localsgd_comm.*`` on CPU tensors) and the pure-PyTorch reference
-(``localsgd_comm.backends.reference.ops``). Bounds come from csrc/include/localsgd/format.h
+(``localsgd_comm.kernels.reference.ops``). Bounds come from csrc/include/localsgd/format.h
 and are derived next to the helper that applies them; the implementations must also agree
 with each other byte for byte (round to nearest, and stochastic rounding with one seed).
 """
@@ -15,7 +15,7 @@ import torch
 
 import localsgd_comm  # noqa: F401  (declares the ops, loads the C++ kernels)
 from localsgd_comm import functional as F
-from localsgd_comm.backends.reference import ops as R
+from localsgd_comm.kernels.reference import ops as R
 
 FORMATS = ("int8", "int4", "fp8")
 QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
@@ -699,7 +699,7 @@ def test_non_contiguous_state_buffers(impl):
 # ---- the C++ baseline (non-AVX2) loops ----------------------------------------------------------
 _BASELINE_CHECK = r"""
 import torch, localsgd_comm
-from localsgd_comm.backends.reference import ops as R
+from localsgd_comm.kernels.reference import ops as R
 torch.set_num_threads(1)
 C = torch.ops.localsgd_comm
 g = torch.Generator().manual_seed(0)

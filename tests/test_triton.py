@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import localsgd_comm  # noqa: F401  (declares the ops, loads the CPU kernels)
-from localsgd_comm.backends import triton as T
+from localsgd_comm.kernels import triton as T
 
 CPU = torch.ops.localsgd_comm
 DEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"

@@ -1,5 +1,5 @@
 // pybind11 functions over the CUDA launchers (kernels_cuda.h), compiled only in CUDA builds
-// (LOCALSGD_WITH_CUDA). localsgd_comm/backends/cuda.py registers them as the ops' "cuda"
+// (LOCALSGD_WITH_CUDA). localsgd_comm/kernels/cuda.py registers them as the ops' "cuda"
 // kernels (or the Triton ones, by LOCALSGD_COMM_CUDA_IMPL). Arguments are those of the op
 // schemas (localsgd_comm/_ops.py).
 //

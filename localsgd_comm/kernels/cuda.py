@@ -4,7 +4,7 @@ Choice (made once, at the first CUDA call or :func:`active_implementation`, then
 
 * ``LOCALSGD_COMM_CUDA_IMPL=native``: the CUDA C++ kernels (``localsgd_comm._C.cuda_*``);
   an error if the extension was built without CUDA.
-* ``LOCALSGD_COMM_CUDA_IMPL=triton``: the Triton kernels (``localsgd_comm.backends.triton``);
+* ``LOCALSGD_COMM_CUDA_IMPL=triton``: the Triton kernels (``localsgd_comm.kernels.triton``);
   an error if triton cannot be imported.
 * unset: native when the extension has CUDA kernels, else Triton when triton is installed,
   else "none": every op on a CUDA tensor raises, naming the reason. Never a silent fallback.
