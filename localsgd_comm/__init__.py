@@ -27,7 +27,11 @@ __version__ = "0.1.0"
 
 
 def cuda_implementation() -> str:
-    """Which implementation serves the ops on CUDA tensors: "native", "triton" or "none"."""
+    """Which implementation serves the ops on CUDA tensors: "native" (CUDA C++), "triton", or
+    "none": no CUDA device is visible (e.g. a CPU build of torch), or no implementation is
+    available (the reason is logged). ``LOCALSGD_COMM_CUDA_IMPL`` chooses between the two."""
+    if not torch.cuda.is_available():
+        return "none"
     return _cuda_impl.active_implementation()
 
 

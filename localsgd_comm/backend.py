@@ -10,7 +10,7 @@
 
 The backend itself is C++ (``csrc/c10d/localsgd_backend.cpp``): it wraps inner backends created
 here (gloo on a PrefixStore for CPU tensors; NCCL, or gloo when ``cuda_inner="gloo"``, for CUDA
-tensors) and runs the quantized all-reduce of DESIGN.md for floating tensors of at least
+tensors) and runs the quantized all-reduce of docs/design.md for floating tensors of at least
 ``threshold_bytes`` with SUM/AVG; everything else passes through to the inner backend.
 
 Options, highest precedence first: a field set in :class:`BackendOptions` (``pg_options``), the

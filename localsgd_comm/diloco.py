@@ -725,7 +725,7 @@ class DiLoCo(torch.optim.Optimizer):
         return _derive_seed(self.seed, self._sync_index, self.rank)
 
     def _wire_bytes(self, numel: int, p: int) -> int:
-        # ring-optimal volume sent per rank: 2 (p-1)/p x encoded size (DESIGN: quantized all-reduce)
+        # ring-optimal volume sent per rank: 2 (p-1)/p x encoded size (docs/design.md: the quantized all-reduce)
         if p <= 1:
             return 0
         return int(2 * (p - 1) * F.compressed_nbytes(self.compression, numel, self.block_size) / p)

@@ -37,7 +37,7 @@ def _inputs(p, n, dtype, seed, scale_by_rank=True):
 
 
 def _expected_bytes(xs, fmt, block, average):
-    """The pipeline of DESIGN.md on the whole buffer with the reference ops. The backend cuts
+    """The pipeline of docs/design.md on the whole buffer with the reference ops. The backend cuts
     chunks on block boundaries and rounds to nearest, so it must reproduce these bits exactly."""
     p, n = len(xs), xs[0].numel()
     enc = [ref.quantize(x, fmt, block) for x in xs]
@@ -258,7 +258,7 @@ def _w_async(rank, p):
     fut = w.get_future()
     res = fut.wait()
     assert w.is_completed() and w.is_success()
-    w.wait()  # after get_future().wait(): must not deadlock (PLATFORM.md)
+    w.wait()  # after get_future().wait(): must not deadlock (docs/platform.md)
     assert res[0] is x or torch.equal(res[0], x)
     dist.all_reduce(y)
     assert torch.equal(x, y)

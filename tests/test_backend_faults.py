@@ -83,7 +83,7 @@ def _w_destroy_loop(rank, p, rounds):
 
 
 def test_destroy_process_group_never_hangs():
-    # 8 rounds x 2 ranks; a GIL/join deadlock at destroy shows up as a timeout here (PLATFORM.md
+    # 8 rounds x 2 ranks; a GIL/join deadlock at destroy shows up as a timeout here (docs/platform.md
     # measured ~10% per teardown without the fix, so 16 teardowns would almost surely hit it).
     assert run_ranks(_w_destroy_loop, 2, 8, timeout=90) == [8, 8]
 

@@ -38,7 +38,7 @@ def impl(request, monkeypatch):
         pytest.skip(f"{request.param} implementation not available in this build")
     monkeypatch.setenv(cuda_impl.ENV_VAR, request.param)
     cuda_impl._reset_for_tests()
-    assert localsgd_comm.cuda_implementation() == request.param
+    assert cuda_impl.active_implementation() == request.param
     yield request.param
     cuda_impl._reset_for_tests()
 
@@ -206,6 +206,7 @@ def test_choice_without_the_requested_implementation_is_a_clear_error(monkeypatc
     monkeypatch.setenv(cuda_impl.ENV_VAR, want)
     cuda_impl._reset_for_tests()
     try:
+        assert cuda_impl.active_implementation() == "none"
         assert localsgd_comm.cuda_implementation() == "none"
         with pytest.raises(RuntimeError, match="built without CUDA kernels"):
             cuda_impl._implementations()
@@ -223,3 +224,10 @@ def test_default_choice_is_logged_once(monkeypatch, caplog):
     assert first in ("native", "triton", "none")
     assert sum("localsgd_comm CUDA ops" in r.getMessage() for r in caplog.records) == 1
     cuda_impl._reset_for_tests()
+
+
+def test_cuda_implementation_is_none_without_a_cuda_device():
+    """No CUDA device, no CUDA implementation serving anything: "none", whatever is installed."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    assert localsgd_comm.cuda_implementation() == "none"

@@ -1,5 +1,7 @@
 // The localsgd_comm._C Python module. Importing it runs the TORCH_LIBRARY_IMPL registrations
-// of the CPU (and, in CUDA builds, CUDA) op kernels and binds the c10d backend.
+// of the CPU op kernels (csrc/bindings/ops_cpu.cpp), binds the CUDA launchers as plain functions
+// in CUDA builds (localsgd_comm/kernels/cuda.py registers them, or the Triton kernels, as the
+// ops' CUDA implementation) and binds the c10d backend.
 #include <torch/extension.h>
 
 namespace localsgd {

@@ -21,7 +21,7 @@
 // and queueing them behind a blocking all-reduce could deadlock send/recv pairs that plain gloo
 // allows.
 //
-// Deadlocks documented in PLATFORM.md: Works are completed from the worker / inner callbacks,
+// Deadlocks documented in docs/platform.md: Works are completed from the worker / inner callbacks,
 // never from wait(); the destructor and shutdown() release the GIL before joining the worker and
 // dropping the gloo backends (gloo's threads may need the GIL while the main thread joins them).
 #include "localsgd_backend.h"
@@ -586,7 +586,7 @@ at::Tensor LocalSGDBackend::scratch(int64_t nbytes, const at::TensorOptions& opt
 }
 
 // ---- the quantized all-reduce (runs on the worker) -----------------------------------------------
-// Steps as in DESIGN.md: (1) quantize the local tensor per chunk, (2) all-to-all of the p
+// Steps as in docs/design.md: (1) quantize the local tensor per chunk, (2) all-to-all of the p
 // records, (3+4) fused dequantize + fp32 sum (+ 1/p) + requantize of the owned chunk, (5)
 // all-gather of the reduced records, (6) dequantize into the tensor. Two roundings per element;
 // every rank dequantizes the same bytes, so results are bitwise identical. CPU tensors run the

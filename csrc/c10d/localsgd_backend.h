@@ -1,4 +1,4 @@
-// The "localsgd" c10d backend: a c10d::Backend that runs the quantized all-reduce of DESIGN.md
+// The "localsgd" c10d backend: a c10d::Backend that runs the quantized all-reduce of docs/design.md
 // (quantize -> all-to-all -> fused dequantize + fp32 sum + requantize -> all-gather ->
 // dequantize) on top of inner backends created in Python (gloo for CPU tensors; NCCL, or gloo,
 // for CUDA tensors) and passes every other collective through to them.
@@ -7,8 +7,10 @@
 //  - Every collective of the group runs on one FIFO worker thread (see "Ordering" below), so
 //    collectives of one group never overlap each other (gloo with 2 threads could overlap two).
 //  - send/recv/recvAnysource go straight to the inner backend (they carry user tags).
-//  - A Work's wait(timeout) blocks the CPU; for CUDA tensors the caller's stream is captured
-//    at enqueue time and the worker runs the kernels on it.
+//  - A Work's wait(timeout) blocks the CPU. For CUDA tensors, all_reduce and the pass-through
+//    collectives capture the calling thread's current stream at enqueue time and the worker
+//    runs on it; all_reduce_compressed does not capture one yet (its kernels run on the worker
+//    thread's current stream), and no CUDA path of this backend has run on a GPU so far.
 //  - all-reduce of a *list* of several tensors keeps gloo's legacy meaning (all list entries of
 //    all ranks are reduced together) and passes through; dist.all_reduce_coalesced (one result
 //    per tensor) is compressed tensor by tensor.

@@ -71,7 +71,7 @@ def availability() -> Optional[str]:
 
 
 def _burst_bytes(rate_mbit: float, loopback: bool = False) -> int:
-    # tbf needs burst >= rate/HZ; 64 KiB (what PLATFORM.md measured at 100 Mbit/s, 94% of the
+    # tbf needs burst >= rate/HZ; 64 KiB (what docs/platform.md records at 100 Mbit/s, 94% of the
     # rate reached) is too small for 1 Gbit/s (the bucket empties every 0.5 ms), so scale it
     # with the rate: ~4 ms worth of bytes, at least 64 KiB. On lo (MTU 65536) a packet larger
     # than the bucket can never be sent and the link stalls for good: at least 4 such packets.

@@ -1,7 +1,7 @@
 """Shared Triton device helpers: the wire format of csrc/include/localsgd/format.h, step by step.
 
 Every helper mirrors one function of format.h so that round-to-nearest bytes equal the C++ and
-CUDA kernels' bytes. Hazards handled here (each was observed, see PLATFORM.md):
+CUDA kernels' bytes. Hazards handled here (each was observed, see docs/platform.md):
 
 * Division: fp32 ``/`` may lower to an approximate division on NVIDIA; the format needs IEEE
   division, so every division is ``tl.math.div_rn`` (the interpreter maps it to numpy's IEEE
