@@ -1,6 +1,6 @@
-"""The main job: ``localsgd-train`` / ``python -m localsgd_comm.train``.
+"""Train a small byte-level GPT with DiLoCo on local CPU workers and compare its traffic with DDP's.
 
-With no arguments it spawns 2 local CPU workers over the ``"localsgd"`` backend and trains a
+The main job (``localsgd-train``, also ``python -m localsgd_comm.train``). With no arguments it spawns 2 local CPU workers over the ``"localsgd"`` backend and trains a
 small byte-level GPT (:mod:`localsgd_comm.model`) with DiLoCo on an embedded corpus
 (:mod:`localsgd_comm.data`), shows a progress bar, prints a summary and writes
 ``metrics.json`` and ``loss.png`` to ``--out`` (default ``./localsgd_runs/<timestamp>``).
@@ -33,8 +33,10 @@ import json
 import math
 import os
 import queue
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from typing import Dict, List, Optional
@@ -103,12 +105,33 @@ class TrainConfig:
             (self.device in ("cpu", "cuda"), f"device: expected 'cpu' or 'cuda', got {self.device!r}"),
             (self.rank_env is None or len(self.rank_env) == self.workers,
              f"rank_env: expected one dict per worker ({self.workers}), got {None if self.rank_env is None else len(self.rank_env)}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr: expected a finite number > 0, got {self.lr}"),
+            (math.isfinite(self.outer_lr) and self.outer_lr > 0, f"outer_lr: expected a finite number > 0, got {self.outer_lr}"),
+            (0.0 <= self.outer_momentum < 1.0, f"outer_momentum: expected a number in [0, 1), got {self.outer_momentum}"),
+            (not (self.error_feedback and self.compression == "none"),
+             "error_feedback: expected a quantizing compression (int8, int4 or fp8), got compression 'none'"),
+            (self.eval_every >= 1, f"eval_every: expected >= 1, got {self.eval_every}"),
+            (self.seed >= 0, f"seed: expected >= 0, got {self.seed}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
         if self.data is not None and not os.path.isfile(self.data):
             raise ValueError(f"data: expected a readable file, got {self.data!r}")
+        if self.device == "cuda":
+            if torch.version.cuda is None:
+                raise ValueError(f"device: 'cuda' needs a CUDA build of torch; torch {torch.__version__} is a CPU "
+                                 "build (use device 'cpu')")
+            if not torch.cuda.is_available():
+                raise ValueError(f"device: 'cuda' but no CUDA device is visible (torch {torch.__version__}, "
+                                 "CUDA_VISIBLE_DEVICES={!r})".format(os.environ.get("CUDA_VISIBLE_DEVICES")))
+        if self.backend == "nccl":
+            if not dist.is_nccl_available():
+                raise ValueError(f"backend: 'nccl' is not available in torch {torch.__version__} "
+                                 f"({'a CPU build' if torch.version.cuda is None else 'built without NCCL'}); "
+                                 "use backend 'localsgd' or 'gloo'")
+            if self.device != "cuda":
+                raise ValueError("backend: 'nccl' carries CUDA tensors only; use device 'cuda' or backend 'localsgd'")
 
 
 # ---------------------------------------------------------------------------------------- worker
@@ -272,9 +295,18 @@ def run_modes(cfg: TrainConfig, modes: List[str]) -> List[dict]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_spawn_entry, args=(cfg, modes, r, port, q), daemon=True) for r in range(cfg.workers)]
-    for p in procs:
-        p.start()
+    # The workers ignore SIGINT (an ignored signal stays ignored across exec): Ctrl-C in a
+    # terminal reaches the whole process group, and this process alone answers it, by stopping
+    # the workers, instead of every worker printing its own KeyboardInterrupt traceback.
+    old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() else None
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if old_sigint is not None:
+            signal.signal(signal.SIGINT, old_sigint)
     results, deadline = {}, time.monotonic() + cfg.timeout_s
+    interrupted = False
     try:
         while len(results) < cfg.workers:
             try:
@@ -291,9 +323,12 @@ def run_modes(cfg: TrainConfig, modes: List[str]) -> List[dict]:
             if not ok:
                 raise RuntimeError(f"training worker {rank} failed:\n{payload}")
             results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=0 if interrupted else 10)
             if p.is_alive():
                 p.kill()
                 p.join()
@@ -339,6 +374,16 @@ def summary_table(results: List[dict]) -> str:
     return "\n".join(lines)
 
 
+_COLORS = {"diloco": "tab:blue", "ddp": "tab:orange", "ddp-localsgd": "tab:green"}
+
+
+def _describe(r: dict) -> str:
+    c = r["config"]
+    if r["mode"] == "diloco":
+        return f"DiLoCo {c['compression']}, H={c['sync_every']}"
+    return "DDP fp32 (gloo)" if r["mode"] == "ddp" else "DDP over localsgd (compressed gradients)"
+
+
 def write_outputs(results: List[dict], out_dir: str) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     jpath = os.path.join(out_dir, "metrics.json")
@@ -347,23 +392,33 @@ def write_outputs(results: List[dict], out_dir: str) -> Dict[str, str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     for r in results:
         recs = r["records"]
         ev = [x for x in recs if "val_loss" in x]
-        lab = f"{r['mode']}"
-        axes[0].plot([x["step"] for x in recs], [x["loss"] for x in recs], alpha=0.4, label=f"{lab} train")
-        axes[0].plot([x["step"] for x in ev], [x["val_loss"] for x in ev], "o-", label=f"{lab} val")
-        axes[1].plot([x["wall_s"] for x in ev], [x["val_loss"] for x in ev], "o-", label=lab)
-        axes[2].plot([max(x["bytes_sent"], 1) / 2**20 for x in ev], [x["val_loss"] for x in ev], "o-", label=lab)
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("wall time (s)")
-    axes[2].set_xlabel("MiB sent per rank")
+        color = _COLORS.get(r["mode"], None)
+        style = "-" if r["mode"] == "diloco" else "--"  # baselines dashed: the reference curves
+        lab = _describe(r)
+        for ax, key, scale in ((axes[0], "step", 1.0), (axes[1], "wall_s", 1.0), (axes[2], "bytes_sent", 2.0**-20)):
+            # the log-scale bytes axis cannot show the steps before the first byte was sent
+            rs = [x for x in recs if key != "bytes_sent" or x[key] > 0]
+            es = [x for x in ev if key != "bytes_sent" or x[key] > 0]
+            ax.plot([x[key] * scale for x in rs], [x["loss"] for x in rs], style, color=color, alpha=0.35, lw=1)
+            ax.plot([x[key] * scale for x in es], [x["val_loss"] for x in es], "o" + style, color=color,
+                    label=f"{lab} (validation)")
+    c0 = results[0]["config"]
+    fig.suptitle(f"localsgd-train: {results[0]['workers']} workers, {c0['model_size']} GPT "
+                 f"({results[0]['params']:,} params), {c0['steps']} steps, batch {c0['batch_size']}x{c0['seq_len']} "
+                 "per worker; faint lines: training loss per step", fontsize=10)
+    titles = ("loss per step", "loss against training wall time (loopback: no network cost)",
+              "loss against bytes sent per rank")
+    for ax, title, xl in zip(axes, titles, ("step", "wall time (s)", "MiB sent per rank (log)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xl)
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
     axes[2].set_xscale("log")
-    for a in axes:
-        a.set_ylabel("loss")
-        a.legend()
-        a.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     ppath = os.path.join(out_dir, "loss.png")
     fig.savefig(ppath, dpi=90)
@@ -371,37 +426,103 @@ def write_outputs(results: List[dict], out_dir: str) -> Dict[str, str]:
     return {"metrics": jpath, "plot": ppath}
 
 
+def link_estimates(results: List[dict], rates_mbit=(10, 1000)) -> str:
+    """What the measured bytes would cost on slower links: this run's training time plus its
+    bytes at the link rate (an estimate; ``localsgd-bench time-to-loss`` measures it)."""
+    lines = []
+    for rate in rates_mbit:
+        parts = []
+        for r in results:
+            t = r["wall_s"] + r["bytes_sent_per_rank"] * 8 / (rate * 1e6)
+            parts.append(f"{r['mode']} ~{t:.0f} s")
+            if r["mode"] == "diloco" and not any(x["mode"] == "ddp" for x in results):
+                t_ddp = r["wall_s"] + _ddp_bytes(r) * 8 / (rate * 1e6)
+                parts.append(f"plain DDP ~{t_ddp:.0f} s ({t_ddp / t:.1f}x longer)")
+        label = f"{rate / 1000:g} Gbit/s" if rate >= 1000 else f"{rate} Mbit/s"
+        lines.append(f"  on a {label} link: " + ", ".join(parts))
+    return ("what these bytes would cost on real links (estimate: the measured training time plus the bytes "
+            "sent at the link rate):\n" + "\n".join(lines) +
+            "\n  this run used loopback, which shows no network cost; `localsgd-bench time-to-loss` measures "
+            "DiLoCo against DDP on shaped links")
+
+
 # ---------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="localsgd-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--mode", choices=MODES, default=d.mode)
+    p = argparse.ArgumentParser(
+        prog="localsgd-train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Example: localsgd-train --baseline ddp (also trains plain DDP on the same data and compares). "
+               "Outputs: a summary on stdout, metrics.json and loss.png in --out.")
+    p.add_argument("--mode", choices=MODES, default=d.mode,
+                   help="diloco: DiLoCo over the localsgd backend; ddp: plain DDP, fp32 gradients over gloo every "
+                        "step; ddp-localsgd: DDP whose gradients the localsgd backend compresses every step")
     p.add_argument("--baseline", choices=["ddp", "ddp-localsgd"], default=None,
                    help="also train this baseline on the same data and compare")
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--sync-every", type=int, default=d.sync_every)
-    p.add_argument("--compression", default=d.compression, help="none, int8, int4 or fp8")
-    p.add_argument("--outer-lr", type=float, default=d.outer_lr)
-    p.add_argument("--outer-momentum", type=float, default=d.outer_momentum)
-    p.add_argument("--error-feedback", action="store_true")
-    p.add_argument("--overlap", action="store_true")
-    p.add_argument("--model-size", default=d.model_size, help="tiny, small, medium or large")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=d.workers, help="local worker processes (one CPU thread each)")
+    p.add_argument("--sync-every", type=int, default=d.sync_every, help="inner steps between DiLoCo syncs (H)")
+    p.add_argument("--compression", default=d.compression, help="pseudo-gradient format: none, int8, int4 or fp8")
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr, help="outer SGD learning rate")
+    p.add_argument("--outer-momentum", type=float, default=d.outer_momentum,
+                   help="outer Nesterov momentum (0.6 trains better than the paper's 0.9 with few outer steps)")
+    p.add_argument("--error-feedback", action="store_true", help="carry the quantization error into the next sync")
+    p.add_argument("--overlap", action="store_true",
+                   help="delayed outer step: each sync's all-reduce runs during the next round")
+    p.add_argument("--model-size", default=d.model_size, help="GPT size: tiny, small, medium or large")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per worker")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per worker and step")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens (bytes) per sequence")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the inner AdamW (warmup + cosine)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validation evaluations")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialization and the data order")
+    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help="device of the workers")
     p.add_argument("--data", default=None, help="train on this text file instead of the embedded corpus")
-    p.add_argument("--out", default=None, help="output dir (default ./localsgd_runs/<timestamp>)")
+    p.add_argument("--out", default=None, help="output directory (default: ./localsgd_runs/<timestamp>)")
     p.add_argument("--backend", default=d.backend, choices=["localsgd", "gloo", "nccl"],
                    help="backend of the default process group")
-    p.add_argument("--master-addr", default=d.master_addr)
-    p.add_argument("--master-port", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--master-addr", default=d.master_addr, help="rendezvous address of the spawned workers")
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free port)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _flag_error(msg: str) -> str:
+    """A TrainConfig message ("sync_every: expected ...") in terms of the command line's flags."""
+    field, sep, rest = msg.partition(": ")
+    if not sep:
+        return msg
+    flags = " / ".join("--" + f.replace("_", "-") for f in field.split("/"))
+    return f"{flags}: {rest}"
+
+
+def _check_out_dir(path: str) -> None:
+    """Create the output directory now, so that a bad --out fails before training, not after."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"out: {path!r} exists and is not a directory; pass a new or existing directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".localsgd-write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"out: cannot write to {path!r} ({e.strerror or e}); pass a writable directory") from None
+
+
+def _start_line(cfg: TrainConfig, modes: List[str]) -> str:
+    from .model import GPT, STEP_SECONDS_2CPU, config_for
+    n = GPT(config_for(cfg.model_size, cfg.seq_len)).num_params()
+    what = []
+    for m in modes:
+        if m == "diloco":
+            what.append(f"DiLoCo {cfg.compression}, H={cfg.sync_every} ({cfg.steps // cfg.sync_every} syncs)")
+        else:
+            what.append("plain DDP (fp32 over gloo)" if m == "ddp" else "DDP over localsgd (compressed gradients)")
+    per_step = STEP_SECONDS_2CPU.get(cfg.model_size, 0.2) * max(1.0, cfg.workers / 2) * cfg.batch_size / 16
+    expect = 15 + len(modes) * cfg.steps * per_step
+    return (f"localsgd-train: {cfg.workers} workers, {cfg.model_size} GPT ({n:,} params), {cfg.steps} steps of "
+            f"{cfg.batch_size}x{cfg.seq_len} tokens per worker: {'; then '.join(what)}. Expected about "
+            f"{expect:.0f} s on 2 CPU cores (about 15 s to start the workers).")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -413,22 +534,32 @@ def main(argv: Optional[List[str]] = None) -> int:
                       data=a.data, backend=a.backend, master_addr=a.master_addr, master_port=a.master_port,
                       progress=not a.no_progress, warmup_steps=min(TrainConfig.warmup_steps, max(1, a.steps // 10)))
     modes = [cfg.mode] + ([a.baseline] if a.baseline and a.baseline != cfg.mode else [])
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    out = a.out or os.path.join("localsgd_runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     try:
         for m in modes:
             dataclasses.replace(cfg, mode=m).validate()
+        if a.master_port is not None and not 0 < a.master_port < 65536:
+            raise ValueError(f"master_port: expected a port in 1..65535, got {a.master_port}")
+        if not under_torchrun or os.environ.get("RANK") == "0":
+            _check_out_dir(out)
     except ValueError as e:
-        print(f"localsgd-train: error: {e}", file=sys.stderr)
+        print(f"localsgd-train: error: {_flag_error(str(e))}", file=sys.stderr)
         return 2
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if under_torchrun:
-        results = worker_main(cfg, modes)
-        if results is None:
-            return 0
-    else:
-        results = run_modes(cfg, modes)
-    out = a.out or os.path.join("localsgd_runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    try:
+        if under_torchrun:
+            results = worker_main(cfg, modes)
+            if results is None:
+                return 0
+        else:
+            print(_start_line(cfg, modes), flush=True)
+            results = run_modes(cfg, modes)
+    except KeyboardInterrupt:
+        print("localsgd-train: interrupted; the workers were stopped and nothing was written", file=sys.stderr)
+        return 130
     paths = write_outputs(results, out)
     print(summary_table(results))
+    print(link_estimates(results))
     print(f"metrics: {paths['metrics']}\nloss curves: {paths['plot']}")
     return 0
 

@@ -47,16 +47,100 @@ def test_cli_end_to_end_with_ddp_baseline(tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--compression", "int3"], "compression"),
-    (["--workers", "0"], "workers"),
-    (["--sync-every", "0"], "sync_every"),
-    (["--model-size", "huge"], "model_size"),
+    (["--compression", "int3"], "--compression: expected one of"),
+    (["--workers", "0"], "--workers: expected >= 1"),
+    (["--sync-every", "0"], "--sync-every: expected >= 1"),
+    (["--model-size", "huge"], "--model-size: expected one of"),
     (["--baseline", "ddp-localsgd", "--backend", "gloo"], "ddp-localsgd"),
+    (["--outer-momentum", "1.5"], "--outer-momentum: expected a number in [0, 1)"),
+    (["--lr", "0"], "--lr: expected a finite number > 0"),
+    (["--error-feedback", "--compression", "none"], "--error-feedback: expected a quantizing compression"),
+    (["--batch-size", "0"], "--batch-size / --seq-len"),
+    (["--master-port", "70000"], "--master-port: expected a port"),
+    (["--out", "/proc/nope"], "--out: cannot write to '/proc/nope'"),
 ])
 def test_cli_bad_arguments(args, msg, capsys):
-    # main() validates before spawning anything: exit status 2 and the problem named
+    # main() validates before spawning anything: exit status 2 and the problem named by its flag
+    assert main(TINY + args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_cli_out_that_is_a_file_fails_before_training(tmp_path, capsys):
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    assert main(TINY + ["--out", str(f)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a CPU-only machine")
+@pytest.mark.parametrize("args,msg", [
+    (["--device", "cuda"], "--device: 'cuda' needs a CUDA build of torch"),
+    (["--backend", "nccl"], "--backend: 'nccl' is not available"),
+])
+def test_cli_unavailable_device_or_backend_is_explained(args, msg, capsys):
+    import torch
+    if torch.version.cuda is not None:
+        pytest.skip("a CUDA build of torch: the CPU-build message does not apply")
     assert main(TINY + args) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_cli_help_explains_every_flag():
+    from localsgd_comm.train import _parser
+    for action in _parser()._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+    r = subprocess.run([sys.executable, "-m", "localsgd_comm.train", "--help"], env=_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "Train a small byte-level GPT with DiLoCo" in text
+    for shown in ("local worker processes (one CPU thread each) (default: 2)", "(H) (default: 25)",
+                  "optimizer steps per worker (default: 200)"):
+        assert shown in text, shown
+
+
+def test_cli_start_line_and_link_comparison(tmp_path):
+    r = _cli(TINY + ["--out", str(tmp_path / "run")], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("localsgd-train: 2 workers, tiny GPT") and "Expected about" in first
+    assert "plain DDP would send" in r.stdout and "on a 10 Mbit/s link" in r.stdout
+    assert "localsgd-bench time-to-loss" in r.stdout
+
+
+def test_cli_ctrl_c_stops_cleanly_with_one_line(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group: one line, exit 130, no traceback,
+    no worker left behind."""
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "localsgd_comm.train", "--model-size", "tiny", "--steps", "100000",
+                          "--no-progress", "--out", str(tmp_path / "run")], cwd=tmp_path, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout.readline().startswith("localsgd-train:")
+        time.sleep(8)  # workers started and training
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, (out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("localsgd-train: interrupted")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    # no process of the group is left (multiprocessing's resource tracker exits once it sees the
+    # parent's end of its pipe close; give it a moment)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, subprocess.run(["ps", "-o", "pid,args", "-g", str(p.pid)],
+                                                           capture_output=True, text=True).stdout
+        time.sleep(0.2)
 
 
 def test_api_all_modes_per_rank_env(tmp_path):
