@@ -7,6 +7,7 @@ the shaped-link test only checks that the shaping is in force (a rate within a w
 import json
 import math
 import os
+import sys
 import subprocess
 
 import pytest
@@ -54,12 +55,69 @@ def test_smooth_and_analyse():
     assert rows["diloco-int8"]["speedup_at_common_loss"] == pytest.approx(6.0)
 
 
-def test_default_output_directory_is_relative(tmp_path, monkeypatch):
-    # Logs and results record it: no path of the measuring machine may end up in them.
+def test_default_output_directory_is_a_fresh_relative_run_folder(tmp_path, monkeypatch):
+    # Logs and results record it: no path of the measuring machine may end up in them; and a run
+    # never writes into the committed benchmarks/results unless asked (--update-results).
     from localsgd_comm.bench import report
-    assert not os.path.isabs(report.default_out_dir())
-    monkeypatch.chdir(tmp_path)  # outside a checkout
-    assert report.default_out_dir() == "localsgd_bench_results"
+    d = report.default_out_dir("kernels-quick")
+    assert not os.path.isabs(d)
+    assert d.startswith("localsgd_bench_results" + os.sep) and d.endswith("-kernels-quick")
+    assert "benchmarks" not in d
+    monkeypatch.chdir(tmp_path)  # outside a checkout: the same
+    assert report.default_out_dir("x").startswith("localsgd_bench_results" + os.sep)
+    assert report.committed_results_dir().endswith(os.path.join("benchmarks", "results"))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["collectives", "--quick", "--nets", "foo"], "--nets: unknown link(s) ['foo']"),
+    (["time-to-loss", "--nets", "loopback"], "--nets: unknown link(s) ['loopback']"),
+    (["kernels", "--nets", "1gbit"], "--nets applies to"),
+    (["time-to-loss", "--methods", "diloco-int3"], "--methods: unknown method(s) ['diloco-int3']"),
+    (["collectives", "--methods", "ddp-gloo"], "--methods applies to time-to-loss"),
+    (["time-to-loss", "--steps", "0"], "--steps: expected an integer >= 1"),
+    (["kernels", "--update-results", "--out", "x"], "cannot be combined with --out"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bench_flags_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "localsgd_bench_results").exists()  # nothing was started or written
+
+
+def test_bench_help_says_what_each_suite_measures(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for suite in ("kernels", "collectives", "time-to-loss", "all", "linkcheck", "cleanup"):
+        assert f"  {suite} " in text
+    assert text.count("--quick: about") >= 4
+
+
+def test_bench_run_in_a_checkout_leaves_git_status_clean(tmp_path):
+    """The default output folder is a fresh, git-ignored run folder: no tracked or untracked file
+    of the checkout changes (the committed results stay as they are)."""
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(repo, ".git")):
+        pytest.skip("not a git checkout")
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "localsgd_comm.bench.cli", "time-to-loss", "--quick",
+                        "--methods", "ddp-gloo", "--steps", "2"], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+    assert after == before
+    m = [line for line in r.stdout.splitlines() if "results in " in line]
+    out = m[-1].split("results in ")[-1].strip()
+    assert out.startswith("localsgd_bench_results")
+    for ext in ("json", "md", "png"):
+        assert os.path.isfile(os.path.join(repo, out, f"time_to_loss_quick.{ext}")), ext
+    import shutil
+    shutil.rmtree(os.path.join(repo, out))
 
 
 def test_time_to_loss_ranks_train_with_the_configured_method():

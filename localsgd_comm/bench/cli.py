@@ -1,8 +1,11 @@
-"""``localsgd-bench``: kernels | collectives | time-to-loss | all | linkcheck | cleanup.
+"""``localsgd-bench``: measure the kernels, the collectives and DiLoCo's time to loss.
 
-Results (JSON with machine, versions, commit and load; Markdown tables; PNG plots) go to
-``--out`` (default: benchmarks/results inside a checkout, else ./localsgd_bench_results).
-Shaped-link parts need root and network namespaces; elsewhere they are skipped with the reason.
+Every run writes into a fresh folder, ``./localsgd_bench_results/<time>-<suite>/`` by default (or
+``--out DIR``); the results committed in a checkout's ``benchmarks/results`` change only with
+``--update-results``. Each suite writes the same four artefacts: ``<suite>.json`` (machine,
+versions, commit, load, then the figures), ``<suite>.md`` (tables), ``<suite>.png`` (plots) and
+the run's log. Shaped-link parts need root and network namespaces; elsewhere they are skipped
+with the reason.
 """
 from __future__ import annotations
 
@@ -10,6 +13,21 @@ import argparse
 import os
 import sys
 import time
+
+SUITES = {
+    "kernels": "fused CPU ops (compress_delta, quantize, dequantize_reduce, outer step) against the eager "
+               "PyTorch composition, torch.compile and a memcpy of the same bytes. --quick: about 30-90 s",
+    "collectives": "all-reduce time, wire bytes and error of gloo fp32 and the localsgd backend (none, int8, "
+                   "int4) on loopback and on shaped 1 Gbit/s and 100 Mbit/s links, 2 and 4 ranks. --quick: "
+                   "about 30 s (full: about 10 min)",
+    "time-to-loss": "4 workers train the tiny GPT with DDP and DiLoCo on shaped 1 Gbit/s, 100 Mbit/s and "
+                    "10 Mbit/s links: wall time to DDP's loss. --quick: about 1 min on 100 Mbit/s (full: about "
+                    "10 min)",
+    "all": "kernels, collectives and time-to-loss. --quick: about 2-3 min",
+    "linkcheck": "checks that the shaped links reach their rates (gloo send/recv)",
+    "cleanup": "removes network namespaces left behind by killed runs",
+}
+COLLECTIVE_NETS = ("loopback", "1gbit", "100mbit")
 
 
 def _log_to(path):
@@ -22,30 +40,83 @@ def _log_to(path):
     return log, f
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="localsgd-bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["kernels", "collectives", "time-to-loss", "all", "linkcheck", "cleanup"])
+def _parser() -> argparse.ArgumentParser:
+    epilog = "suites:\n" + "\n".join(f"  {k:<13} {v}" for k, v in SUITES.items())
+    ap = argparse.ArgumentParser(prog="localsgd-bench", description=__doc__.split("\n\n")[0],
+                                 epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=list(SUITES), metavar="SUITE", help="one of: " + ", ".join(SUITES))
     ap.add_argument("--quick", action="store_true",
-                    help="small sizes/steps: the whole 'all' run takes < 5 min on 2 cores")
-    ap.add_argument("--out", default=None, help="output directory")
+                    help="small sizes and steps (times per suite below; 'all --quick' under 5 min on 2 cores)")
+    ap.add_argument("--out", default=None,
+                    help="output directory (default: a fresh ./localsgd_bench_results/<time>-<suite>)")
+    ap.add_argument("--update-results", action="store_true",
+                    help="write into the checkout's benchmarks/results (the committed results) instead")
     ap.add_argument("--nets", default=None,
-                    help="comma-separated subset of links: loopback,1gbit,100mbit,10mbit")
-    ap.add_argument("--methods", default=None, help="time-to-loss: comma-separated subset of methods")
-    ap.add_argument("--steps", type=int, default=None, help="time-to-loss: training steps per run")
-    ap.add_argument("--sync-every", type=int, default=None, help="time-to-loss: DiLoCo H")
-    ap.add_argument("--all-pids", action="store_true", help="cleanup: also namespaces of live runs")
-    a = ap.parse_args(argv)
+                    help="comma-separated subset of links: loopback, 1gbit, 100mbit (collectives); "
+                         "1gbit, 100mbit, 10mbit (time-to-loss). Default: all of the suite's links")
+    ap.add_argument("--methods", default=None, help="time-to-loss only: comma-separated subset of the methods")
+    ap.add_argument("--steps", type=int, default=None, help="time-to-loss only: training steps per run")
+    ap.add_argument("--sync-every", type=int, default=None, help="time-to-loss only: DiLoCo's H")
+    ap.add_argument("--all-pids", action="store_true", help="cleanup only: also namespaces of live runs")
+    return ap
 
+
+def _check(a, ap) -> None:
+    """Every flag is checked before anything runs (an unknown name would silently select nothing)."""
+    from .time_to_loss import METHODS, NETS
+    ttl_nets = tuple(n for n, _ in NETS)
+    known = {"collectives": COLLECTIVE_NETS, "time-to-loss": ttl_nets,
+             "all": tuple(dict.fromkeys(COLLECTIVE_NETS + ttl_nets))}
+    if a.nets is not None:
+        if a.what not in known:
+            ap.error(f"--nets applies to collectives, time-to-loss and all, not to {a.what}")
+        bad = [n for n in a.nets.split(",") if n not in known[a.what]]
+        if bad or not a.nets:
+            ap.error(f"--nets: unknown link(s) {bad or [a.nets]} for {a.what}; expected a comma-separated subset "
+                     f"of {', '.join(known[a.what])}")
+    time_only = {"--methods": a.methods, "--steps": a.steps, "--sync-every": a.sync_every}
+    for flag, v in time_only.items():
+        if v is not None and a.what not in ("time-to-loss", "all"):
+            ap.error(f"{flag} applies to time-to-loss (and all) only, not to {a.what}")
+    if a.methods is not None:
+        bad = [m for m in a.methods.split(",") if m not in METHODS]
+        if bad or not a.methods:
+            ap.error(f"--methods: unknown method(s) {bad or [a.methods]}; expected a comma-separated subset of "
+                     f"{', '.join(METHODS)}")
+    for flag, v in (("--steps", a.steps), ("--sync-every", a.sync_every)):
+        if v is not None and v < 1:
+            ap.error(f"{flag}: expected an integer >= 1, got {v}")
+    if a.all_pids and a.what != "cleanup":
+        ap.error("--all-pids applies to cleanup only")
+    if a.update_results and a.out:
+        ap.error("--update-results writes into benchmarks/results; it cannot be combined with --out")
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    _check(a, ap)
     from . import netns, report
     if a.what == "cleanup":
         removed = netns.cleanup_leftovers(all_pids=a.all_pids)
         print(f"removed {len(removed)} namespace(s): {' '.join(removed) or '-'}")
         return 0
+    if a.update_results:
+        out_dir = report.committed_results_dir()
+        if out_dir is None:
+            ap.error("--update-results: this localsgd_comm is not running from a source checkout "
+                     "(no benchmarks/results to update)")
+    else:
+        out_dir = a.out or report.default_out_dir(a.what + ("-quick" if a.quick else ""))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        ap.error(f"--out: {out_dir!r} exists and is not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--out: cannot create {out_dir!r} ({e.strerror or e})")
 
     import torch
     torch.set_num_threads(1)
-    out_dir = a.out or report.default_out_dir()
-    os.makedirs(out_dir, exist_ok=True)
     log, logf = _log_to(os.path.join(out_dir, "localsgd_bench_" + ("quick_" if a.quick else "") + a.what + ".log"))
     nets = a.nets.split(",") if a.nets else None
     t0 = time.time()
@@ -71,17 +142,22 @@ def main(argv=None) -> int:
             from . import kernels
             if kernels.run_suite(out_dir, quick=a.quick, log=log) is None and a.what == "kernels":
                 rc = 1
-        if a.what in ("collectives", "all"):
+        if a.what in ("collectives", "all") and (nets is None or set(nets) & set(COLLECTIVE_NETS)):
             from . import collectives
             collectives.run_suite(out_dir, quick=a.quick, log=log, only_nets=nets)
         if a.what in ("time-to-loss", "all"):
             from . import time_to_loss
-            time_to_loss.run_suite(out_dir, quick=a.quick, log=log, only_nets=nets,
-                                   methods=a.methods.split(",") if a.methods else None, steps=a.steps,
-                                   sync_every=a.sync_every)
+            ttl = None if nets is None else [n for n in nets if n in {x for x, _ in time_to_loss.NETS}]
+            if ttl != []:
+                time_to_loss.run_suite(out_dir, quick=a.quick, log=log, only_nets=ttl,
+                                       methods=a.methods.split(",") if a.methods else None, steps=a.steps,
+                                       sync_every=a.sync_every)
+    except KeyboardInterrupt:
+        log("interrupted: namespaces removed, partial results (if any) are in " + out_dir)
+        rc = 130
     finally:
         netns._teardown_all()
-        log(f"done in {time.time() - t0:.0f} s; load: {report.load_snapshot()}")
+        log(f"done in {time.time() - t0:.0f} s; load: {report.load_snapshot()}; results in {out_dir}")
         logf.close()
     return rc
 

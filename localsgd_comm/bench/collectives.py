@@ -342,10 +342,7 @@ def run_suite(out_dir: str, quick: bool = False, log=print, only_nets: Optional[
            "link_checks": linkchecks, "results": results, "skipped": skipped,
            "speedups_vs_gloo_fp32": speedups(results)}
     name = "collectives_quick" if quick else "collectives"
-    report.write_json(os.path.join(out_dir, name + ".json"), out)
-    with open(os.path.join(out_dir, name + ".md"), "w") as f:
-        f.write(markdown(out))
-    plot(out, os.path.join(out_dir, name + ".png"))
+    report.write_artifacts(out_dir, name, out, markdown(out), plot)
     return out
 
 

@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -20,13 +20,25 @@ def repo_checkout() -> Optional[str]:
     return None
 
 
-def default_out_dir() -> str:
-    # Relative to the working directory: the path ends up in the logs and results, which must
-    # not carry the layout of the machine they were measured on.
+def default_out_dir(what: str = "run") -> str:
+    """A fresh run folder, ``localsgd_bench_results/<UTC time>-<what>``, relative to the working
+    directory (paths end up in logs and results, which must not carry the layout of the machine
+    they were measured on). Never the committed ``benchmarks/results``: that takes
+    ``--update-results``. The folder name is in the project's .gitignore, so a run inside a
+    checkout leaves ``git status`` clean."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return os.path.join("localsgd_bench_results", f"{stamp}-{what}")
+
+
+def committed_results_dir() -> Optional[str]:
+    """``benchmarks/results`` of the checkout this package runs from (None: not a checkout),
+    relative to the working directory when it lies below it."""
     root = repo_checkout()
-    if root is not None and os.path.abspath(os.getcwd()).startswith(root):
-        return os.path.relpath(os.path.join(root, "benchmarks", "results"))
-    return "localsgd_bench_results"
+    if root is None:
+        return None
+    path = os.path.join(root, "benchmarks", "results")
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
 
 
 def _cmd(args: List[str], cwd: Optional[str] = None) -> Optional[str]:
@@ -137,6 +149,35 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def write_artifacts(out_dir: str, name: str, result: dict, markdown: str, plot_fn=None) -> Dict[str, str]:
+    """The four artefacts every suite writes, under one schema: ``name.json`` (``benchmark``,
+    ``quick``, ``environment`` = machine, versions, commit, date, command, load; then the suite's
+    figures), ``name.md`` (the tables), ``name.png`` (``plot_fn(result, path)``, or a figure
+    that states why there is nothing to plot); the log is the run's ``localsgd_bench_*.log``."""
+    result.setdefault("environment", environment())
+    paths = {"json": write_json(os.path.join(out_dir, name + ".json"), result)}
+    paths["md"] = os.path.join(out_dir, name + ".md")
+    with open(paths["md"], "w") as f:
+        f.write(markdown.rstrip() + "\n")
+    paths["png"] = os.path.join(out_dir, name + ".png")
+    if plot_fn is not None:
+        plot_fn(result, paths["png"])
+    else:
+        placeholder_png(paths["png"], name, markdown.strip().splitlines()[0] if markdown.strip() else "no data")
+    return paths
+
+
+def placeholder_png(path: str, title: str, text: str) -> None:
+    """A figure that says why a suite has nothing to plot (e.g. skipped: no network namespaces)."""
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(7, 1.8))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.5, text[:200], ha="center", va="center", wrap=True)
+    fig.savefig(path, dpi=90)
+    pyplot.close(fig)
 
 
 def plt():

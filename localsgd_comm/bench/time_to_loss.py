@@ -239,8 +239,8 @@ def run_suite(out_dir: str, quick: bool = False, log=print, only_nets=None, meth
     skipped = []
     if why:
         log(f"[time-to-loss] SKIP: {why}")
-        out = {"benchmark": "time_to_loss", "skipped": why, "environment": env}
-        report.write_json(os.path.join(out_dir, name + ".json"), out)
+        out = {"benchmark": "time_to_loss", "quick": quick, "skipped": why, "environment": env}
+        report.write_artifacts(out_dir, name, out, f"time-to-loss skipped: {why}\n")
         return out
     no_ls = localsgd_available()
     if no_ls and "ddp-localsgd" in methods:
@@ -274,10 +274,7 @@ def run_suite(out_dir: str, quick: bool = False, log=print, only_nets=None, meth
     table = analyse(runs, window)
     out = {"benchmark": "time_to_loss", "quick": quick, "config": cfg, "smoothing_window": window, "environment": env, "runs": runs, "table": table,
            "skipped": skipped}
-    report.write_json(os.path.join(out_dir, name + ".json"), out)
-    with open(os.path.join(out_dir, name + ".md"), "w") as f:
-        f.write(markdown(out))
-    plot(out, os.path.join(out_dir, name + ".png"))
+    report.write_artifacts(out_dir, name, out, markdown(out), plot)
     return out
 
 
