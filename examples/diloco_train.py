@@ -4,10 +4,13 @@ The two scripts differ by three lines (the backend, the optimizer, the label pri
 the whole change an existing DDP script needs to become DiLoCo.
 
 Run with ``torchrun --nproc_per_node 2 examples/ddp_train.py`` or plain
-``python examples/ddp_train.py`` (spawns 2 local CPU workers). ``EXAMPLE_STEPS`` sets the steps.
+``python examples/ddp_train.py`` (spawns 2 local CPU workers). ``EXAMPLE_STEPS`` sets the steps
+(default 100).
 """
+import argparse
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -18,7 +21,16 @@ import localsgd_comm  # noqa: F401  (registers the "localsgd" backend)
 from localsgd_comm.data import ByteData, load_corpus
 from localsgd_comm.model import GPT, config_for
 
-STEPS = int(os.environ.get("EXAMPLE_STEPS", "100"))
+
+
+def _steps() -> int:
+    raw = os.environ.get("EXAMPLE_STEPS", "100").strip()
+    if not raw.isdigit() or int(raw) < 1:
+        sys.exit(f"EXAMPLE_STEPS: expected a positive integer (training steps), got {raw!r}")
+    return int(raw)
+
+
+STEPS = _steps()
 
 
 def train():
@@ -52,6 +64,7 @@ def _spawned(rank, world):
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if "RANK" in os.environ:  # launched by torchrun
         train()
     else:

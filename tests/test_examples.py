@@ -34,3 +34,16 @@ def test_example_runs(script, label):
     m = re.search(rf"{label}: validation loss (\S+)", r.stdout)
     assert m, r.stdout
     assert float(m.group(1)) < 5.0  # ln(256) = 5.55 at init: 20 steps must have learned something
+
+
+@pytest.mark.parametrize("script", ["ddp_train.py", "diloco_train.py"])
+def test_example_help_and_bad_steps(script):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, os.path.join(EX, script), "--help"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "differ by three lines" in r.stdout and "step" not in r.stdout.split("\n")[0]
+    r = subprocess.run([sys.executable, os.path.join(EX, script)], env=dict(env, EXAMPLE_STEPS="abc"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "EXAMPLE_STEPS: expected a positive integer" in r.stderr and "Traceback" not in r.stderr
