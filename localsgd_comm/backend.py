@@ -149,7 +149,8 @@ def get_backend_stats(group=None, reset: bool = False) -> Dict[str, Any]:
     "op", "format_none", "multi_tensor"), ``cpp_calls`` / ``python_calls`` (which path ran the
     compressed all-reduces), ``last_path`` ("cpp", "python" or None), and for every other
     collective ``op_calls`` / ``op_bytes_sent`` ({op: count or bytes}: "broadcast", "allgather",
-    "alltoall", "reduce_scatter", "send", ...).
+    "alltoall", "reduce_scatter", "send", ...), and ``failed``: the group's first error (None while
+    it is healthy; after an error every call of the group fails at once with it).
 
     Every path is counted in ``bytes_sent``/``bytes_received``: the compressed all-reduce exactly
     (records, scales, padding and the 64-byte header), pass-through collectives by the inner
@@ -164,7 +165,7 @@ def get_backend_stats(group=None, reset: bool = False) -> Dict[str, Any]:
         "backend": str(dist.get_backend(pg)), "format": None, "block_size": None,
         "threshold_bytes": None, "bytes_sent": 0, "bytes_received": 0, "compressed_calls": 0,
         "passthrough_calls": 0, "passthrough_reasons": {}, "cpp_calls": 0, "python_calls": 0,
-        "last_path": None, "op_calls": {}, "op_bytes_sent": {},
+        "last_path": None, "op_calls": {}, "op_bytes_sent": {}, "failed": None,
     }
     seen = set()
     for dev in ("cpu", "cuda"):
@@ -174,6 +175,7 @@ def get_backend_stats(group=None, reset: bool = False) -> Dict[str, Any]:
         seen.add(id(b))
         s = b.stats()
         out["format"], out["block_size"], out["threshold_bytes"] = s["format"], s["block_size"], s["threshold_bytes"]
+        out["failed"] = out.get("failed") or b.failure() or None
         for k in ("bytes_sent", "bytes_received", "compressed_calls", "passthrough_calls"):
             out[k] += s[k]
         out["cpp_calls"] += s["compressed_calls"]
@@ -411,25 +413,69 @@ def all_reduce_compressed(payload: torch.Tensor, scales: torch.Tensor, numel: in
 
 
 # ---- registration --------------------------------------------------------------------------------
+#: What every rank of a group must agree on at init (checked in one store exchange).
+_AGREED = ("version", "world_size", "format", "block_size", "threshold_bytes", "cuda_inner", "seed")
+
+
+def _publish_init(store, rank: int, size: int, mine: Dict[str, Any], error: Optional[str]) -> int:
+    """This rank's resolved options (or the error it failed with) under the init's generation."""
+    import json
+    # A generation per init: the same store may serve several incarnations of a group (destroy,
+    # then init again); inits of one group are collective, so every rank draws the same number.
+    gen = (store.add("localsgd/init/count", 1) - 1) // size
+    store.set(f"localsgd/init/{gen}/{rank}", json.dumps({"options": mine, "error": error}))
+    return gen
+
+
+def _agree_at_init(store, rank: int, size: int, mine: Dict[str, Any]) -> None:
+    """One exchange through the group's store: every rank publishes its resolved options, reads
+    every other rank's (or the error a rank failed with), and raises the same message on every
+    rank when they differ. So a bad option on one rank fails the whole group within the
+    rendezvous instead of leaving its peers blocked until the group timeout, and mismatched
+    formats or thresholds (which the per-call header cannot see) never reach a collective."""
+    import json
+    gen = _publish_init(store, rank, size, mine, None)
+    peers = [json.loads(store.get(f"localsgd/init/{gen}/{r}")) for r in range(size)]
+    failed = [(r, v["error"]) for r, v in enumerate(peers) if v["error"] is not None]
+    if failed:
+        r, msg = failed[0]
+        raise RuntimeError(f"localsgd backend: rank {r} failed to initialize the group ({msg})")
+    diffs = []
+    for k in _AGREED:
+        vals = [v["options"].get(k) for v in peers]
+        if any(x != vals[0] for x in vals):
+            diffs.append(f"{k}: " + ", ".join(f"rank {r} {x!r}" for r, x in enumerate(vals)))
+    if diffs:
+        raise RuntimeError("localsgd backend: ranks disagree on the backend options at init (" + "; ".join(diffs)
+                           + "); every rank must create the group with the same BackendOptions / LOCALSGD_COMM_* "
+                           "environment and the same localsgd_comm version")
+
+
 def _create_backend(dist_opts, backend_options):
-    from . import _C
-    if backend_options is None:
-        opts = BackendOptions()
-    elif isinstance(backend_options, BackendOptions):
-        opts = backend_options
-    else:
-        raise TypeError("pg_options for the localsgd backend must be localsgd_comm.BackendOptions, "
-                        f"got {type(backend_options).__name__}")
-    opts = opts.resolved()
+    from . import _C, __version__
     store, rank, size, timeout = dist_opts.store, dist_opts.group_rank, dist_opts.group_size, dist_opts.timeout
+    try:
+        if backend_options is None:
+            opts = BackendOptions()
+        elif isinstance(backend_options, BackendOptions):
+            opts = backend_options
+        else:
+            raise TypeError("pg_options for the localsgd backend must be localsgd_comm.BackendOptions, "
+                            f"got {type(backend_options).__name__}")
+        opts = opts.resolved()
+        if opts.cuda_inner == "nccl" and torch.cuda.is_available() and not dist.is_nccl_available():
+            raise RuntimeError("BackendOptions.cuda_inner='nccl' but this torch has no NCCL; use cuda_inner='gloo'")
+    except Exception as exc:
+        _publish_init(store, rank, size, {}, f"{type(exc).__name__}: {exc}")  # the peers raise it too
+        raise
+    mine = {"version": __version__, "world_size": size, "format": opts.format, "block_size": opts.block_size,
+            "threshold_bytes": opts.threshold_bytes, "cuda_inner": opts.cuda_inner, "seed": opts.seed}
+    _agree_at_init(store, rank, size, mine)
     # The inner groups get their own key prefixes so they never collide with ours or each other.
     gloo = dist.ProcessGroupGloo(dist.PrefixStore("localsgd/gloo/", store), rank, size, timeout)
     cuda_inner = None
     if torch.cuda.is_available():
         if opts.cuda_inner == "nccl":
-            if not dist.is_nccl_available():
-                raise RuntimeError("BackendOptions.cuda_inner='nccl' but this torch has no NCCL; "
-                                   "use cuda_inner='gloo'")
             nccl_opts = dist.ProcessGroupNCCL.Options()
             nccl_opts._timeout = timeout
             cuda_inner = dist.ProcessGroupNCCL(dist.PrefixStore("localsgd/nccl/", store), rank, size, nccl_opts)

@@ -23,12 +23,17 @@ def _w_mismatch(rank, p, what):
         return "no error", time.monotonic() - t0
     except RuntimeError as exc:
         msg = str(exc)
-    # The group stays usable after a detected mismatch: the data collectives never started.
-    x = torch.ones(1000, dtype=torch.int64)
-    dist.all_reduce(x)
-    assert torch.equal(x, torch.full((1000,), p))
+    secs = time.monotonic() - t0
+    # A failed collective leaves the group failed: the next call fails at once, naming the first
+    # error (tests/test_backend_failures.py covers every kind of call).
+    try:
+        dist.all_reduce(torch.ones(1000, dtype=torch.int64))
+        later = "no error"
+    except RuntimeError as exc:
+        later = str(exc)
+    assert "failed earlier" in later and "ranks disagree" in later, later
     dist.destroy_process_group()
-    return msg, time.monotonic() - t0
+    return msg, secs
 
 
 def test_size_mismatch_raises_on_every_rank():
@@ -37,10 +42,20 @@ def test_size_mismatch_raises_on_every_rank():
         assert secs < 10
 
 
+def _w_init_only(rank, p):
+    try:
+        dist.init_process_group("localsgd", timeout=timedelta(seconds=20))
+    except RuntimeError as exc:
+        return str(exc)
+    dist.destroy_process_group()
+    return "no error"
+
+
 def test_format_mismatch_raises_on_every_rank():
+    # caught when the group is created: ranks agree on their options in one exchange at init
     rank_env = {0: {"LOCALSGD_COMM_FORMAT": "int8"}, 1: {"LOCALSGD_COMM_FORMAT": "int4"}}
-    for msg, _ in run_ranks(_w_mismatch, 2, "format", rank_env=rank_env, timeout=60):
-        assert "ranks disagree" in msg and "format" in msg, msg
+    for msg in run_ranks(_w_init_only, 2, rank_env=rank_env, timeout=60):
+        assert "ranks disagree" in msg and "format: rank 0 'int8', rank 1 'int4'" in msg, msg
 
 
 def _w_dead(rank, p):

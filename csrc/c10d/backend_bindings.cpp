@@ -48,7 +48,11 @@ void init_c10d_bindings(pybind11::module& m) {
              d["op_bytes_sent"] = op_bytes;
              return d;
            })
-      .def("reset_stats", &LocalSGDBackend::reset_stats);
+      .def("reset_stats", &LocalSGDBackend::reset_stats)
+      .def("failure", &LocalSGDBackend::failure,
+           "The group's first error, or '' while it is healthy (after an error every call fails with it).")
+      .def("abort", &LocalSGDBackend::abort, py::call_guard<py::gil_scoped_release>(),
+           "Fail the group now: queued collectives fail, in-flight messages are aborted; returns at once.");
 }
 
 }  // namespace localsgd

@@ -103,13 +103,79 @@ uint64_t mix64(uint64_t a, uint64_t b) {
 
 // (0) fixed-size metadata all-gather; every rank checks every row, so a disagreement raises
 // the same error on all ranks instead of letting mismatched sizes reach the data collectives.
-void exchange_meta(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, const std::vector<int64_t>& mine,
-                   const at::Device& dev, const char* what) {
+// Posted inner works; any not waited for when this goes out of scope (an error on the way) are
+// aborted, best effort, so no receive is left writing into the reused workspace.
+class PostedWorks {
+ public:
+  explicit PostedWorks(GroupState* state) : state_(state) {}
+  size_t add(c10::intrusive_ptr<c10d::Work> w) {
+    if (state_) {
+      // registered for abort(): it aborts what is in flight (and anything posted after it)
+      std::lock_guard<std::mutex> lk(state_->mu);
+      state_->inflight.push_back(w);
+      if (state_->aborted) w->abort();
+    }
+    works_.push_back(std::move(w));
+    return works_.size() - 1;
+  }
+  // Each wait is bounded by the inner group's timeout; the first failure propagates and the
+  // destructor aborts the rest: one timeout, not one per message.
+  void wait(size_t i) {
+    if (works_[i]) {
+      works_[i]->wait();
+      works_[i].reset();
+    }
+  }
+  void wait_all() {
+    for (size_t i = 0; i < works_.size(); ++i) wait(i);
+  }
+  ~PostedWorks() {
+    if (state_) {
+      std::lock_guard<std::mutex> lk(state_->mu);
+      state_->inflight.clear();
+    }
+    for (auto& w : works_) {
+      if (!w) continue;
+      try {
+        w->abort();
+      } catch (...) {
+      }
+    }
+  }
+
+ private:
+  GroupState* state_;
+  std::vector<c10::intrusive_ptr<c10d::Work>> works_;
+};
+
+// The header of every rank reaches every rank. CPU tensors: point-to-point messages with a
+// reserved tag, registered in `state` so that abort() can cut a wait for a peer that never
+// comes; CUDA tensors: an all-gather on the inner group (NCCL needs grouped point-to-point).
+constexpr int kMetaTag = 0x4F000000;
+
+void exchange_meta(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, int64_t me,
+                   const std::vector<int64_t>& mine, const at::Device& dev, const char* what, GroupState* state) {
   if (p == 1) return;
   auto opts = at::TensorOptions().dtype(at::kLong);
   at::Tensor local = at::tensor(mine, opts).to(dev);
   at::Tensor all = at::empty({p * kMetaWords}, opts.device(dev));
-  inner->_allgather_base(all, local, c10d::AllgatherOptions())->wait();
+  if (dev.is_cpu()) {
+    PostedWorks works(state);
+    for (int64_t r = 0; r < p; ++r) {
+      if (r == me) continue;
+      std::vector<at::Tensor> t{all.narrow(0, r * kMetaWords, kMetaWords)};
+      works.add(inner->recv(t, static_cast<int>(r), kMetaTag));
+    }
+    for (int64_t r = 0; r < p; ++r) {
+      if (r == me) continue;
+      std::vector<at::Tensor> t{local};
+      works.add(inner->send(t, static_cast<int>(r), kMetaTag));
+    }
+    all.narrow(0, me * kMetaWords, kMetaWords).copy_(local);
+    works.wait_all();
+  } else {
+    inner->_allgather_base(all, local, c10d::AllgatherOptions())->wait();
+  }
   at::Tensor rows = all.cpu();
   const int64_t* d = rows.data_ptr<int64_t>();
   static const char* names[kMetaWords] = {"magic", "format", "numel", "block_size", "op", "kind", "dtype", "reserved"};
@@ -177,38 +243,6 @@ struct Piece {
   bool padded;
 };
 
-// Posted inner works; any not waited for when this goes out of scope (an error on the way) are
-// aborted, best effort, so no receive is left writing into the reused workspace.
-class PostedWorks {
- public:
-  size_t add(c10::intrusive_ptr<c10d::Work> w) {
-    works_.push_back(std::move(w));
-    return works_.size() - 1;
-  }
-  // Each wait is bounded by the inner group's timeout; the first failure propagates and the
-  // destructor aborts the rest: one timeout, not one per message.
-  void wait(size_t i) {
-    if (works_[i]) {
-      works_[i]->wait();
-      works_[i].reset();
-    }
-  }
-  void wait_all() {
-    for (size_t i = 0; i < works_.size(); ++i) wait(i);
-  }
-  ~PostedWorks() {
-    for (auto& w : works_) {
-      if (!w) continue;
-      try {
-        w->abort();
-      } catch (...) {
-      }
-    }
-  }
-
- private:
-  std::vector<c10::intrusive_ptr<c10d::Work>> works_;
-};
 
 // produce(pc, rec): write the piece's elements of its chunk (payload and scales) into the record
 //   at rec.
@@ -226,7 +260,8 @@ using ConsumeFn = std::function<void(const Piece&, const uint8_t*)>;
 // here (never send uninitialized memory).
 void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, int64_t me, Format f,
                              int64_t block, const Chunking& ch, int64_t n, const at::Tensor& ws, float factor,
-                             RoundingMode rm, const ProduceFn& produce, const ConsumeFn& consume) {
+                             RoundingMode rm, const ProduceFn& produce, const ConsumeFn& consume,
+                             GroupState* state) {
   const int64_t R = ch.record, c = ch.blocks_per_chunk;
   const Pieces pc = make_pieces(f, ch, block);
   const int64_t kSend = 0, kRecv = p * R, kMine = 2 * p * R, kGath = 2 * p * R + R;
@@ -252,7 +287,7 @@ void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int
       std::memset(rec + off, 0, len);
     }
   };
-  PostedWorks works;
+  PostedWorks works(state);
   auto post = [&](bool send, int64_t off, int64_t len, int64_t peer, int tag) {
     std::vector<at::Tensor> t{ws.narrow(0, off, len)};
     return works.add(send ? inner->send(t, static_cast<int>(peer), tag) : inner->recv(t, static_cast<int>(peer), tag));
@@ -410,7 +445,74 @@ LocalSGDBackend::~LocalSGDBackend() {
   }
 }
 
+void GroupState::fail(const std::string& what) {
+  std::lock_guard<std::mutex> lk(mu);
+  if (first_error.empty()) first_error = what.empty() ? std::string("unknown error") : what;
+}
+
+void GroupState::fail(std::exception_ptr e) {
+  std::string what = "unknown error";
+  try {
+    std::rethrow_exception(e);
+  } catch (const c10::Error& err) {
+    what = err.what_without_backtrace();
+  } catch (const std::exception& err) {
+    what = err.what();
+  } catch (...) {
+  }
+  fail(what);
+}
+
+void LocalSGDBackend::finish(const c10::intrusive_ptr<LocalSGDWork>& work, std::exception_ptr e) {
+  if (e) state_->fail(e);
+  work->complete(e);
+}
+
+void LocalSGDBackend::check_healthy(const char* what) const {
+  const std::string err = state_->error();
+  TORCH_CHECK(err.empty(), "localsgd ", what, ": this process group failed earlier and accepts no more work (first "
+              "error: ", err, "); destroy it (dist.destroy_process_group) and create a new one");
+}
+
+void LocalSGDBackend::abort() {
+  state_->fail(std::string("the process group was aborted (abort() was called)"));
+  std::vector<c10::intrusive_ptr<c10d::Work>> inflight;
+  {
+    std::lock_guard<std::mutex> lk(state_->mu);
+    state_->aborted = true;
+    inflight = state_->inflight;
+  }
+  for (auto& w : inflight) {
+    try {
+      w->abort();
+    } catch (...) {
+    }
+  }
+  {
+    // queued, never issued: the worker fails them when it wakes (stopping_); it is not joined here
+    std::lock_guard<std::mutex> lk(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (auto* inner : {&cpu_inner_, &cuda_inner_}) {
+    if (*inner) {
+      try {
+        (*inner)->abort();
+      } catch (...) {
+      }
+    }
+  }
+}
+
 void LocalSGDBackend::enqueue(Task task) {
+  const std::string err = state_->error();
+  if (!err.empty()) {
+    // A failed group: the collective fails at once with the first error, without being issued.
+    task(std::make_exception_ptr(std::runtime_error(c10::str(
+        "localsgd: this process group failed earlier and accepts no more collectives (first error: ", err,
+        "); destroy it (dist.destroy_process_group) and create a new one"))));
+    return;
+  }
   {
     std::lock_guard<std::mutex> lk(mu_);
     TORCH_CHECK(!stopping_, "localsgd: the process group was shut down; no new collectives can be issued");
@@ -478,10 +580,13 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::passthrough(
   if (device == c10::DeviceType::CUDA && !outputs.empty()) devs.push_back(outputs[0].device());
   auto work = c10::make_intrusive<LocalSGDWork>(op, std::move(outputs), devs);
 #ifdef LOCALSGD_WITH_CUDA
+  // the caller's current stream on the tensor's device (not on the current device)
   std::optional<c10::cuda::CUDAStream> stream;
-  if (device == c10::DeviceType::CUDA) stream = c10::cuda::getCurrentCUDAStream();
+  if (device == c10::DeviceType::CUDA) {
+    stream = devs.empty() ? c10::cuda::getCurrentCUDAStream() : c10::cuda::getCurrentCUDAStream(devs[0].index());
+  }
 #endif
-  enqueue([work, issue = std::move(issue)
+  enqueue([this, work, issue = std::move(issue)
 #ifdef LOCALSGD_WITH_CUDA
            , stream
 #endif
@@ -515,11 +620,13 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::passthrough(
         work->complete(nullptr);
         return;
       }
-      fut->addCallback([work](c10::ivalue::Future& f) {
+      auto state = state_;
+      fut->addCallback([work, state](c10::ivalue::Future& f) {
+        if (f.hasError()) state->fail(f.exception_ptr());
         work->complete(f.hasError() ? f.exception_ptr() : nullptr);
       });
     } catch (...) {
-      work->complete(std::current_exception());
+      finish(work, std::current_exception());
     }
   });
   return work;
@@ -597,8 +704,8 @@ void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend
   const int64_t p = getSize(), me = getRank(), n = t.numel(), B = block_;
   const Format f = format_;
   const DType dt = to_dtype(t.scalar_type());
-  exchange_meta(inner, p, {kMetaMagic, static_cast<int64_t>(f), n, B, average ? 1 : 0, 0,
-                           static_cast<int64_t>(t.scalar_type()), 0}, t.device(), "all_reduce");
+  exchange_meta(inner, p, me, {kMetaMagic, static_cast<int64_t>(f), n, B, average ? 1 : 0, 0,
+                               static_cast<int64_t>(t.scalar_type()), 0}, t.device(), "all_reduce", state_.get());
   // Non-contiguous tensors are reduced in a contiguous copy and copied back.
   at::Tensor x = t.is_contiguous() ? t : t.contiguous();
   const Chunking ch = make_chunking(f, n, B, p);
@@ -630,7 +737,7 @@ void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend
       cpu::dequantize(f, rec + payload_offset(f, pc.e0), reinterpret_cast<const float*>(rec + ch.cap) + pc.b0,
                       pc.valid, B, dt, data + pc.g0 * esize);
     };
-    pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, factor, rm_reduce, produce, consume);
+    pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, factor, rm_reduce, produce, consume, state_.get());
   } else {
 #ifdef LOCALSGD_WITH_CUDA
     // CUDA tensors: whole phases on the caller's stream, data phases as inner collectives.
@@ -740,8 +847,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce(std::vector<at::Tensor
   auto work = c10::make_intrusive<LocalSGDWork>(c10d::OpType::ALLREDUCE, tensors, devs);
   at::Tensor tt = t;
 #ifdef LOCALSGD_WITH_CUDA
+  // the caller's current stream on the tensor's device; the worker guards device and stream with it
   std::optional<c10::cuda::CUDAStream> stream;
-  if (dev == c10::DeviceType::CUDA) stream = c10::cuda::getCurrentCUDAStream();
+  if (dev == c10::DeviceType::CUDA) stream = c10::cuda::getCurrentCUDAStream(t.device().index());
 #endif
   enqueue([this, work, inner, tt, avg
 #ifdef LOCALSGD_WITH_CUDA
@@ -760,7 +868,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce(std::vector<at::Tensor
       quantized_allreduce(inner, tt, avg, next_call_id_++);
       work->complete(nullptr);
     } catch (...) {
-      work->complete(std::current_exception());
+      finish(work, std::current_exception());
     }
   });
   return work;
@@ -821,7 +929,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_coalesced(std::vector<
       }
       work->complete(nullptr);
     } catch (...) {
-      work->complete(std::current_exception());
+      finish(work, std::current_exception());
     }
   });
   return work;
@@ -851,15 +959,29 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
   std::vector<c10::Device> devs;
   if (payload.is_cuda()) devs.push_back(payload.device());
   auto work = c10::make_intrusive<LocalSGDWork>(c10d::OpType::ALLREDUCE, std::vector<at::Tensor>{payload, scales}, devs);
-  enqueue([this, work, inner, payload, scales, numel, f, block, average, seed](std::exception_ptr cancel) {
+#ifdef LOCALSGD_WITH_CUDA
+  // Captured here, on the caller's thread: the worker thread's own current stream is the default
+  // stream of device 0, wrong for a tensor on another device and unordered with the caller's work.
+  std::optional<c10::cuda::CUDAStream> stream;
+  if (payload.is_cuda()) stream = c10::cuda::getCurrentCUDAStream(payload.device().index());
+#endif
+  enqueue([this, work, inner, payload, scales, numel, f, block, average, seed
+#ifdef LOCALSGD_WITH_CUDA
+           , stream
+#endif
+  ](std::exception_ptr cancel) {
     if (cancel) {
       work->complete(cancel);
       return;
     }
     try {
+#ifdef LOCALSGD_WITH_CUDA
+      std::optional<c10::cuda::CUDAStreamGuard> guard;  // sets the tensor's device and the stream
+      if (stream) guard.emplace(*stream);
+#endif
       const int64_t p = getSize(), me = getRank(), n = numel, B = block;
-      exchange_meta(inner, p, {kMetaMagic, static_cast<int64_t>(f), n, B, average ? 1 : 0, 1, 0, 0},
-                    payload.device(), "all_reduce_compressed");
+      exchange_meta(inner, p, me, {kMetaMagic, static_cast<int64_t>(f), n, B, average ? 1 : 0, 1, 0, 0},
+                    payload.device(), "all_reduce_compressed", state_.get());
       const Chunking ch = make_chunking(f, n, B, p);
       const int64_t R = ch.record;
       auto bytes = at::TensorOptions().dtype(at::kByte).device(payload.device());
@@ -880,7 +1002,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
           std::memcpy(pay + payload_offset(f, pc.g0), rec + payload_offset(f, pc.e0), payload_bytes(f, pc.valid));
           std::memcpy(sc + 4 * (pc.g0 / B), rec + ch.cap + 4 * pc.b0, 4 * num_blocks(pc.valid, B));
         };
-        pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, factor, q, produce, consume);
+        pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, factor, q, produce, consume, state_.get());
       } else {
 #ifdef LOCALSGD_WITH_CUDA
         // Records are assembled with tensor copies; the reduction is the kernel.
@@ -942,7 +1064,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
       }
       work->complete(nullptr);
     } catch (...) {
-      work->complete(std::current_exception());
+      finish(work, std::current_exception());
     }
   });
   return work;
@@ -1200,20 +1322,30 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::barrier(const c10d::BarrierOptio
                      [inner, opts]() mutable { return inner->barrier(opts); });
 }
 
+void LocalSGDBackend::check_user_tag(const char* what, int tag) const {
+  check_healthy(what);
+  TORCH_CHECK(tag < kPhaseTag[0], "localsgd ", what, ": tag ", tag, " is reserved (tags from ", kPhaseTag[0],
+              " up carry the compressed all-reduce's messages, on the same inner connections); use a tag below ",
+              kPhaseTag[0]);
+}
+
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::send(std::vector<at::Tensor>& tensors, int dst, int tag) {
   TORCH_CHECK(!tensors.empty(), "localsgd send: expected a tensor");
+  check_user_tag("send", tag);
   count_op("send", nbytes_of(tensors), 0);
   return inner_for(tensors[0])->send(tensors, dst, tag);
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::recv(std::vector<at::Tensor>& tensors, int src, int tag) {
   TORCH_CHECK(!tensors.empty(), "localsgd recv: expected a tensor");
+  check_user_tag("recv", tag);
   count_op("recv", 0, nbytes_of(tensors));
   return inner_for(tensors[0])->recv(tensors, src, tag);
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::recvAnysource(std::vector<at::Tensor>& tensors, int tag) {
   TORCH_CHECK(!tensors.empty(), "localsgd recvAnysource: expected a tensor");
+  check_user_tag("recv", tag);
   count_op("recv", 0, nbytes_of(tensors));
   return inner_for(tensors[0])->recvAnysource(tensors, tag);
 }

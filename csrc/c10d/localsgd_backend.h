@@ -6,11 +6,14 @@
 // Limitations, in plain words:
 //  - Every collective of the group runs on one FIFO worker thread (see "Ordering" below), so
 //    collectives of one group never overlap each other (gloo with 2 threads could overlap two).
-//  - send/recv/recvAnysource go straight to the inner backend (they carry user tags).
-//  - A Work's wait(timeout) blocks the CPU. For CUDA tensors, all_reduce and the pass-through
-//    collectives capture the calling thread's current stream at enqueue time and the worker
-//    runs on it; all_reduce_compressed does not capture one yet (its kernels run on the worker
-//    thread's current stream), and no CUDA path of this backend has run on a GPU so far.
+//  - send/recv/recvAnysource go straight to the inner backend (they carry user tags); tags from
+//    0x40000000 up are reserved for the compressed all-reduce's messages and refused.
+//  - After any collective of the group fails, the group is failed: every later call fails at
+//    once with the first error (destroy the group and create a new one).
+//  - A Work's wait(timeout) blocks the CPU. For CUDA tensors every call captures the caller's
+//    current stream on the tensor's device at enqueue time, and the worker runs under a guard
+//    of that device and stream. No CUDA path of this backend has run on a GPU so far (CI
+//    compiles it, tests/test_compile_checks.py).
 //  - all-reduce of a *list* of several tensors keeps gloo's legacy meaning (all list entries of
 //    all ranks are reduced together) and passes through; dist.all_reduce_coalesced (one result
 //    per tensor) is compressed tensor by tensor.
@@ -26,6 +29,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
+#include <memory>
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
@@ -55,6 +60,23 @@ class LocalSGDWork : public c10d::Work {
  private:
   std::vector<at::Tensor> outputs_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;
+};
+
+// State shared by a backend and the callbacks of its in-flight works: the group's first error
+// (after it every collective fails at once) and the point-to-point works of the collective in
+// flight (abort() aborts them). Held by shared_ptr so that a callback never outlives it.
+struct GroupState {
+  std::mutex mu;
+  std::string first_error;  // empty while the group is healthy
+  bool aborted = false;
+  std::vector<c10::intrusive_ptr<c10d::Work>> inflight;
+  // Record the first failure (later ones are consequences of it).
+  void fail(const std::string& what);
+  void fail(std::exception_ptr e);
+  std::string error() {
+    std::lock_guard<std::mutex> lk(mu);
+    return first_error;
+  }
 };
 
 struct BackendStats {
@@ -132,7 +154,12 @@ class LocalSGDBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>& tensors, int tag) override;
 
   void shutdown() override;
-  void abort() override { shutdown(); }
+  // Puts the group in the failed state, fails every queued collective, aborts the point-to-point
+  // messages of the one in flight and the inner groups (NCCL's abort; gloo has none), and
+  // returns without waiting for the worker thread.
+  void abort() override;
+  // The group's first error ("" while healthy): after it every call fails at once with it.
+  std::string failure() const { return state_->error(); }
 
   // ---- statistics (queried by localsgd_comm.get_backend_stats) ----
   BackendStats stats() const;
@@ -165,6 +192,12 @@ class LocalSGDBackend : public c10d::Backend {
   // Why an all-reduce of t with op cannot be compressed (nullptr: it can).
   const char* passthrough_reason(const at::Tensor& t, c10d::ReduceOp op) const;
 
+  // Complete `work` with `e`; an error also puts the group in the failed state.
+  void finish(const c10::intrusive_ptr<LocalSGDWork>& work, std::exception_ptr e);
+  void check_healthy(const char* what) const;
+  void check_user_tag(const char* what, int tag) const;
+
+  std::shared_ptr<GroupState> state_ = std::make_shared<GroupState>();
   c10::intrusive_ptr<c10d::Backend> cpu_inner_;
   c10::intrusive_ptr<c10d::Backend> cuda_inner_;
   Format format_;
