@@ -131,3 +131,49 @@ if __name__ == "__main__":
     import localsgd_comm  # noqa: F401
 
     print(json.dumps(_compile_all()))
+
+
+# ---- the CUDA side of the C++ extension, compiled on a machine without a GPU --------------------
+def _cuda_headers():
+    """The CUDA toolkit's include directory (None without a toolkit or g++)."""
+    import shutil
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or shutil.which("g++") is None:
+        return None
+    roots = [os.environ.get("CUDA_HOME", ""), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    with open(nvcc, "rb") as f:  # nvcc may be a wrapper script that execs the real one
+        m = re.search(rb"exec (\S+)/bin/nvcc", f.read(4096))
+    if m:
+        roots.append(m.group(1).decode())
+    for root in roots:
+        if root and os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+@pytest.mark.parametrize("source", ["csrc/c10d/localsgd_backend.cpp", "csrc/bindings/ops_cuda.cpp"])
+def test_cuda_branches_of_the_extension_compile(source, tmp_path):
+    """The backend's and the bindings' LOCALSGD_WITH_CUDA code (streams, guards, CUDA launches)
+    is compiled (-fsyntax-only: full semantic analysis, no code generation) against this torch's
+    c10/cuda headers and the CUDA toolkit's, so that a CUDA compile error fails CI on a machine
+    without a GPU. A CPU wheel of torch lacks one generated header, c10/cuda/impl/
+    cuda_cmake_macros.h (it only defines build macros); an empty stand-in takes its place."""
+    import sysconfig
+
+    import torch
+    cuda_inc = _cuda_headers()
+    if cuda_inc is None:
+        pytest.skip("no CUDA toolkit headers (nvcc) or no g++ on this machine")
+    tinc = os.path.join(os.path.dirname(torch.__file__), "include")
+    if not os.path.isfile(os.path.join(tinc, "c10", "cuda", "CUDAStream.h")):
+        pytest.skip("this torch ships no c10/cuda headers")
+    shim = tmp_path / "c10" / "cuda" / "impl"
+    shim.mkdir(parents=True)
+    if not os.path.isfile(os.path.join(tinc, "c10", "cuda", "impl", "cuda_cmake_macros.h")):
+        (shim / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    cmd = ["g++", "-fsyntax-only", "-std=c++20", "-fopenmp", "-DLOCALSGD_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
+           "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{tmp_path}", f"-I{ROOT}/csrc/include", f"-I{ROOT}/csrc",
+           f"-I{tinc}", f"-I{tinc}/torch/csrc/api/include", f"-I{cuda_inc}",
+           f"-I{sysconfig.get_paths()['include']}", os.path.join(ROOT, source)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-6000:]
