@@ -151,7 +151,8 @@ def _cuda_headers():
     return None
 
 
-@pytest.mark.parametrize("source", ["csrc/c10d/localsgd_backend.cpp", "csrc/bindings/ops_cuda.cpp"])
+@pytest.mark.parametrize("source", ["csrc/c10d/localsgd_backend.cpp", "csrc/bindings/ops_cuda.cpp",
+                                    "csrc/bindings/module.cpp"])
 def test_cuda_branches_of_the_extension_compile(source, tmp_path):
     """The backend's and the bindings' LOCALSGD_WITH_CUDA code (streams, guards, CUDA launches)
     is compiled (-fsyntax-only: full semantic analysis, no code generation) against this torch's

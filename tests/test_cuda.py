@@ -231,3 +231,18 @@ def test_cuda_implementation_is_none_without_a_cuda_device():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
     assert localsgd_comm.cuda_implementation() == "none"
+
+
+@pytest.mark.parametrize("archs,cap,ok", [
+    ("8.0;9.0+PTX", (8, 0), True),
+    ("8.0;9.0+PTX", (8, 6), True),    # sm_80 machine code runs on 8.x, x >= 0
+    ("8.0;9.0+PTX", (9, 0), True),
+    ("8.0;9.0+PTX", (10, 0), True),   # compute_90 PTX, compiled by the driver
+    ("8.0;9.0+PTX", (12, 0), True),
+    ("8.0;9.0+PTX", (7, 5), False),   # older than every architecture built
+    ("8.0;9.0", (10, 0), False),      # no PTX: "no kernel image is available"
+    ("9.0", (8, 0), False),
+    ("7.5 8.6+PTX", (8, 9), True),
+])
+def test_which_gpus_a_build_runs_on(archs, cap, ok):
+    assert cuda_impl.arch_supported(archs, cap) is ok
