@@ -543,7 +543,7 @@ class DiLoCo(torch.optim.Optimizer):
         self._traffic_mark = self._watched_bytes()
         self._tripwire_fired = False
         # fp32 bytes of one all-reduce of the synced parameters: the scale of "gradient traffic"
-        self._fp32_ring_bytes = sum(self._wire_bytes_fp32(f.numel) for f in self._flats)
+        self._fp32_ring_bytes = sum(_backend.ddp_bytes_per_rank(f.numel, 1, self.sync_size) for f in self._flats)
 
     # ------------------------------------------------------------------ public API
     #: GradScaler.step(opt) calls step() with ``grad_scale``/``found_inf`` set instead of skipping
@@ -683,10 +683,6 @@ class DiLoCo(torch.optim.Optimizer):
 
     def _watched_bytes(self) -> int:
         return sum(_backend_bytes(g) or 0 for g in self._watched)
-
-    def _wire_bytes_fp32(self, numel: int) -> int:
-        p = self.sync_size
-        return 0 if p <= 1 else int(2 * (p - 1) * numel * 4 / p)
 
     def _check_traffic(self) -> None:
         """The tripwire: traffic between the previous sync and this one that DiLoCo did not send."""
