@@ -32,13 +32,13 @@ import io
 import json
 import math
 import os
-import queue
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
+from multiprocessing import connection as mp_connection
 from typing import Dict, List, Optional
 
 import torch
@@ -194,6 +194,9 @@ def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
+        # A thread lock, not tqdm's default multiprocessing one: a worker stopped on Ctrl-C cannot
+        # release a named semaphore, and the resource tracker would warn about it at exit.
+        tqdm.set_lock(threading.RLock())
         bar = tqdm(total=cfg.steps, desc=f"{cfg.mode} x{world}", unit="step", dynamic_ncols=True)
     records = []
     dist.barrier()
@@ -264,7 +267,7 @@ def worker_main(cfg: TrainConfig, modes: Optional[List[str]] = None, init: bool 
     return out if rank == 0 else None
 
 
-def _spawn_entry(cfg: TrainConfig, modes, rank: int, port: int, q) -> None:
+def _spawn_entry(cfg: TrainConfig, modes, rank: int, port: int, conn) -> None:
     try:
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(cfg.workers), "LOCAL_RANK": str(rank),
                            "MASTER_ADDR": cfg.master_addr, "MASTER_PORT": str(port),
@@ -274,9 +277,11 @@ def _spawn_entry(cfg: TrainConfig, modes, rank: int, port: int, q) -> None:
         out = worker_main(cfg, modes)
         buf = io.BytesIO()
         torch.save(out, buf)
-        q.put((rank, True, buf.getvalue()))
+        conn.send((True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent
-        q.put((rank, False, traceback.format_exc()))
+        conn.send((False, traceback.format_exc()))
+    finally:
+        conn.close()
 
 
 def _free_port(addr: str) -> int:
@@ -293,8 +298,11 @@ def run_modes(cfg: TrainConfig, modes: List[str]) -> List[dict]:
         dataclasses.replace(cfg, mode=m).validate()
     port = cfg.master_port or _free_port(cfg.master_addr)
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_spawn_entry, args=(cfg, modes, r, port, q), daemon=True) for r in range(cfg.workers)]
+    # One pipe per worker, not a Queue: a Queue's semaphores outlive workers killed on Ctrl-C
+    # (the resource tracker then warns about leaked semaphores after our one-line message).
+    pipes = [ctx.Pipe(duplex=False) for _ in range(cfg.workers)]
+    procs = [ctx.Process(target=_spawn_entry, args=(cfg, modes, r, port, pipes[r][1]), daemon=True)
+             for r in range(cfg.workers)]
     # The workers ignore SIGINT (an ignored signal stays ignored across exec): Ctrl-C in a
     # terminal reaches the whole process group, and this process alone answers it, by stopping
     # the workers, instead of every worker printing its own KeyboardInterrupt traceback.
@@ -305,24 +313,27 @@ def run_modes(cfg: TrainConfig, modes: List[str]) -> List[dict]:
     finally:
         if old_sigint is not None:
             signal.signal(signal.SIGINT, old_sigint)
+    for _, send_end in pipes:
+        send_end.close()  # the worker holds the only writer: its death closes the pipe
+    waiting = {r: pipes[r][0] for r in range(cfg.workers)}
     results, deadline = {}, time.monotonic() + cfg.timeout_s
     interrupted = False
     try:
-        while len(results) < cfg.workers:
-            try:
-                rank, ok, payload = q.get(timeout=1.0)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"training workers did not finish within {cfg.timeout_s:.0f} s")
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    time.sleep(0.5)
-                    if q.empty():
-                        raise RuntimeError(f"a training worker exited with code {dead[0]} without a report")
-                continue
-            if not ok:
-                raise RuntimeError(f"training worker {rank} failed:\n{payload}")
-            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        while waiting:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"training workers did not finish within {cfg.timeout_s:.0f} s")
+            for conn in mp_connection.wait(list(waiting.values()), timeout=1.0):
+                rank = next(r for r, c in waiting.items() if c is conn)
+                del waiting[rank]
+                try:
+                    ok, payload = conn.recv()
+                except EOFError:
+                    procs[rank].join(timeout=5)
+                    raise RuntimeError(f"training worker {rank} exited with code {procs[rank].exitcode} "
+                                       "without a report") from None
+                if not ok:
+                    raise RuntimeError(f"training worker {rank} failed:\n{payload}")
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -332,6 +343,8 @@ def run_modes(cfg: TrainConfig, modes: List[str]) -> List[dict]:
             if p.is_alive():
                 p.kill()
                 p.join()
+        for conn, _ in pipes:
+            conn.close()
     return results[0]
 
 
@@ -555,7 +568,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(_start_line(cfg, modes), flush=True)
             results = run_modes(cfg, modes)
     except KeyboardInterrupt:
-        print("localsgd-train: interrupted; the workers were stopped and nothing was written", file=sys.stderr)
+        # after a progress bar, whose line tqdm leaves open, start a new line first
+        print(("\n" if cfg.progress else "") + "localsgd-train: interrupted; the workers were stopped and nothing was "
+              "written", file=sys.stderr)
         return 130
     paths = write_outputs(results, out)
     print(summary_table(results))
