@@ -51,6 +51,9 @@ void init_c10d_bindings(pybind11::module& m) {
       .def("reset_stats", &LocalSGDBackend::reset_stats)
       .def("failure", &LocalSGDBackend::failure,
            "The group's first error, or '' while it is healthy (after an error every call fails with it).")
+      .def("exit_shutdown", &LocalSGDBackend::exit_shutdown, py::arg("grace_ms"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Interpreter exit: wait up to grace_ms for outstanding work, abort the rest, join the worker.")
       .def("abort", &LocalSGDBackend::abort, py::call_guard<py::gil_scoped_release>(),
            "Fail the group now: queued collectives fail, in-flight messages are aborted; returns at once.");
 }

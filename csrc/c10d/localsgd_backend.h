@@ -42,10 +42,13 @@ namespace localsgd {
 // A Work whose completion is driven by the backend's worker thread (or an inner future's
 // callback): complete() runs there, never inside wait(), so that work.get_future().wait() and
 // work.wait() both return (completing inside wait() deadlocks get_future().wait()).
+struct GroupState;
+
 class LocalSGDWork : public c10d::Work {
  public:
+  // state: counts the Work as outstanding until it completes (exit_shutdown waits for that)
   LocalSGDWork(c10d::OpType op, std::vector<at::Tensor> outputs,
-               std::vector<c10::Device> devices);
+               std::vector<c10::Device> devices, std::shared_ptr<GroupState> state = nullptr);
   void complete(std::exception_ptr eptr);
   c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
   // Status reads the future (completed first), wait() the base flag (set right after): so
@@ -60,6 +63,7 @@ class LocalSGDWork : public c10d::Work {
  private:
   std::vector<at::Tensor> outputs_;
   c10::intrusive_ptr<c10::ivalue::Future> future_;
+  std::shared_ptr<GroupState> state_;
 };
 
 // State shared by a backend and the callbacks of its in-flight works: the group's first error
@@ -70,6 +74,8 @@ struct GroupState {
   std::string first_error;  // empty while the group is healthy
   bool aborted = false;
   std::vector<c10::intrusive_ptr<c10d::Work>> inflight;
+  int64_t outstanding = 0;  // Works created and not yet completed
+  std::condition_variable idle;  // notified when outstanding drops to 0
   // Record the first failure (later ones are consequences of it).
   void fail(const std::string& what);
   void fail(std::exception_ptr e);
@@ -158,6 +164,12 @@ class LocalSGDBackend : public c10d::Backend {
   // messages of the one in flight and the inner groups (NCCL's abort; gloo has none), and
   // returns without waiting for the worker thread.
   void abort() override;
+  // At interpreter exit (an atexit handler, before Python finalizes): wait up to grace_ms for the
+  // outstanding Works, abort if some are still running, and join the worker. Afterwards no
+  // thread of ours touches a Python object: a thread that needs the GIL once finalization has
+  // begun is ended by CPython with a forced unwind, which aborts the process ("terminate called
+  // without an active exception") when it crosses C++ frames.
+  void exit_shutdown(int64_t grace_ms);
   // The group's first error ("" while healthy): after it every call fails at once with it.
   std::string failure() const { return state_->error(); }
 
