@@ -24,6 +24,7 @@ of a floating SUM/AVG all-reduce for each reason is logged once.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import threading
@@ -139,6 +140,16 @@ def _localsgd_backend(group, device: torch.device):
     return b if isinstance(b, cls) else None
 
 
+def _localsgd_backends(group) -> list:
+    """The distinct LocalSGDBackends of ``group`` (one per device type; CPU and CUDA may share)."""
+    out = []
+    for dev in ("cpu", "cuda"):
+        b = _localsgd_backend(group, torch.device(dev))
+        if b is not None and all(b is not x for x in out):
+            out.append(b)
+    return out
+
+
 def get_backend_stats(group=None, reset: bool = False) -> Dict[str, Any]:
     """Per-rank traffic counters of ``group`` (default: WORLD).
 
@@ -168,12 +179,7 @@ def get_backend_stats(group=None, reset: bool = False) -> Dict[str, Any]:
         "passthrough_calls": 0, "passthrough_reasons": {}, "cpp_calls": 0, "python_calls": 0,
         "last_path": None, "op_calls": {}, "op_bytes_sent": {}, "failed": None,
     }
-    seen = set()
-    for dev in ("cpu", "cuda"):
-        b = _localsgd_backend(pg, torch.device(dev))
-        if b is None or id(b) in seen:
-            continue
-        seen.add(id(b))
+    for b in _localsgd_backends(pg):
         s = b.stats()
         out["format"], out["block_size"], out["threshold_bytes"] = s["format"], s["block_size"], s["threshold_bytes"]
         out["failed"] = out.get("failed") or b.failure() or None
@@ -420,7 +426,6 @@ _AGREED = ("version", "world_size", "format", "block_size", "threshold_bytes", "
 
 def _publish_init(store, rank: int, size: int, mine: Dict[str, Any], error: Optional[str]) -> int:
     """This rank's resolved options (or the error it failed with) under the init's generation."""
-    import json
     # A generation per init: the same store may serve several incarnations of a group (destroy,
     # then init again); inits of one group are collective, so every rank draws the same number.
     gen = (store.add("localsgd/init/count", 1) - 1) // size
@@ -434,7 +439,6 @@ def _agree_at_init(store, rank: int, size: int, mine: Dict[str, Any]) -> None:
     rank when they differ. So a bad option on one rank fails the whole group within the
     rendezvous instead of leaving its peers blocked until the group timeout, and mismatched
     formats or thresholds (which the per-call header cannot see) never reach a collective."""
-    import json
     gen = _publish_init(store, rank, size, mine, None)
     peers = [json.loads(store.get(f"localsgd/init/{gen}/{r}")) for r in range(size)]
     failed = [(r, v["error"]) for r, v in enumerate(peers) if v["error"] is not None]
@@ -497,13 +501,9 @@ def _live_backends():
         groups = list(dist.distributed_c10d._world.pg_map.keys())
     except Exception:  # noqa: BLE001 - torch internals moved: nothing to do at exit
         return []
-    out, seen = [], set()
+    out = []
     for pg in groups:
-        for dev in ("cpu", "cuda"):
-            b = _localsgd_backend(pg, torch.device(dev))
-            if b is not None and id(b) not in seen:
-                seen.add(id(b))
-                out.append(b)
+        out += [b for b in _localsgd_backends(pg) if all(b is not x for x in out)]
     return out
 
 

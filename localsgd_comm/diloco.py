@@ -294,8 +294,7 @@ def _make_ddp_local(ddp, hook_state: Dict[str, int]) -> None:
 
 def _backend_bytes(group) -> Optional[int]:
     """Bytes this rank sent on ``group`` as counted by its "localsgd" backend (None: not one)."""
-    if _backend._localsgd_backend(group, torch.device("cpu")) is None and (
-            not torch.cuda.is_available() or _backend._localsgd_backend(group, torch.device("cuda")) is None):
+    if not _backend._localsgd_backends(group):
         return None
     return int(_backend.get_backend_stats(group)["bytes_sent"])
 
