@@ -534,14 +534,7 @@ void LocalSGDBackend::exit_shutdown(int64_t grace_ms) {
 }
 
 void LocalSGDBackend::enqueue(Task task) {
-  const std::string err = state_->error();
-  if (!err.empty()) {
-    // A failed group: the collective fails at once with the first error, without being issued.
-    task(std::make_exception_ptr(std::runtime_error(c10::str(
-        "localsgd: this process group failed earlier and accepts no more collectives (first error: ", err,
-        "); destroy it (dist.destroy_process_group) and create a new one"))));
-    return;
-  }
+  check_healthy("collective");  // a failed group: the call raises at once with the first error
   {
     std::lock_guard<std::mutex> lk(mu_);
     TORCH_CHECK(!stopping_, "localsgd: the process group was shut down; no new collectives can be issued");
@@ -693,6 +686,8 @@ void LocalSGDBackend::count_passthrough(const char* reason, int64_t bytes, bool 
                "). Logged once per reason; counts are in localsgd_comm.get_backend_stats().");
   }
 }
+
+void LocalSGDBackend::count_ring_share(const char* op, int64_t bytes) { count_op(op, bytes, bytes); }
 
 void LocalSGDBackend::count_op(const char* op, int64_t sent, int64_t received) {
   std::lock_guard<std::mutex> lk(stats_mu_);
@@ -1111,6 +1106,11 @@ int64_t nbytes_of(const std::vector<at::Tensor>& ts) {
   for (const auto& t : ts) n += nbytes_of(t);
   return n;
 }
+int64_t nbytes_of(const std::vector<std::vector<at::Tensor>>& tss) {
+  int64_t n = 0;
+  for (const auto& ts : tss) n += nbytes_of(ts);
+  return n;
+}
 // Children of `rank` in a binomial broadcast tree rooted at `root` (gloo's broadcast): each one
 // receives the whole tensor from it.
 int64_t binomial_children(int64_t rank, int64_t root, int64_t p) {
@@ -1155,12 +1155,10 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce(std::vector<at::Tensor>& 
   TORCH_CHECK(!tensors.empty(), "localsgd reduce: expected at least one tensor");
   auto inner = inner_for(tensors[0]);
   std::vector<at::Tensor> ts = tensors;
-  const int64_t p = getSize(), me = getRank();
   {
     // reduce-scatter then gather to the root: (p-1)/p of the tensor out of every rank.
-    const int64_t n = nbytes_of(ts);
-    count_op("reduce", n - n / p, me == opts.rootRank ? n - n / p : 0);
-    (void)me;
+    const int64_t p = getSize(), n = nbytes_of(ts);
+    count_op("reduce", n - n / p, getRank() == opts.rootRank ? n - n / p : 0);
   }
   return passthrough(c10d::OpType::REDUCE, ts, LSG_DEV(ts[0]),
                      [inner, ts, opts]() mutable { return inner->reduce(ts, opts); });
@@ -1175,9 +1173,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather(std::vector<std::vecto
   auto ins = inputs;
   std::vector<at::Tensor> flat;
   for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
-  const int64_t p = getSize(), me = getRank();
-  (void)me;
-  count_op("allgather", (p - 1) * nbytes_of(ins), (p - 1) * nbytes_of(ins));
+  count_ring_share("allgather", (getSize() - 1) * nbytes_of(ins));
   return passthrough(c10d::OpType::ALLGATHER, flat, LSG_DEV(ins[0]),
                      [inner, outs, ins, opts]() mutable { return inner->allgather(outs, ins, opts); });
 }
@@ -1186,9 +1182,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::_allgather_base(at::Tensor& outp
                                                                 const c10d::AllgatherOptions& opts) {
   auto inner = inner_for(input);
   at::Tensor o = output, i = input;
-  const int64_t p = getSize(), me = getRank();
-  (void)me;
-  count_op("allgather", (p - 1) * nbytes_of(i), (p - 1) * nbytes_of(i));
+  count_ring_share("allgather", (getSize() - 1) * nbytes_of(i));
   return passthrough(c10d::OpType::_ALLGATHER_BASE, {o}, LSG_DEV(i),
                      [inner, o, i, opts]() mutable { return inner->_allgather_base(o, i, opts); });
 }
@@ -1202,9 +1196,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather_coalesced(std::vector<
   auto ins = inputs;
   std::vector<at::Tensor> flat;
   for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
-  const int64_t p = getSize(), me = getRank();
-  (void)me;
-  count_op("allgather", (p - 1) * nbytes_of(ins), (p - 1) * nbytes_of(ins));
+  count_ring_share("allgather", (getSize() - 1) * nbytes_of(ins));
   return passthrough(c10d::OpType::ALLGATHER_COALESCED, flat, LSG_DEV(ins[0]),
                      [inner, outs, ins, opts]() mutable { return inner->allgather_coalesced(outs, ins, opts); });
 }
@@ -1216,9 +1208,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather_into_tensor_coalesced(
   auto inner = inner_for(inputs[0]);
   auto outs = outputs;
   auto ins = inputs;
-  const int64_t p = getSize(), me = getRank();
-  (void)me;
-  count_op("allgather", (p - 1) * nbytes_of(ins), (p - 1) * nbytes_of(ins));
+  count_ring_share("allgather", (getSize() - 1) * nbytes_of(ins));
   return passthrough(c10d::OpType::COALESCED, outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
     return inner->allgather_into_tensor_coalesced(outs, ins, opts);
   });
@@ -1267,13 +1257,8 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce_scatter(std::vector<at::T
   auto inner = inner_for(outputs[0]);
   auto outs = outputs;
   auto ins = inputs;
-  const int64_t p = getSize(), me = getRank();
-  (void)me;
-  {
-    // gloo reduces the whole input with its all-reduce, then keeps this rank's part.
-    const int64_t n = [&] { int64_t k = 0; for (auto& v : ins) k += nbytes_of(v); return k; }();
-    count_op("reduce_scatter", 2 * (p - 1) * n / p, 2 * (p - 1) * n / p);
-  }
+  // gloo reduces the whole input with its all-reduce, then keeps this rank's part
+  count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(ins) / getSize());
   return passthrough(c10d::OpType::REDUCE_SCATTER, outs, LSG_DEV(outs[0]),
                      [inner, outs, ins, opts]() mutable { return inner->reduce_scatter(outs, ins, opts); });
 }
@@ -1282,13 +1267,8 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::_reduce_scatter_base(at::Tensor&
                                                                      const c10d::ReduceScatterOptions& opts) {
   auto inner = inner_for(input);
   at::Tensor o = output, i = input;
-  const int64_t p = getSize(), me = getRank();
-  (void)me;
-  {
-    // gloo reduces the whole input with its all-reduce, then keeps this rank's part.
-    const int64_t n = nbytes_of(i);
-    count_op("reduce_scatter", 2 * (p - 1) * n / p, 2 * (p - 1) * n / p);
-  }
+  // gloo reduces the whole input with its all-reduce, then keeps this rank's part
+  count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(i) / getSize());
   return passthrough(c10d::OpType::_REDUCE_SCATTER_BASE, {o}, LSG_DEV(i),
                      [inner, o, i, opts]() mutable { return inner->_reduce_scatter_base(o, i, opts); });
 }
@@ -1299,13 +1279,8 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce_scatter_tensor_coalesced(
   auto inner = inner_for(inputs[0]);
   auto outs = outputs;
   auto ins = inputs;
-  const int64_t p = getSize(), me = getRank();
-  (void)me;
-  {
-    // gloo reduces the whole input with its all-reduce, then keeps this rank's part.
-    const int64_t n = nbytes_of(ins);
-    count_op("reduce_scatter", 2 * (p - 1) * n / p, 2 * (p - 1) * n / p);
-  }
+  // gloo reduces the whole input with its all-reduce, then keeps this rank's part
+  count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(ins) / getSize());
   return passthrough(c10d::OpType::COALESCED, outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
     return inner->reduce_scatter_tensor_coalesced(outs, ins, opts);
   });

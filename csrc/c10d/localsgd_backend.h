@@ -201,6 +201,8 @@ class LocalSGDBackend : public c10d::Backend {
   // the inner backend's algorithm (ring all-gather, binomial-tree broadcast, pairwise
   // all-to-all; see count_op's callers), added to the byte counters.
   void count_op(const char* op, int64_t sent, int64_t received);
+  // A ring-shaped op (all-gather, gloo's all-reduce-based reduce-scatter): as many bytes in as out.
+  void count_ring_share(const char* op, int64_t bytes);
   // Why an all-reduce of t with op cannot be compressed (nullptr: it can).
   const char* passthrough_reason(const at::Tensor& t, c10d::ReduceOp op) const;
 
