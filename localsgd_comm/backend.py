@@ -79,12 +79,18 @@ class BackendOptions:
         None -> ``LOCALSGD_COMM_THRESHOLD_BYTES`` or 65536.
     cuda_inner: "nccl" or "gloo": the inner backend for CUDA tensors ("gloo" for TCP-only links).
     seed: None rounds to nearest; an int selects seeded stochastic rounding (unbiased).
+    check_calls: every collective first sends each peer a 64-byte call header (sequence number,
+        collective, format, op, dtype, element count, block size or root) and compares them
+        before any data moves, so ranks that disagree raise "ranks disagree (...)" on every rank
+        at once. None -> ``LOCALSGD_COMM_CHECK_CALLS`` (0/1) or True. False saves that message;
+        a disagreement then hangs until the timeout or exchanges mismatched data.
     """
     format: Optional[str] = None
     block_size: Optional[int] = None
     threshold_bytes: Optional[int] = None
     cuda_inner: str = "nccl"
     seed: Optional[int] = None
+    check_calls: Optional[bool] = None
 
     def resolved(self) -> "BackendOptions":
         """A copy with every unset field taken from the environment or the defaults, validated."""
@@ -109,7 +115,15 @@ class BackendOptions:
             raise ValueError(f"cuda_inner: expected 'nccl' or 'gloo', got {self.cuda_inner!r}")
         if self.seed is not None and not _is_seed(self.seed):
             raise ValueError(f"seed: expected None or an int in [0, 2**63), got {self.seed!r}")
-        return replace(self, format=fmt, block_size=block, threshold_bytes=thr)
+        check = self.check_calls
+        if check is None:
+            env = os.environ.get("LOCALSGD_COMM_CHECK_CALLS", "1").strip() or "1"
+            if env not in ("0", "1"):
+                raise ValueError(f"LOCALSGD_COMM_CHECK_CALLS: expected 0 or 1, got {env!r}")
+            check = env == "1"
+        if not isinstance(check, bool):
+            raise ValueError(f"check_calls: expected True, False or None, got {check!r}")
+        return replace(self, format=fmt, block_size=block, threshold_bytes=thr, check_calls=check)
 
 
 # ---- statistics of the Python-composed path -----------------------------------------------------
@@ -161,11 +175,13 @@ def get_backend_stats(group=None, reset: bool = False) -> Dict[str, Any]:
     "op", "format_none", "multi_tensor"), ``cpp_calls`` / ``python_calls`` (which path ran the
     compressed all-reduces), ``last_path`` ("cpp", "python" or None), and for every other
     collective ``op_calls`` / ``op_bytes_sent`` ({op: count or bytes}: "broadcast", "allgather",
-    "alltoall", "reduce_scatter", "send", ...), and ``failed``: the group's first error (None while
-    it is healthy; after an error every call of the group fails at once with it).
+    "alltoall", "reduce_scatter", "send", ...), ``header_bytes`` (the 64-byte call headers this
+    rank sent, one per peer and collective; see ``BackendOptions.check_calls``), and ``failed``:
+    the group's first error (None while it is healthy; after an error every call of the group
+    fails at once with it).
 
-    Every path is counted in ``bytes_sent``/``bytes_received``: the compressed all-reduce exactly
-    (records, scales, padding and the 64-byte header), pass-through collectives by the inner
+    Every path is counted in ``bytes_sent``/``bytes_received``: the call headers and the compressed
+    all-reduce exactly (records, scales, padding), pass-through collectives by the inner
     backend's algorithm (ring all-reduce and all-gather, binomial-tree broadcast, pairwise
     all-to-all; gloo's reduce-scatter all-reduces the whole input). A barrier counts 0. Payload
     bytes only: gloo's message headers and TCP/IP headers add ~0.2-3% on the wire.
@@ -177,13 +193,13 @@ def get_backend_stats(group=None, reset: bool = False) -> Dict[str, Any]:
         "backend": str(dist.get_backend(pg)), "format": None, "block_size": None,
         "threshold_bytes": None, "bytes_sent": 0, "bytes_received": 0, "compressed_calls": 0,
         "passthrough_calls": 0, "passthrough_reasons": {}, "cpp_calls": 0, "python_calls": 0,
-        "last_path": None, "op_calls": {}, "op_bytes_sent": {}, "failed": None,
+        "last_path": None, "op_calls": {}, "op_bytes_sent": {}, "header_bytes": 0, "failed": None,
     }
     for b in _localsgd_backends(pg):
         s = b.stats()
         out["format"], out["block_size"], out["threshold_bytes"] = s["format"], s["block_size"], s["threshold_bytes"]
         out["failed"] = out.get("failed") or b.failure() or None
-        for k in ("bytes_sent", "bytes_received", "compressed_calls", "passthrough_calls"):
+        for k in ("bytes_sent", "bytes_received", "compressed_calls", "passthrough_calls", "header_bytes"):
             out[k] += s[k]
         out["cpp_calls"] += s["compressed_calls"]
         for key in ("passthrough_reasons", "op_calls", "op_bytes_sent"):
@@ -421,7 +437,7 @@ def all_reduce_compressed(payload: torch.Tensor, scales: torch.Tensor, numel: in
 
 # ---- registration --------------------------------------------------------------------------------
 #: What every rank of a group must agree on at init (checked in one store exchange).
-_AGREED = ("version", "world_size", "format", "block_size", "threshold_bytes", "cuda_inner", "seed")
+_AGREED = ("version", "world_size", "format", "block_size", "threshold_bytes", "cuda_inner", "seed", "check_calls")
 
 
 def _publish_init(store, rank: int, size: int, mine: Dict[str, Any], error: Optional[str]) -> int:
@@ -474,7 +490,8 @@ def _create_backend(dist_opts, backend_options):
         _publish_init(store, rank, size, {}, f"{type(exc).__name__}: {exc}")  # the peers raise it too
         raise
     mine = {"version": __version__, "world_size": size, "format": opts.format, "block_size": opts.block_size,
-            "threshold_bytes": opts.threshold_bytes, "cuda_inner": opts.cuda_inner, "seed": opts.seed}
+            "threshold_bytes": opts.threshold_bytes, "cuda_inner": opts.cuda_inner, "seed": opts.seed,
+            "check_calls": opts.check_calls}
     _agree_at_init(store, rank, size, mine)
     # The inner groups get their own key prefixes so they never collide with ours or each other.
     gloo = dist.ProcessGroupGloo(dist.PrefixStore("localsgd/gloo/", store), rank, size, timeout)
@@ -488,7 +505,8 @@ def _create_backend(dist_opts, backend_options):
             cuda_inner = gloo  # gloo handles CUDA tensors through host staging
     timeout_ms = int(timeout.total_seconds() * 1000) if isinstance(timeout, timedelta) else int(timeout)
     return _C.LocalSGDBackend(rank, size, gloo, cuda_inner, _FORMAT_CODES[opts.format], opts.block_size,
-                              opts.threshold_bytes, -1 if opts.seed is None else opts.seed, timeout_ms)
+                              opts.threshold_bytes, -1 if opts.seed is None else opts.seed, timeout_ms,
+                              opts.check_calls)
 
 
 #: How long exit waits for collectives still in flight (they finish when every rank exits alike).

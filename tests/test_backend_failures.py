@@ -151,7 +151,123 @@ def test_abort_with_work_in_flight_returns_at_once_and_fails_the_group():
     res = run_ranks(_w_abort, 2, backend=None, timeout=90, return_exceptions=True)
     assert not isinstance(res[0], (RankError,)), res[0]
     msg, abort_s, raise_after_s, later, later_s = res[0]
-    assert msg != "no error"
+    assert "aborted" in msg, msg  # an aborted receive is an error, never a completed message
     assert abort_s < 1.0, f"abort() took {abort_s:.2f} s"
     assert raise_after_s < 2.0, f"the in-flight all_reduce raised {raise_after_s:.2f} s after abort()"
     assert "aborted" in later and later_s < 1.0, (later, later_s)
+
+
+# ---- every collective carries a call header ---------------------------------------------------
+# Each case: what rank 0 calls, what rank 1 calls, and a fragment the message must hold. None of
+# these could be seen by the old per-call metadata (it only existed on the compressed path): the
+# ranks hung until the group timeout, or gloo exchanged mismatched messages.
+_MISMATCH = {
+    "dtype": (lambda: dist.all_reduce(torch.ones(4096)),
+              lambda: dist.all_reduce(torch.ones(4096, dtype=torch.int32)),
+              "dtype: this rank float32, rank 1 int32"),
+    "op": (lambda: dist.all_reduce(torch.ones(4096)),
+           lambda: dist.all_reduce(torch.ones(4096), op=dist.ReduceOp.MAX),
+           "op: this rank SUM, rank 1 MAX"),
+    "kind": (lambda: dist.all_reduce(torch.ones(4096)),
+             lambda: dist.broadcast(torch.ones(4096), src=0),
+             "collective: this rank allreduce, rank 1 broadcast"),
+    "skipped": (lambda: (dist.all_reduce(torch.ones(4096)), dist.barrier()),
+                lambda: dist.barrier(),
+                "collective: this rank allreduce, rank 1 barrier"),
+    "passthrough_numel": (lambda: dist.all_reduce(torch.ones(10, dtype=torch.int64)),
+                          lambda: dist.all_reduce(torch.ones(12, dtype=torch.int64)),
+                          "numel: this rank 10, rank 1 12"),
+    "root": (lambda: dist.broadcast(torch.ones(100), src=0),
+             lambda: dist.broadcast(torch.ones(100), src=1),
+             "block size / root: this rank 0, rank 1 1"),
+    "all_gather_numel": (lambda: dist.all_gather_into_tensor(torch.empty(200), torch.ones(100)),
+                         lambda: dist.all_gather_into_tensor(torch.empty(202), torch.ones(101)),
+                         "numel: this rank 100, rank 1 101"),
+}
+
+
+def _w_mismatch(rank, p, case):
+    dist.init_process_group("localsgd", pg_options=BackendOptions(threshold_bytes=0), timeout=timedelta(seconds=60))
+    dist.barrier()
+    mine = _MISMATCH[case][rank]
+    t0 = time.monotonic()
+    try:
+        mine()
+        msg = "no error"
+    except RuntimeError as exc:
+        msg = str(exc)
+    secs = time.monotonic() - t0
+    failed = get_backend_stats()["failed"]
+    dist.destroy_process_group()
+    return msg, secs, failed
+
+
+@pytest.mark.parametrize("case", sorted(_MISMATCH))
+def test_collectives_that_disagree_raise_on_every_rank_before_data_moves(case):
+    """Group timeout 60 s: every rank must raise at once (measured: a few ms), naming the field."""
+    fragment = _MISMATCH[case][2]
+    for rank, (msg, secs, failed) in enumerate(run_ranks(_w_mismatch, 2, case, backend=None, timeout=90)):
+        assert "ranks disagree" in msg, (rank, msg)
+        if rank == 0:
+            assert fragment in msg, msg
+        assert secs < 10, f"rank {rank} raised after {secs:.1f} s (group timeout 60 s)"
+        assert failed and "ranks disagree" in failed
+
+
+def _w_call_timeout(rank, p, mode):
+    # per_call: group timeout 60 s, the collective's option 2 s; group: the group's 3 s;
+    # set_timeout: created with 60 s, set to 3 s afterwards
+    dist.init_process_group("localsgd", pg_options=BackendOptions(threshold_bytes=0),
+                            timeout=timedelta(seconds=3 if mode == "group" else 60))
+    pg = dist.group.WORLD._get_backend(torch.device("cpu"))
+    if mode == "set_timeout":
+        pg.set_timeout(timedelta(seconds=3))
+    dist.barrier()
+    if rank == 1:
+        time.sleep(15)  # never joins
+        return "slept", 0.0
+    x = torch.randn(1 << 16)
+    t0 = time.monotonic()
+    try:
+        if mode == "per_call":
+            opts = dist.AllreduceOptions()
+            opts.timeout = timedelta(seconds=2)
+            pg.allreduce([x], opts).wait()
+        else:
+            dist.all_reduce(x)
+        msg = "no error"
+    except RuntimeError as exc:
+        msg = str(exc)
+    return msg, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("mode", ["per_call", "group", "set_timeout"])
+def test_the_timeout_bounds_a_compressed_call_whose_peer_never_comes(mode):
+    """Before, the compressed path ignored both and waited for gloo's own timeout."""
+    msg, secs = run_ranks(_w_call_timeout, 2, mode, backend=None, timeout=90)[0]
+    bound = 2 if mode == "per_call" else 3
+    assert "timed out" in msg and f"after {bound * 1000} ms" in msg and "rank 1" in msg, msg
+    assert bound - 0.1 <= secs < bound + 5, f"raised after {secs:.1f} s with a {bound} s timeout"
+
+
+def _w_headers(rank, p, check):
+    dist.init_process_group("localsgd", pg_options=BackendOptions(threshold_bytes=0, check_calls=check),
+                            timeout=timedelta(seconds=30))
+    pg = dist.group.WORLD._get_backend(torch.device("cpu"))
+    seq0 = pg._get_sequence_number_for_group()
+    x = torch.randn(5000)
+    dist.all_reduce(x)
+    dist.broadcast(torch.ones(7), src=0)
+    dist.barrier()
+    seq = pg._get_sequence_number_for_group() - seq0
+    st = get_backend_stats()
+    dist.destroy_process_group()
+    return seq, st["header_bytes"], bool(torch.isfinite(x).all())
+
+
+def test_call_headers_are_numbered_counted_and_can_be_turned_off():
+    for seq, header_bytes, finite in run_ranks(_w_headers, 3, True, backend=None, timeout=90):
+        assert seq == 3 and finite
+        assert header_bytes >= 3 * 2 * 64  # 64 bytes to each of 2 peers per collective
+    for seq, header_bytes, finite in run_ranks(_w_headers, 2, False, backend=None, timeout=90):
+        assert seq == 3 and header_bytes == 0 and finite

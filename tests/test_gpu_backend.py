@@ -117,3 +117,27 @@ def test_diloco_sync_of_a_cuda_model_leaves_replicas_bitwise_identical():
                                  pg_options=BackendOptions(cuda_inner="gloo"))
     assert torch.equal(a, b)
     assert torch.isfinite(torch.tensor([la, lb])).all()
+
+
+def test_a_wait_from_another_stream_is_ordered_after_the_collective():
+    """FSDP2's pattern: the collective is issued on one stream and waited for on another;
+    work.wait() must make the *waiting* stream wait (no host sync needed by the caller)."""
+    if not dist.is_nccl_available():
+        pytest.skip("no NCCL in this torch")
+    dist.init_process_group("localsgd", store=dist.HashStore(), rank=0, world_size=1,
+                            pg_options=BackendOptions(threshold_bytes=0))
+    try:
+        x = _inputs(0, 1 << 22, torch.float32)
+        ref = x.clone()
+        dist.all_reduce(ref, op=dist.ReduceOp.AVG)  # CPU path
+        comm, compute = torch.cuda.Stream(), torch.cuda.Stream()
+        with torch.cuda.stream(comm):
+            t = x.cuda()
+            work = dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
+        with torch.cuda.stream(compute):
+            work.wait()
+            y = t * 1.0  # runs on `compute`: must see the reduced values
+        torch.cuda.synchronize()
+        assert torch.equal(y.cpu(), ref)
+    finally:
+        dist.destroy_process_group()

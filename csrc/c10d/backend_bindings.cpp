@@ -16,13 +16,16 @@ void init_c10d_bindings(pybind11::module& m) {
       "The 'localsgd' c10d backend. Created by localsgd_comm.backend (do not construct it directly).")
       .def(py::init([](int rank, int size, const c10::intrusive_ptr<c10d::Backend>& cpu_inner,
                        const std::optional<c10::intrusive_ptr<c10d::Backend>>& cuda_inner, int format,
-                       int64_t block_size, int64_t threshold_bytes, int64_t seed, int64_t timeout_ms) {
+                       int64_t block_size, int64_t threshold_bytes, int64_t seed, int64_t timeout_ms,
+                       bool check_calls) {
              return c10::make_intrusive<LocalSGDBackend>(rank, size, cpu_inner,
                                                          cuda_inner.value_or(c10::intrusive_ptr<c10d::Backend>()),
-                                                         format, block_size, threshold_bytes, seed, timeout_ms);
+                                                         format, block_size, threshold_bytes, seed, timeout_ms,
+                                                         check_calls);
            }),
            py::arg("rank"), py::arg("size"), py::arg("cpu_inner"), py::arg("cuda_inner"), py::arg("format"),
-           py::arg("block_size"), py::arg("threshold_bytes"), py::arg("seed"), py::arg("timeout_ms"))
+           py::arg("block_size"), py::arg("threshold_bytes"), py::arg("seed"), py::arg("timeout_ms"),
+           py::arg("check_calls") = true)
       .def("allreduce_compressed", &LocalSGDBackend::allreduce_compressed, py::arg("payload"), py::arg("scales"),
            py::arg("numel"), py::arg("format"), py::arg("block_size"), py::arg("average"), py::arg("seed"),
            py::call_guard<py::gil_scoped_release>())
@@ -46,6 +49,7 @@ void init_c10d_bindings(pybind11::module& m) {
              for (const auto& [k, v] : s.op_bytes_sent) op_bytes[py::str(k)] = v;
              d["op_calls"] = op_calls;
              d["op_bytes_sent"] = op_bytes;
+             d["header_bytes"] = s.header_bytes;
              return d;
            })
       .def("reset_stats", &LocalSGDBackend::reset_stats)

@@ -50,9 +50,6 @@
 namespace localsgd {
 namespace {
 
-constexpr int64_t kMetaWords = 8;
-constexpr int64_t kMetaMagic = 0x4C534731;  // "LSG1"; same header layout as backend.py
-
 const char* format_name(Format f) {
   switch (f) {
     case Format::None: return "none";
@@ -101,104 +98,158 @@ uint64_t mix64(uint64_t a, uint64_t b) {
          mix32(static_cast<uint32_t>((a >> 32) ^ b ^ 0x85EBCA6Bu));
 }
 
-// (0) fixed-size metadata all-gather; every rank checks every row, so a disagreement raises
-// the same error on all ranks instead of letting mismatched sizes reach the data collectives.
-// Posted inner works; any not waited for when this goes out of scope (an error on the way) are
-// aborted, best effort, so no receive is left writing into the reused workspace.
+}  // namespace
+
+// The inner point-to-point works of one call. Each is registered in `state` while it is posted
+// (abort() aborts it); every wait is bounded by the call's deadline and names the peer; any
+// work not waited for when this goes out of scope (an error on the way, a cancelled call) is
+// aborted, best effort, so no receive is left writing into reused memory.
 class PostedWorks {
  public:
-  explicit PostedWorks(GroupState* state) : state_(state) {}
-  size_t add(c10::intrusive_ptr<c10d::Work> w) {
+  PostedWorks(GroupState* state, const Call& call) : state_(state), call_(&call) {}
+  size_t add(c10::intrusive_ptr<c10d::Work> w, int64_t peer, bool send) {
+    uint64_t id = 0;
     if (state_) {
-      // registered for abort(): it aborts what is in flight (and anything posted after it)
       std::lock_guard<std::mutex> lk(state_->mu);
-      state_->inflight.push_back(w);
+      id = state_->next_inflight++;
+      state_->inflight.emplace(id, w);
       if (state_->aborted) w->abort();
     }
-    works_.push_back(std::move(w));
+    works_.push_back({std::move(w), id, peer, send});
     return works_.size() - 1;
   }
-  // Each wait is bounded by the inner group's timeout; the first failure propagates and the
-  // destructor aborts the rest: one timeout, not one per message.
+  // The first failure propagates (the destructor aborts the rest): one timeout, not one per
+  // message. An inner wait that returns false was aborted: its buffer holds no message.
   void wait(size_t i) {
-    if (works_[i]) {
-      works_[i]->wait();
-      works_[i].reset();
+    Entry& e = works_[i];
+    if (!e.work) return;
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(call_->deadline -
+                                                                            std::chrono::steady_clock::now());
+    const char* dir = e.send ? "sending to" : "receiving from";
+    TORCH_CHECK(left.count() > 0, "localsgd ", call_->spec.what, " (collective #", call_->seq, "): timed out after ",
+                call_->timeout.count(), " ms ", dir, " rank ", e.peer,
+                " (the call's timeout; is that rank still running, and did it make the same collective?)");
+    bool ok = false;
+    try {
+      ok = e.work->wait(std::max<std::chrono::milliseconds>(left, std::chrono::milliseconds(1)));
+    } catch (const std::exception& err) {
+      const bool timed_out = std::chrono::steady_clock::now() >= call_->deadline;
+      TORCH_CHECK(false, "localsgd ", call_->spec.what, " (collective #", call_->seq, "): ",
+                  timed_out ? "timed out " : "failed ", dir, " rank ", e.peer,
+                  timed_out ? c10::str(" after ", call_->timeout.count(), " ms (the call's timeout)") : std::string(),
+                  ": ", c10::GetExceptionString(err));
     }
+    TORCH_CHECK(ok, "localsgd ", call_->spec.what, " (collective #", call_->seq, "): the message ", dir, " rank ",
+                e.peer, " was aborted (the process group was aborted or is shutting down)");
+    release(e);
   }
   void wait_all() {
     for (size_t i = 0; i < works_.size(); ++i) wait(i);
   }
-  ~PostedWorks() {
-    if (state_) {
-      std::lock_guard<std::mutex> lk(state_->mu);
-      state_->inflight.clear();
+  void wait_receives() {
+    for (size_t i = 0; i < works_.size(); ++i) {
+      if (!works_[i].send) wait(i);
     }
-    for (auto& w : works_) {
-      if (!w) continue;
+  }
+  ~PostedWorks() {
+    for (auto& e : works_) {
+      if (!e.work) continue;
       try {
-        w->abort();
+        e.work->abort();
       } catch (...) {
       }
+      release(e);
     }
   }
 
  private:
+  struct Entry {
+    c10::intrusive_ptr<c10d::Work> work;
+    uint64_t id;
+    int64_t peer;
+    bool send;
+  };
+  void release(Entry& e) {
+    if (state_) {
+      std::lock_guard<std::mutex> lk(state_->mu);
+      state_->inflight.erase(e.id);
+    }
+    e.work.reset();
+  }
   GroupState* state_;
-  std::vector<c10::intrusive_ptr<c10d::Work>> works_;
+  const Call* call_;
+  std::vector<Entry> works_;
 };
 
-// The header of every rank reaches every rank. CPU tensors: point-to-point messages with a
-// reserved tag, registered in `state` so that abort() can cut a wait for a peer that never
-// comes; CUDA tensors: an all-gather on the inner group (NCCL needs grouped point-to-point).
-constexpr int kMetaTag = 0x4F000000;
+namespace {
+// ---- the call header ----------------------------------------------------------------------------
+// 8 int64 words: magic, sequence number, kind, format, op, dtype, element count, extra (see
+// CallSpec). Sent to every peer as a point-to-point message on the CPU inner group with a tag of
+// its own per sequence number, posted on the caller's thread when the collective is called, so
+// the exchange overlaps the hand-off to the worker (and, for CUDA tensors, never touches the GPU).
+constexpr int64_t kHeaderWords = 8;
+constexpr int64_t kHeaderMagic = 0x4C534732;  // "LSG2"
+constexpr int kHeaderTag = 0x4F000000;        // + (seq mod 2^24)
+constexpr int64_t kKindCompressed = 1000;     // all_reduce_compressed
 
-void exchange_meta(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, int64_t me,
-                   const std::vector<int64_t>& mine, const at::Device& dev, const char* what, GroupState* state) {
-  if (p == 1) return;
-  auto opts = at::TensorOptions().dtype(at::kLong);
-  at::Tensor local = at::tensor(mine, opts).to(dev);
-  at::Tensor all = at::empty({p * kMetaWords}, opts.device(dev));
-  if (dev.is_cpu()) {
-    PostedWorks works(state);
-    for (int64_t r = 0; r < p; ++r) {
-      if (r == me) continue;
-      std::vector<at::Tensor> t{all.narrow(0, r * kMetaWords, kMetaWords)};
-      works.add(inner->recv(t, static_cast<int>(r), kMetaTag));
-    }
-    for (int64_t r = 0; r < p; ++r) {
-      if (r == me) continue;
-      std::vector<at::Tensor> t{local};
-      works.add(inner->send(t, static_cast<int>(r), kMetaTag));
-    }
-    all.narrow(0, me * kMetaWords, kMetaWords).copy_(local);
-    works.wait_all();
-  } else {
-    inner->_allgather_base(all, local, c10d::AllgatherOptions())->wait();
-  }
-  at::Tensor rows = all.cpu();
-  const int64_t* d = rows.data_ptr<int64_t>();
-  static const char* names[kMetaWords] = {"magic", "format", "numel", "block_size", "op", "kind", "dtype", "reserved"};
-  for (int64_t r = 0; r < p; ++r) {
-    std::string diff;
-    for (int64_t i = 0; i < kMetaWords; ++i) {
-      if (d[r * kMetaWords + i] != mine[i]) {
-        diff += c10::str(diff.empty() ? "" : ", ", names[i], ": this rank ", mine[i], ", rank ", r, " ",
-                         d[r * kMetaWords + i]);
-      }
-    }
-    TORCH_CHECK(diff.empty(), "localsgd ", what, ": ranks disagree (", diff,
-                "); expected identical tensor sizes, dtypes, formats, block sizes and ops on every rank");
+std::string kind_name(int64_t k) {
+  if (k == kKindCompressed) return "all_reduce_compressed";
+  if (k < 0 || k > 255) return c10::str("kind ", k);
+  std::string s = c10d::opTypeToString(static_cast<c10d::OpType>(k));
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+std::string op_name(int64_t op) {
+  static const char* names[] = {"SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR", "PREMUL_SUM"};
+  if (op < 0) return "none";
+  return op < 9 ? names[op] : c10::str("op ", op);
+}
+
+std::string header_value(int64_t field, int64_t v) {
+  switch (field) {
+    case 2: return kind_name(v);
+    case 3: return v == 0 ? std::string("uncompressed") : std::string(format_name(static_cast<Format>(v)));
+    case 4: return op_name(v);
+    case 5: return v < 0 ? std::string("none") : std::string(c10::getDtypeNames(static_cast<at::ScalarType>(v)).first);
+    default: return std::to_string(v);
   }
 }
 
+int64_t numel_of(const std::vector<at::Tensor>& ts) {
+  int64_t n = 0;
+  for (const auto& t : ts) n += t.numel();
+  return n;
+}
 
-// Data phases of the quantized all-reduce for CPU tensors, as point-to-point messages with
-// every receive posted up front.
+// The header fields of a collective over `ts` (dtype: the first tensor's).
+CallSpec spec_for(const char* what, c10d::OpType kind, const std::vector<at::Tensor>& ts, int64_t op = -1,
+                  int64_t extra = 0, std::chrono::milliseconds timeout = c10d::kUnsetTimeout) {
+  CallSpec c;
+  c.what = what;
+  c.kind = static_cast<int64_t>(kind);
+  c.op = op;
+  c.dtype = ts.empty() ? -1 : static_cast<int64_t>(ts[0].scalar_type());
+  c.numel = numel_of(ts);
+  c.extra = extra;
+  c.timeout = timeout;
+  return c;
+}
+// The data phases of the quantized all-reduce: ONE orchestration for every device and inner
+// backend (pipelined_allreduce below). What differs is supplied from outside:
+//   - DeviceOps: the kernels (zero-fill, fused dequantize + sum + requantize) and where they run
+//     (host, or the caller's CUDA stream);
+//   - produce / consume: how a piece of a record is filled from the caller's tensor and emptied
+//     into it (quantize / dequantize kernels, or byte copies for all_reduce_compressed);
+//   - Transport: how a message moves: gloo point-to-point from host memory (CPU tensors), the
+//     same through pinned host staging (CUDA tensors over gloo), or whole-phase NCCL
+//     collectives on the stream (CUDA tensors over NCCL).
+// So the CPU tests exercise the orchestration (pieces, tags, padding, phase order, error
+// handling) that a GPU user runs.
 //
-// Why point-to-point: measured on a 1 Gbit/s shaped link (2 ranks, 8.25 MB each way), gloo's
-// all_to_all with one large message per peer took 115-140 ms and its all-gather 85-110 ms,
-// because the two directions of the link barely overlapped; the same bytes as concurrently
+// Why point-to-point messages: measured on a 1 Gbit/s shaped link (2 ranks, 8.25 MB each way),
+// gloo's all_to_all with one large message per peer took 115-140 ms and its all-gather 85-110
+// ms, because the two directions of the link barely overlapped; the same bytes as concurrently
 // posted 1 MiB isend/irecv pieces took 72 ms, the wire time of one direction.
 //
 // Why pieces of blocks, pipelined: with whole phases (compress everything, exchange, reduce
@@ -211,13 +262,23 @@ void exchange_meta(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, in
 //      post its sends to every peer (they queue on the link behind phase A's);
 //   C  decompress our own reduced chunk, then every peer's pieces as they arrive.
 // Compute then runs while the link is busy with earlier pieces: only the first piece's compress
-// and the last piece's decompress are not hidden.
+// and the last piece's decompress are not hidden. A transport that moves whole phases (NCCL:
+// the GPU computes a piece in microseconds, nothing to hide) gets one piece per record.
 //
-// Tags sit in a range of their own per phase (piece j: base + 2j for the payload, + 2j + 1 for
-// the scales), far above what user send/recv use (those pass through with the user's tags).
-// The FIFO worker waits for every message of a call before the next call starts, so reusing
-// the tags across calls cannot pair a message with another call.
+// Tags sit in a range of their own per phase, far above what user send/recv use (those pass
+// through with the user's tags and are refused from kPhaseTag[0] up): piece j of call c has
+// base + (c mod 256) * 2^19 + 2j for the payload, + 1 for the scales. The FIFO worker waits for
+// every message of a call before the next call starts, and a failed call fails the group, so
+// tags never pair messages of two calls; the call bits make that hold even for a message that
+// arrives late from a call that failed half way on another rank. Message lengths follow from
+// the call header every rank agreed on before (check_call), so a message is never shorter or
+// longer than the receive posted for it.
 constexpr int kPhaseTag[2] = {0x40000000, 0x48000000};
+constexpr int kCallTagShift = 19;
+constexpr int64_t kMaxPieces = int64_t{1} << (kCallTagShift - 1);
+int phase_tag(int phase, uint64_t call_id, int64_t j, int m) {
+  return kPhaseTag[phase] + static_cast<int>((call_id & 0xFF) << kCallTagShift) + static_cast<int>(2 * j + m);
+}
 constexpr int64_t kPieceBytes = 1 << 20;     // payload bytes per piece, at most ...
 constexpr int64_t kMinPieceBytes = 1 << 16;  // ... and at least (unless the record is smaller)
 
@@ -226,12 +287,17 @@ struct Pieces {
   int64_t count;   // pieces per record
 };
 
-// About 8 pieces per record (so small records pipeline too), each 64 KiB - 1 MiB of payload.
-Pieces make_pieces(Format f, const Chunking& ch, int64_t block) {
+// About 8 pieces per record (so small records pipeline too), each 64 KiB - 1 MiB of payload;
+// or one piece per record (whole phases).
+Pieces make_pieces(Format f, const Chunking& ch, int64_t block, bool pipelined) {
+  if (!pipelined) return {ch.blocks_per_chunk, 1};
   const int64_t per_block = payload_bytes(f, block);
   const int64_t target = std::clamp<int64_t>(ch.cap / 8, kMinPieceBytes, kPieceBytes);
   const int64_t blocks = std::clamp<int64_t>(target / per_block, 1, ch.blocks_per_chunk);
-  return {blocks, (ch.blocks_per_chunk + blocks - 1) / blocks};
+  const Pieces pc{blocks, (ch.blocks_per_chunk + blocks - 1) / blocks};
+  TORCH_CHECK(pc.count < kMaxPieces, "localsgd all_reduce: a record of ", ch.cap, " payload bytes needs ", pc.count,
+              " pieces, more than the ", kMaxPieces, " the message tags can number");
+  return pc;
 }
 
 // The elements of one piece of a chunk's record: blocks from b0 on, elements [e0, e0 + valid)
@@ -243,29 +309,108 @@ struct Piece {
   bool padded;
 };
 
-
 // produce(pc, rec): write the piece's elements of its chunk (payload and scales) into the record
 //   at rec.
 // consume(pc, rec): read the piece of a reduced record at rec.
 // Payload and scales of a piece sit at rec + payload_offset(f, pc.e0) and
-// reinterpret_cast<float*>(rec + ch.cap) + pc.b0. Padding is the pipeline's business.
+// reinterpret_cast<float*>(rec + ch.cap) + pc.b0; rec is a pointer on the workspace's device.
+// Padding is the pipeline's business.
 using ProduceFn = std::function<void(const Piece&, uint8_t*)>;
 using ConsumeFn = std::function<void(const Piece&, const uint8_t*)>;
 
-// The pipelined all-reduce of records for CPU tensors of n elements (phases A, B, C above).
-// The reduce step (dequantize the p records, fp32 sum in rank order, times `factor`,
-// requantize with `rm`, whose index_offset is set per piece) is done here; the caller supplies
-// how records are filled and emptied. `ws` holds (3 p + 1) R bytes: send records, received
-// records, our reduced record, gathered records. Record bytes past a chunk's end are zeroed
-// here (never send uninitialized memory).
-void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int64_t p, int64_t me, Format f,
-                             int64_t block, const Chunking& ch, int64_t n, const at::Tensor& ws, float factor,
-                             RoundingMode rm, const ProduceFn& produce, const ConsumeFn& consume,
-                             GroupState* state) {
+// The kernels of one call and where they run: the host, or the caller's CUDA stream (captured
+// at enqueue, current on the worker under its guard). Pointers are on that device.
+struct DeviceOps {
+  virtual ~DeviceOps() = default;
+  virtual void zero(uint8_t* dst, int64_t len) = 0;
+  virtual void copy(void* dst, const void* src, int64_t len) = 0;
+  virtual void quantize(Format f, DType dt, const void* x, int64_t n, int64_t block, const RoundingMode& rm,
+                        uint8_t* payload, float* scales) = 0;
+  virtual void dequantize(Format f, const uint8_t* payload, const float* scales, int64_t n, int64_t block, DType dt,
+                          void* out) = 0;
+  // p records' pieces at in (stride bytes; scales at in_scales, scales_stride floats) -> fp32
+  // sum in rank order, times factor, requantized into out / out_scales.
+  virtual void reduce(Format f, int64_t p, const uint8_t* in, int64_t stride, const float* in_scales,
+                      int64_t scales_stride, int64_t n, int64_t block, float factor, const RoundingMode& rm,
+                      uint8_t* out, float* out_scales) = 0;
+};
+
+struct CpuOps final : DeviceOps {
+  void zero(uint8_t* dst, int64_t len) override { std::memset(dst, 0, len); }
+  void copy(void* dst, const void* src, int64_t len) override { std::memcpy(dst, src, len); }
+  void quantize(Format f, DType dt, const void* x, int64_t n, int64_t block, const RoundingMode& rm, uint8_t* payload,
+                float* scales) override {
+    cpu::quantize(f, dt, x, n, block, rm, payload, scales);
+  }
+  void dequantize(Format f, const uint8_t* payload, const float* scales, int64_t n, int64_t block, DType dt,
+                  void* out) override {
+    cpu::dequantize(f, payload, scales, n, block, dt, out);
+  }
+  void reduce(Format f, int64_t p, const uint8_t* in, int64_t stride, const float* in_scales, int64_t scales_stride,
+              int64_t n, int64_t block, float factor, const RoundingMode& rm, uint8_t* out,
+              float* out_scales) override {
+    cpu::dequantize_reduce(f, p, in, stride, in_scales, scales_stride, n, block, factor, rm, nullptr, out, out_scales);
+  }
+};
+
+// How the messages of one call move. Offsets are bytes into the workspace (on its device).
+// Receives are posted before sends; flush(phase, j) follows the sends of piece j of a phase.
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  // false: one piece per record, each phase moved as a whole
+  virtual bool pipelined() const { return true; }
+  // true: this rank's own record of phase A goes to slot `me` of the send area (a collective
+  // moves it into place); false: straight into the receive area
+  virtual bool own_record_in_send_area() const { return false; }
+  virtual void recv(int phase, int64_t j, int m, int64_t peer, int64_t off, int64_t len) = 0;
+  virtual void send(int phase, int64_t j, int m, int64_t peer, int64_t off, int64_t len) = 0;
+  virtual void flush(int /*phase*/, int64_t /*j*/) {}
+  virtual void wait_recv(int phase, int64_t j, int m, int64_t peer) = 0;
+  virtual void wait_all() = 0;
+};
+
+// gloo point-to-point messages from host memory (CPU tensors), each receive posted up front.
+class P2PTransport : public Transport {
+ public:
+  P2PTransport(c10::intrusive_ptr<c10d::Backend> inner, at::Tensor host, GroupState* state, const Call& call,
+               uint64_t call_id)
+      : inner_(std::move(inner)), host_(std::move(host)), works_(state, call), call_id_(call_id) {}
+  void recv(int phase, int64_t j, int m, int64_t peer, int64_t off, int64_t len) override {
+    std::vector<at::Tensor> t{host_.narrow(0, off, len)};
+    recvs_[key(phase, j, m, peer)] =
+        works_.add(inner_->recv(t, static_cast<int>(peer), phase_tag(phase, call_id_, j, m)), peer, false);
+  }
+  void send(int phase, int64_t j, int m, int64_t peer, int64_t off, int64_t len) override { post_send(phase, j, m, peer, off, len); }
+  void wait_recv(int phase, int64_t j, int m, int64_t peer) override { works_.wait(recvs_.at(key(phase, j, m, peer))); }
+  void wait_all() override { works_.wait_all(); }
+
+ protected:
+  void post_send(int phase, int64_t j, int m, int64_t peer, int64_t off, int64_t len) {
+    std::vector<at::Tensor> t{host_.narrow(0, off, len)};
+    works_.add(inner_->send(t, static_cast<int>(peer), phase_tag(phase, call_id_, j, m)), peer, true);
+  }
+  static uint64_t key(int phase, int64_t j, int m, int64_t peer) {
+    return (((static_cast<uint64_t>(peer) << 20) | static_cast<uint64_t>(j)) << 2) | (phase << 1) | m;
+  }
+  c10::intrusive_ptr<c10d::Backend> inner_;
+  at::Tensor host_;
+  PostedWorks works_;
+  uint64_t call_id_;
+  std::map<uint64_t, size_t> recvs_;
+};
+
+// The orchestration (phases A, B, C above) for a tensor of n elements in chunks `ch`. `ws`
+// holds (3 p + 1) R bytes on the tensor's device: send records, received records, our reduced
+// record, gathered records. Record bytes past a chunk's end are zeroed here (never send
+// uninitialized memory). `rm`'s index_offset is set per piece.
+void pipelined_allreduce(Transport& net, DeviceOps& dev, int64_t p, int64_t me, Format f, int64_t block,
+                         const Chunking& ch, int64_t n, uint8_t* base, float factor, RoundingMode rm,
+                         const ProduceFn& produce, const ConsumeFn& consume) {
   const int64_t R = ch.record, c = ch.blocks_per_chunk;
-  const Pieces pc = make_pieces(f, ch, block);
+  const Pieces pc = make_pieces(f, ch, block, net.pipelined());
   const int64_t kSend = 0, kRecv = p * R, kMine = 2 * p * R, kGath = 2 * p * R + R;
-  uint8_t* base = ws.data_ptr<uint8_t>();
+  const int64_t kOwn = net.own_record_in_send_area() && p > 1 ? kSend + me * R : kRecv + me * R;
   // message m (0 payload, 1 scales) of piece j: (offset in its record, length)
   auto msg = [&](int64_t j, int m) -> std::pair<int64_t, int64_t> {
     const int64_t b0 = j * pc.blocks, b1 = std::min(b0 + pc.blocks, c);
@@ -280,86 +425,238 @@ void pipelined_allreduce_cpu(const c10::intrusive_ptr<c10d::Backend>& inner, int
     return Piece{b0, e0, lo + e0, valid, valid < full};
   };
   // zero both messages of a padded piece j in the record at rec, before it is written
-  auto pad = [&](const Piece& x, int64_t j, uint8_t* rec) {
+  auto pad = [&](const Piece& x, int64_t j, int64_t rec) {
     if (!x.padded) return;
     for (int m = 0; m < 2; ++m) {
       const auto [off, len] = msg(j, m);
-      std::memset(rec + off, 0, len);
+      dev.zero(base + rec + off, len);
     }
   };
-  PostedWorks works(state);
-  auto post = [&](bool send, int64_t off, int64_t len, int64_t peer, int tag) {
-    std::vector<at::Tensor> t{ws.narrow(0, off, len)};
-    return works.add(send ? inner->send(t, static_cast<int>(peer), tag) : inner->recv(t, static_cast<int>(peer), tag));
-  };
-  auto slot = [&](int64_t r, int64_t j, int m) { return static_cast<size_t>((r * pc.count + j) * 2 + m); };
-  // both messages of piece j: send them from the record at offset `rec` to `to`, or wait for them
-  auto send_piece = [&](int64_t rec, int64_t to, int64_t j, int tag_base) {
+  auto send_piece = [&](int64_t rec, int64_t to, int64_t j, int phase) {
     for (int m = 0; m < 2; ++m) {
       const auto [off, len] = msg(j, m);
-      post(true, rec + off, len, to, tag_base + static_cast<int>(2 * j + m));
+      net.send(phase, j, m, to, rec + off, len);
     }
   };
-  auto wait_piece = [&](const std::vector<size_t>& ids, int64_t from, int64_t j) {
-    works.wait(ids[slot(from, j, 0)]);
-    works.wait(ids[slot(from, j, 1)]);
+  auto wait_piece = [&](int phase, int64_t from, int64_t j) {
+    net.wait_recv(phase, j, 0, from);
+    net.wait_recv(phase, j, 1, from);
   };
-  std::vector<size_t> recv_a(static_cast<size_t>(p * pc.count * 2)), recv_b(recv_a.size());
   for (int64_t i = 1; i < p; ++i) {
     const int64_t from = (me + p - i) % p;
     for (int64_t j = 0; j < pc.count; ++j) {
       for (int m = 0; m < 2; ++m) {
         const auto [off, len] = msg(j, m);
-        const int tag = static_cast<int>(2 * j + m);
-        recv_a[slot(from, j, m)] = post(false, kRecv + from * R + off, len, from, kPhaseTag[0] + tag);
-        recv_b[slot(from, j, m)] = post(false, kGath + from * R + off, len, from, kPhaseTag[1] + tag);
+        net.recv(0, j, m, from, kRecv + from * R + off, len);
+        net.recv(1, j, m, from, kGath + from * R + off, len);
       }
     }
   }
-  // writes piece j of rank r's chunk into the record at rec (padding zeroed)
-  auto fill = [&](int64_t r, int64_t j, uint8_t* rec) {
+  // writes piece j of rank r's chunk into the record at offset rec (padding zeroed)
+  auto fill = [&](int64_t r, int64_t j, int64_t rec) {
     const Piece x = piece(r, j);
     pad(x, j, rec);
-    if (x.valid > 0) produce(x, rec);
+    if (x.valid > 0) produce(x, base + rec);
   };
   // A: compress piece by piece; our own chunk's pieces go straight to the receive area.
   for (int64_t j = 0; j < pc.count; ++j) {
     for (int64_t i = 1; i < p; ++i) {
       const int64_t to = (me + i) % p;
-      fill(to, j, base + kSend + to * R);
-      send_piece(kSend + to * R, to, j, kPhaseTag[0]);
+      fill(to, j, kSend + to * R);
+      send_piece(kSend + to * R, to, j, 0);
     }
-    fill(me, j, base + kRecv + me * R);
+    fill(me, j, kOwn);
+    net.flush(0, j);
   }
   // B: reduce each piece once every peer's copy of it is in, and send it on.
   for (int64_t j = 0; j < pc.count; ++j) {
-    for (int64_t i = 1; i < p; ++i) wait_piece(recv_a, (me + p - i) % p, j);
+    for (int64_t i = 1; i < p; ++i) wait_piece(0, (me + p - i) % p, j);
     const Piece x = piece(me, j);
-    uint8_t* out = base + kMine;
-    pad(x, j, out);
+    pad(x, j, kMine);
     if (x.valid > 0) {
       const uint8_t* in = base + kRecv;
+      uint8_t* out = base + kMine;
       rm.index_offset = x.g0;
-      cpu::dequantize_reduce(f, p, in + payload_offset(f, x.e0), R,
-                             reinterpret_cast<const float*>(in + ch.cap) + x.b0, R / 4, x.valid, block, factor, rm,
-                             nullptr, out + payload_offset(f, x.e0), reinterpret_cast<float*>(out + ch.cap) + x.b0);
+      dev.reduce(f, p, in + payload_offset(f, x.e0), R, reinterpret_cast<const float*>(in + ch.cap) + x.b0, R / 4,
+                 x.valid, block, factor, rm, out + payload_offset(f, x.e0),
+                 reinterpret_cast<float*>(out + ch.cap) + x.b0);
     }
-    for (int64_t i = 1; i < p; ++i) send_piece(kMine, (me + i) % p, j, kPhaseTag[1]);
+    for (int64_t i = 1; i < p; ++i) send_piece(kMine, (me + i) % p, j, 1);
+    net.flush(1, j);
   }
   // C: our own reduced chunk (while the link still carries phase B), then the peers' pieces.
-  auto drain = [&](int64_t r, int64_t j, const uint8_t* rec) {
+  auto drain = [&](int64_t r, int64_t j, int64_t rec) {
     const Piece x = piece(r, j);
-    if (x.valid > 0) consume(x, rec);
+    if (x.valid > 0) consume(x, base + rec);
   };
-  for (int64_t j = 0; j < pc.count; ++j) drain(me, j, base + kMine);
+  for (int64_t j = 0; j < pc.count; ++j) drain(me, j, kMine);
   for (int64_t j = 0; j < pc.count; ++j) {
     for (int64_t i = 1; i < p; ++i) {
       const int64_t from = (me + p - i) % p;
-      wait_piece(recv_b, from, j);
-      drain(from, j, base + kGath + from * R);
+      wait_piece(1, from, j);
+      drain(from, j, kGath + from * R);
     }
   }
-  works.wait_all();  // the sends
+  net.wait_all();  // the sends
+}
+
+#ifdef LOCALSGD_WITH_CUDA
+void check_launch(const char* what) {
+  const char* err = cuda::last_error();
+  TORCH_CHECK(err[0] == '\0', "localsgd: CUDA ", what, " failed: ", err);
+}
+
+struct CudaOps final : DeviceOps {
+  explicit CudaOps(cudaStream_t s) : stream(s) {}
+  void zero(uint8_t* dst, int64_t len) override { C10_CUDA_CHECK(cudaMemsetAsync(dst, 0, len, stream)); }
+  void copy(void* dst, const void* src, int64_t len) override {
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src, len, cudaMemcpyDeviceToDevice, stream));
+  }
+  void quantize(Format f, DType dt, const void* x, int64_t n, int64_t block, const RoundingMode& rm, uint8_t* payload,
+                float* scales) override {
+    cuda::quantize(f, dt, x, n, block, rm, payload, scales, stream);
+    check_launch("quantize");
+  }
+  void dequantize(Format f, const uint8_t* payload, const float* scales, int64_t n, int64_t block, DType dt,
+                  void* out) override {
+    cuda::dequantize(f, payload, scales, n, block, dt, out, stream);
+    check_launch("dequantize");
+  }
+  void reduce(Format f, int64_t p, const uint8_t* in, int64_t stride, const float* in_scales, int64_t scales_stride,
+              int64_t n, int64_t block, float factor, const RoundingMode& rm, uint8_t* out,
+              float* out_scales) override {
+    cuda::dequantize_reduce(f, p, in, stride, in_scales, scales_stride, n, block, factor, rm, nullptr, out, out_scales,
+                            stream);
+    check_launch("dequantize_reduce");
+  }
+  cudaStream_t stream;
+};
+
+// CUDA tensors over gloo: messages stage through a pinned host mirror of the workspace. The
+// sends of a piece are copied device -> host on the stream and posted once that copy is done
+// (one host wait per piece and phase, inherent to a host transport); a receive is copied host
+// -> device on the stream when it arrives, ordered before the kernels that read it. Before the
+// call returns the stream is synchronized once, so the host mirror is free for the next call.
+class StagedTransport final : public P2PTransport {
+ public:
+  StagedTransport(c10::intrusive_ptr<c10d::Backend> inner, at::Tensor host, uint8_t* device, cudaStream_t stream,
+                  GroupState* state, const Call& call, uint64_t call_id)
+      : P2PTransport(std::move(inner), std::move(host), state, call, call_id), device_(device), stream_(stream) {}
+  void send(int phase, int64_t j, int m, int64_t peer, int64_t off, int64_t len) override {
+    C10_CUDA_CHECK(cudaMemcpyAsync(host_.data_ptr<uint8_t>() + off, device_ + off, len, cudaMemcpyDeviceToHost,
+                                   stream_));
+    pending_.push_back({phase, j, m, peer, off, len});
+  }
+  void flush(int, int64_t) override {
+    if (pending_.empty()) return;
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    for (const auto& s : pending_) post_send(s.phase, s.j, s.m, s.peer, s.off, s.len);
+    pending_.clear();
+  }
+  void recv(int phase, int64_t j, int m, int64_t peer, int64_t off, int64_t len) override {
+    P2PTransport::recv(phase, j, m, peer, off, len);
+    spans_[key(phase, j, m, peer)] = {off, len};
+  }
+  void wait_recv(int phase, int64_t j, int m, int64_t peer) override {
+    P2PTransport::wait_recv(phase, j, m, peer);
+    const auto [off, len] = spans_.at(key(phase, j, m, peer));
+    C10_CUDA_CHECK(cudaMemcpyAsync(device_ + off, host_.data_ptr<uint8_t>() + off, len, cudaMemcpyHostToDevice,
+                                   stream_));
+  }
+  void wait_all() override {
+    flush(0, 0);
+    P2PTransport::wait_all();
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+ private:
+  struct Pending {
+    int phase;
+    int64_t j;
+    int m;
+    int64_t peer, off, len;
+  };
+  uint8_t* device_;
+  cudaStream_t stream_;
+  std::vector<Pending> pending_;
+  std::map<uint64_t, std::pair<int64_t, int64_t>> spans_;
+};
+
+// CUDA tensors over NCCL: each phase is one collective on NCCL's stream, ordered after the
+// caller's stream (NCCL's own discipline) and waited for by a stream wait, never a host sync:
+// phase A an all-to-all of the p records, phase B an all-gather of our reduced record.
+class CollectiveTransport final : public Transport {
+ public:
+  CollectiveTransport(c10::intrusive_ptr<c10d::Backend> inner, at::Tensor ws, int64_t p, int64_t R, const Call& call)
+      : inner_(std::move(inner)), ws_(std::move(ws)), p_(p), R_(R), call_(call) {}
+  bool pipelined() const override { return false; }
+  bool own_record_in_send_area() const override { return true; }
+  void recv(int, int64_t, int, int64_t, int64_t, int64_t) override {}
+  void send(int, int64_t, int, int64_t, int64_t, int64_t) override {}
+  void flush(int phase, int64_t) override {
+    if (p_ == 1) return;
+    const auto left = std::max<std::chrono::milliseconds>(
+        std::chrono::milliseconds(1),
+        std::chrono::duration_cast<std::chrono::milliseconds>(call_.deadline - std::chrono::steady_clock::now()));
+    if (phase == 0) {
+      at::Tensor send = ws_.narrow(0, 0, p_ * R_), recv = ws_.narrow(0, p_ * R_, p_ * R_);
+      std::vector<int64_t> splits;  // equal split
+      c10d::AllToAllOptions o;
+      o.timeout = left;
+      inner_->alltoall_base(recv, send, splits, splits, o)->wait();
+    } else {
+      at::Tensor mine = ws_.narrow(0, 2 * p_ * R_, R_), gathered = ws_.narrow(0, 2 * p_ * R_ + R_, p_ * R_);
+      c10d::AllgatherOptions o;
+      o.timeout = left;
+      inner_->_allgather_base(gathered, mine, o)->wait();
+    }
+  }
+  void wait_recv(int, int64_t, int, int64_t) override {}
+  void wait_all() override {}
+
+ private:
+  c10::intrusive_ptr<c10d::Backend> inner_;
+  at::Tensor ws_;
+  int64_t p_, R_;
+  const Call& call_;
+};
+#endif
+
+// The kernels for a workspace on `device` (CUDA: the worker's current stream there, i.e. the
+// caller's, set by the call's guard).
+std::unique_ptr<DeviceOps> make_ops(const at::Device& device) {
+  if (device.is_cpu()) return std::make_unique<CpuOps>();
+#ifdef LOCALSGD_WITH_CUDA
+  return std::make_unique<CudaOps>(c10::cuda::getCurrentCUDAStream(device.index()).stream());
+#else
+  TORCH_CHECK(false, "localsgd: got a ", device, " tensor but this build has no CUDA kernels");
+#endif
+}
+
+// The orchestration over the transport that fits the workspace's device and the inner backend.
+// pinned(nbytes): a pinned host buffer (only CUDA tensors over gloo ask for one).
+void run_pipeline(const c10::intrusive_ptr<c10d::Backend>& inner, DeviceOps& ops, int64_t p, int64_t me, Format f,
+                  int64_t block, const Chunking& ch, int64_t n, const at::Tensor& ws,
+                  const std::function<at::Tensor(int64_t)>& pinned, float factor, const RoundingMode& rm,
+                  const ProduceFn& produce, const ConsumeFn& consume, GroupState* state, const Call& call,
+                  uint64_t call_id) {
+  uint8_t* base = ws.data_ptr<uint8_t>();
+  if (ws.is_cpu()) {
+    P2PTransport net(inner, ws, state, call, call_id);
+    pipelined_allreduce(net, ops, p, me, f, block, ch, n, base, factor, rm, produce, consume);
+    return;
+  }
+#ifdef LOCALSGD_WITH_CUDA
+  if (inner->getBackendName() == "nccl") {
+    CollectiveTransport net(inner, ws, p, ch.record, call);
+    pipelined_allreduce(net, ops, p, me, f, block, ch, n, base, factor, rm, produce, consume);
+  } else {
+    StagedTransport net(inner, pinned(ws.numel()), base, static_cast<CudaOps&>(ops).stream, state, call, call_id);
+    pipelined_allreduce(net, ops, p, me, f, block, ch, n, base, factor, rm, produce, consume);
+  }
+#else
+  TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
+#endif
 }
 }  // namespace
 
@@ -392,10 +689,23 @@ void LocalSGDWork::complete(std::exception_ptr eptr) {
   }
 }
 
+bool LocalSGDWork::wait(std::chrono::milliseconds timeout) {
+  const bool ok = c10d::Work::wait(timeout);  // the worker completed it; raises its error
+  synchronize();
+  return ok;
+}
+
+void LocalSGDWork::synchronize() {
+  // The future was completed on the worker under the caller's stream: it recorded events there.
+  // Waiting on it makes the *current* stream of the thread that waits (which may be another
+  // stream than the one the call was made on) wait for those events; no host sync.
+  if (!future_->devices().empty() && future_->completed()) future_->wait();
+}
+
 // ---- Backend ------------------------------------------------------------------------------------
 LocalSGDBackend::LocalSGDBackend(int rank, int size, c10::intrusive_ptr<c10d::Backend> cpu_inner,
                                  c10::intrusive_ptr<c10d::Backend> cuda_inner, int format, int64_t block_size,
-                                 int64_t threshold_bytes, int64_t seed, int64_t timeout_ms)
+                                 int64_t threshold_bytes, int64_t seed, int64_t timeout_ms, bool check_calls)
     : c10d::Backend(rank, size),
       cpu_inner_(std::move(cpu_inner)),
       cuda_inner_(std::move(cuda_inner)),
@@ -403,12 +713,14 @@ LocalSGDBackend::LocalSGDBackend(int rank, int size, c10::intrusive_ptr<c10d::Ba
       block_(block_size),
       threshold_(threshold_bytes),
       seed_(seed),
-      timeout_(timeout_ms) {
+      timeout_(timeout_ms),
+      check_calls_(check_calls) {
   TORCH_CHECK(cpu_inner_, "localsgd: expected an inner backend for CPU tensors, got None");
   TORCH_CHECK(format >= 0 && format <= 3, "localsgd: expected format code 0..3 (none/int8/int4/fp8), got ", format);
   TORCH_CHECK(valid_block_size(block_size), "localsgd: block_size must be a power of two in [", kMinBlockSize, ", ",
               kMaxBlockSize, "], got ", block_size);
   TORCH_CHECK(threshold_bytes >= 0, "localsgd: threshold_bytes must be >= 0, got ", threshold_bytes);
+  TORCH_CHECK(timeout_ms > 0, "localsgd: timeout must be > 0 ms, got ", timeout_ms);
   worker_ = std::thread([this] { worker_loop(); });
 }
 
@@ -427,8 +739,13 @@ void LocalSGDBackend::stop_worker() {
       worker_.join();
     }
   }
-  std::lock_guard<std::mutex> lk(mu_);
-  stopped_ = true;
+  std::deque<std::shared_ptr<Call>> preposted;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stopped_ = true;
+    preposted.swap(preposted_);
+  }
+  preposted.clear();  // aborts their header receives, before the inner groups go
 }
 
 void LocalSGDBackend::shutdown() {
@@ -491,7 +808,7 @@ void LocalSGDBackend::abort() {
   {
     std::lock_guard<std::mutex> lk(state_->mu);
     state_->aborted = true;
-    inflight = state_->inflight;
+    for (auto& [id, w] : state_->inflight) inflight.push_back(w);
   }
   for (auto& w : inflight) {
     try {
@@ -533,12 +850,116 @@ void LocalSGDBackend::exit_shutdown(int64_t grace_ms) {
   cuda_inner_.reset();
 }
 
-void LocalSGDBackend::enqueue(Task task) {
-  check_healthy("collective");  // a failed group: the call raises at once with the first error
+uint64_t LocalSGDBackend::getSequenceNumberForGroup() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return next_seq_;
+}
+
+void LocalSGDBackend::setTimeout(std::chrono::milliseconds timeout) {
+  TORCH_CHECK(timeout.count() > 0, "localsgd: timeout must be > 0 ms, got ", timeout.count());
   {
     std::lock_guard<std::mutex> lk(mu_);
-    TORCH_CHECK(!stopping_, "localsgd: the process group was shut down; no new collectives can be issued");
-    queue_.push_back(std::move(task));
+    timeout_ = timeout;
+  }
+  // the pass-through collectives run under the inner groups' own timeouts
+  for (auto* inner : {&cpu_inner_, &cuda_inner_}) {
+    if (*inner) (*inner)->setTimeout(timeout);
+  }
+}
+
+std::shared_ptr<Call> LocalSGDBackend::new_call(uint64_t seq) {
+  auto call = std::make_shared<Call>();
+  call->seq = seq;
+  const int64_t p = getSize(), me = getRank();
+  if (!check_calls_ || p == 1) return call;
+  call->rows = at::empty({p, kHeaderWords}, at::TensorOptions().dtype(at::kLong));
+  call->header = std::make_shared<PostedWorks>(state_.get(), *call);
+  const int tag = kHeaderTag + static_cast<int>(seq & 0xFFFFFF);
+  for (int64_t r = 0; r < p; ++r) {
+    if (r == me) continue;
+    std::vector<at::Tensor> t{call->rows[r]};
+    call->header->add(cpu_inner_->recv(t, static_cast<int>(r), tag), r, false);
+  }
+  return call;
+}
+
+void LocalSGDBackend::post_header(Call& call) {
+  const int64_t p = getSize(), me = getRank();
+  const CallSpec& c = call.spec;
+  call.mine = {kHeaderMagic, static_cast<int64_t>(call.seq), c.kind, c.format, c.op, c.dtype, c.numel, c.extra};
+  if (!call.header) return;
+  std::memcpy(call.rows[me].data_ptr<int64_t>(), call.mine.data(), kHeaderWords * sizeof(int64_t));
+  const int tag = kHeaderTag + static_cast<int>(call.seq & 0xFFFFFF);
+  for (int64_t r = 0; r < p; ++r) {
+    if (r == me) continue;
+    std::vector<at::Tensor> t{call.rows[me]};
+    call.header->add(cpu_inner_->send(t, static_cast<int>(r), tag), r, true);
+  }
+  const int64_t bytes = (p - 1) * kHeaderWords * 8;
+  std::lock_guard<std::mutex> lk(stats_mu_);
+  stats_.header_bytes += bytes;
+  stats_.bytes_sent += bytes;
+  stats_.bytes_received += bytes;
+}
+
+void LocalSGDBackend::check_call(Call& call) {
+  call.deadline = std::chrono::steady_clock::now() + call.timeout;
+  if (!call.header) return;
+  // The peers' headers; our own sends are waited for after the call (the peers took them, or
+  // they could not have made the call's data move).
+  call.header->wait_receives();
+  static const char* names[kHeaderWords] = {"magic", "sequence number", "collective", "format",
+                                            "op",    "dtype",           "numel",      "block size / root"};
+  const int64_t p = getSize();
+  const int64_t* d = call.rows.const_data_ptr<int64_t>();
+  std::string diff;
+  for (int64_t r = 0; r < p; ++r) {
+    const int64_t* row = d + r * kHeaderWords;
+    // the last field means block size or root depending on the collective: only named when
+    // the collective and its path agree
+    const bool same_call = row[2] == call.mine[2] && row[3] == call.mine[3];
+    for (int64_t i = 0; i < kHeaderWords; ++i) {
+      const int64_t v = row[i], m = call.mine[i];
+      if (v == m || (i == 6 && (v < 0 || m < 0)) || (i == 7 && !same_call)) continue;  // -1 numel: not comparable
+      diff += c10::str(diff.empty() ? "" : "; ", names[i], ": this rank ", header_value(i, m), ", rank ", r, " ",
+                       header_value(i, v));
+    }
+  }
+  TORCH_CHECK(diff.empty(), "localsgd ", call.spec.what, " (collective #", call.seq, "): ranks disagree (", diff,
+              "); every rank must make the same collectives in the same order with the same sizes, dtypes and ops");
+}
+
+void LocalSGDBackend::enqueue(const CallSpec& spec, TaskFn fn) {
+  check_healthy(spec.what);  // a failed group: the call raises at once with the first error
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    TORCH_CHECK(!stopping_, "localsgd ", spec.what, ": the process group was shut down; no new collectives can be "
+                "issued");
+    try {
+      std::shared_ptr<Call> call;
+      if (!preposted_.empty() && preposted_.front()->seq == next_seq_) {
+        call = std::move(preposted_.front());
+        preposted_.pop_front();
+      } else {
+        call = new_call(next_seq_);
+      }
+      call->spec = spec;
+      call->timeout = spec.timeout.count() > 0 ? spec.timeout : timeout_;
+      post_header(*call);
+      ++next_seq_;
+      queue_.push_back({std::move(call), std::move(fn)});
+      // The header receives of the next calls are posted ahead, in batches: gloo moves a message
+      // at once when its receive is already posted (else it needs a notification round trip),
+      // and a batch of receive notifications wakes the peer once, not once per call.
+      if (check_calls_ && getSize() > 1) {
+        while (static_cast<int64_t>(preposted_.size()) < kPrepostCalls) {
+          preposted_.push_back(new_call(next_seq_ + preposted_.size()));
+        }
+      }
+    } catch (...) {
+      state_->fail(std::current_exception());  // peers may hold our earlier headers: the group is unusable
+      throw;
+    }
   }
   cv_.notify_one();
 }
@@ -563,7 +984,7 @@ void LocalSGDBackend::worker_loop() {
         lk.unlock();
         auto err = std::make_exception_ptr(std::runtime_error(
             "localsgd: the process group was shut down before this collective was issued"));
-        for (auto& t : rest) t(err);
+        for (auto& t : rest) t.fn(err, *t.call);
         return;
       }
       task = std::move(queue_.front());
@@ -579,7 +1000,24 @@ void LocalSGDBackend::worker_loop() {
       if (want > 0 && want != omp_get_max_threads()) omp_set_num_threads(want);
     }
 #endif
-    task(nullptr);  // tasks catch their own exceptions and complete their Work
+    // A group that failed while this call waited in the queue, or peers that disagree: the call
+    // fails without moving data. Tasks catch their own exceptions and complete their Work.
+    std::exception_ptr err;
+    try {
+      check_healthy(task.call->spec.what);
+      check_call(*task.call);
+    } catch (...) {
+      err = std::current_exception();
+      state_->fail(err);
+    }
+    task.fn(err, *task.call);
+    if (task.call->header) {
+      try {
+        task.call->header->wait_all();  // our header's sends
+      } catch (...) {
+        state_->fail(std::current_exception());
+      }
+    }
   }
 }
 
@@ -597,7 +1035,7 @@ c10::intrusive_ptr<c10d::Backend> LocalSGDBackend::inner_for(const at::Tensor& t
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::passthrough(
-    c10d::OpType op, std::vector<at::Tensor> outputs, c10::DeviceType device,
+    c10d::OpType op, const CallSpec& spec, std::vector<at::Tensor> outputs, c10::DeviceType device,
     std::function<c10::intrusive_ptr<c10d::Work>()> issue) {
   std::vector<c10::Device> devs;
   if (device == c10::DeviceType::CUDA && !outputs.empty()) devs.push_back(outputs[0].device());
@@ -609,11 +1047,11 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::passthrough(
     stream = devs.empty() ? c10::cuda::getCurrentCUDAStream() : c10::cuda::getCurrentCUDAStream(devs[0].index());
   }
 #endif
-  enqueue([this, work, issue = std::move(issue)
+  enqueue(spec, [this, work, issue = std::move(issue)
 #ifdef LOCALSGD_WITH_CUDA
            , stream
 #endif
-  ](std::exception_ptr cancel) {
+  ](std::exception_ptr cancel, Call&) {
     if (cancel) {
       work->complete(cancel);
       return;
@@ -717,25 +1155,33 @@ at::Tensor LocalSGDBackend::scratch(int64_t nbytes, const at::TensorOptions& opt
   return cpu_workspace_.narrow(0, 0, nbytes);
 }
 
+at::Tensor LocalSGDBackend::pinned_scratch(int64_t nbytes) {
+  // Host mirror of a CUDA workspace for gloo; pinned so that the stream copies are asynchronous.
+  if (!pinned_workspace_.defined() || pinned_workspace_.numel() < nbytes) {
+    pinned_workspace_ = at::Tensor();
+    pinned_workspace_ = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  }
+  return pinned_workspace_.narrow(0, 0, nbytes);
+}
+
 // ---- the quantized all-reduce (runs on the worker) -----------------------------------------------
 // Steps as in docs/design.md: (1) quantize the local tensor per chunk, (2) all-to-all of the p
 // records, (3+4) fused dequantize + fp32 sum (+ 1/p) + requantize of the owned chunk, (5)
 // all-gather of the reduced records, (6) dequantize into the tensor. Two roundings per element;
-// every rank dequantizes the same bytes, so results are bitwise identical. CPU tensors run the
-// steps pipelined piece by piece (pipelined_allreduce_cpu); the kernels are given the pieces'
-// global element offsets, so the bytes are those of whole-chunk calls.
+// every rank dequantizes the same bytes, so results are bitwise identical. The steps run piece by
+// piece (pipelined_allreduce, whatever the device); the kernels are given the pieces' global
+// element offsets, so the bytes are those of whole-chunk calls.
 void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend>& inner, at::Tensor t,
-                                          bool average, uint64_t call_id) {
+                                          bool average, uint64_t call_id, const Call& call) {
   const int64_t p = getSize(), me = getRank(), n = t.numel(), B = block_;
   const Format f = format_;
   const DType dt = to_dtype(t.scalar_type());
-  exchange_meta(inner, p, me, {kMetaMagic, static_cast<int64_t>(f), n, B, average ? 1 : 0, 0,
-                               static_cast<int64_t>(t.scalar_type()), 0}, t.device(), "all_reduce", state_.get());
   // Non-contiguous tensors are reduced in a contiguous copy and copied back.
   at::Tensor x = t.is_contiguous() ? t : t.contiguous();
   const Chunking ch = make_chunking(f, n, B, p);
   const int64_t R = ch.record, esize = x.element_size();
   auto bytes = at::TensorOptions().dtype(at::kByte).device(x.device());
+  // (the CUDA stream is the caller's: the call's guard made it current on this thread)
   at::Tensor ws = scratch((3 * p + 1) * R, bytes);
   RoundingMode rm;
   uint64_t call_seed = 0;
@@ -750,84 +1196,25 @@ void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend
   rm_reduce.seed = call_seed;
   const float factor = average ? 1.0f / static_cast<float>(p) : 1.0f;
 
-  if (!x.is_cuda()) {
-    char* data = static_cast<char*>(x.data_ptr());
-    ProduceFn produce = [&](const Piece& pc, uint8_t* rec) {
-      RoundingMode q = rm_local;
-      q.index_offset = pc.g0;
-      cpu::quantize(f, dt, data + pc.g0 * esize, pc.valid, B, q, rec + payload_offset(f, pc.e0),
-                    reinterpret_cast<float*>(rec + ch.cap) + pc.b0);
-    };
-    ConsumeFn consume = [&](const Piece& pc, const uint8_t* rec) {
-      cpu::dequantize(f, rec + payload_offset(f, pc.e0), reinterpret_cast<const float*>(rec + ch.cap) + pc.b0,
-                      pc.valid, B, dt, data + pc.g0 * esize);
-    };
-    pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, factor, rm_reduce, produce, consume, state_.get());
-  } else {
-#ifdef LOCALSGD_WITH_CUDA
-    // CUDA tensors: whole phases on the caller's stream, data phases as inner collectives.
-    at::Tensor send = ws.narrow(0, 0, p * R), recv = ws.narrow(0, p * R, p * R);
-    at::Tensor mine = ws.narrow(0, 2 * p * R, R), gathered = ws.narrow(0, 2 * p * R + R, p * R);
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    auto check = [](const char* what) {
-      const char* err = cuda::last_error();
-      TORCH_CHECK(err[0] == '\0', "localsgd: CUDA ", what, " failed: ", err);
-    };
-    // (1) quantize: chunk r into record r.
-    for (int64_t r = 0; r < p; ++r) {
-      const int64_t lo = ch.lo(r, n), nr = ch.hi(r, n) - lo;
-      uint8_t* rec = send.data_ptr<uint8_t>() + r * R;
-      RoundingMode q = rm_local;
-      q.index_offset = lo;
-      const char* src = static_cast<const char*>(x.const_data_ptr()) + lo * esize;
-      if (nr < ch.elems) C10_CUDA_CHECK(cudaMemsetAsync(rec, 0, R, stream.stream()));
-      if (nr > 0) cuda::quantize(f, dt, src, nr, B, q, rec, reinterpret_cast<float*>(rec + ch.cap), stream.stream());
-      check("quantize");
-    }
-    // (2) all-to-all: record r goes to rank r; we receive every rank's record of our chunk.
-    if (p > 1) {
-      std::vector<int64_t> splits;  // empty: equal split
-      inner->alltoall_base(recv, send, splits, splits, c10d::AllToAllOptions())->wait();
-    } else {
-      recv.copy_(send);
-    }
-    // (3+4) fused dequantize + fp32 sum in rank order + requantize of the owned chunk.
-    {
-      const int64_t lo = ch.lo(me, n), nr = ch.hi(me, n) - lo;
-      const uint8_t* in = recv.const_data_ptr<uint8_t>();
-      uint8_t* out = mine.data_ptr<uint8_t>();
-      RoundingMode q = rm_reduce;
-      q.index_offset = lo;
-      if (nr < ch.elems) C10_CUDA_CHECK(cudaMemsetAsync(out, 0, R, stream.stream()));
-      if (nr > 0) {
-        cuda::dequantize_reduce(f, p, in, R, reinterpret_cast<const float*>(in + ch.cap), R / 4, nr, B, factor, q,
-                                nullptr, out, reinterpret_cast<float*>(out + ch.cap), stream.stream());
-      }
-      check("dequantize_reduce");
-    }
-    // (5) all-gather of the reduced records.
-    if (p > 1) {
-      inner->_allgather_base(gathered, mine, c10d::AllgatherOptions())->wait();
-    } else {
-      gathered.copy_(mine);
-    }
-    // (6) dequantize every chunk into the tensor.
-    for (int64_t r = 0; r < p; ++r) {
-      const int64_t lo = ch.lo(r, n), nr = ch.hi(r, n) - lo;
-      if (nr == 0) continue;
-      const uint8_t* rec = gathered.const_data_ptr<uint8_t>() + r * R;
-      char* dst = static_cast<char*>(x.data_ptr()) + lo * esize;
-      cuda::dequantize(f, rec, reinterpret_cast<const float*>(rec + ch.cap), nr, B, dt, dst, stream.stream());
-      check("dequantize");
-    }
-#else
-    TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
-#endif
-  }
+  auto ops = make_ops(x.device());
+  char* data = static_cast<char*>(x.data_ptr());
+  ProduceFn produce = [&](const Piece& pc, uint8_t* rec) {
+    RoundingMode q = rm_local;
+    q.index_offset = pc.g0;
+    ops->quantize(f, dt, data + pc.g0 * esize, pc.valid, B, q, rec + payload_offset(f, pc.e0),
+                  reinterpret_cast<float*>(rec + ch.cap) + pc.b0);
+  };
+  ConsumeFn consume = [&](const Piece& pc, const uint8_t* rec) {
+    ops->dequantize(f, rec + payload_offset(f, pc.e0), reinterpret_cast<const float*>(rec + ch.cap) + pc.b0, pc.valid,
+                    B, dt, data + pc.g0 * esize);
+  };
+  run_pipeline(inner, *ops, p, me, f, B, ch, n, ws, [this](int64_t nb) { return pinned_scratch(nb); }, factor,
+               rm_reduce, produce, consume, state_.get(), call, next_tag_call_++);
   if (!x.is_same(t)) t.copy_(x);
   std::lock_guard<std::mutex> lk(stats_mu_);
-  // Per rank: p-1 records out (and in) in each of the two phases, plus the 64-byte header.
-  const int64_t wire = (p - 1) * (2 * R + 8 * kMetaWords);
+  // Per rank: p-1 records out (and in) in each of the two phases (the call header is counted
+  // when it is posted).
+  const int64_t wire = (p - 1) * 2 * R;
   stats_.bytes_sent += wire;
   stats_.bytes_received += wire;
   stats_.compressed_calls += 1;
@@ -855,7 +1242,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce(std::vector<at::Tensor
     std::vector<at::Tensor> ts = tensors;
     const int64_t p = getSize();
     const bool divide = avg && dev == c10::DeviceType::CPU;
-    return passthrough(c10d::OpType::ALLREDUCE, ts, dev, [inner, ts, o, divide, p]() mutable {
+    const CallSpec spec = spec_for("all_reduce", c10d::OpType::ALLREDUCE, ts, static_cast<int64_t>(opts.reduceOp.op_),
+                                   0, opts.timeout);
+    return passthrough(c10d::OpType::ALLREDUCE, spec, ts, dev, [inner, ts, o, divide, p]() mutable {
       auto w = inner->allreduce(ts, o);
       if (!divide) return w;
       w->wait();  // CPU only: divide after the sum, still on the worker and in order
@@ -876,11 +1265,14 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce(std::vector<at::Tensor
   std::optional<c10::cuda::CUDAStream> stream;
   if (dev == c10::DeviceType::CUDA) stream = c10::cuda::getCurrentCUDAStream(t.device().index());
 #endif
-  enqueue([this, work, inner, tt, avg
+  CallSpec spec = spec_for("all_reduce", c10d::OpType::ALLREDUCE, {t}, static_cast<int64_t>(opts.reduceOp.op_), block_,
+                           opts.timeout);
+  spec.format = static_cast<int64_t>(format_);
+  enqueue(spec, [this, work, inner, tt, avg
 #ifdef LOCALSGD_WITH_CUDA
            , stream
 #endif
-  ](std::exception_ptr cancel) {
+  ](std::exception_ptr cancel, Call& call) {
     if (cancel) {
       work->complete(cancel);
       return;
@@ -890,7 +1282,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce(std::vector<at::Tensor
       std::optional<c10::cuda::CUDAStreamGuard> guard;
       if (stream) guard.emplace(*stream);
 #endif
-      quantized_allreduce(inner, tt, avg, next_call_id_++);
+      quantized_allreduce(inner, tt, avg, next_call_id_++, call);
       work->complete(nullptr);
     } catch (...) {
       finish(work, std::current_exception());
@@ -934,7 +1326,16 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_coalesced(std::vector<
   o.reduceOp = opts.reduceOp;
   o.timeout = opts.timeout;
   const int64_t p = getSize();
-  enqueue([this, work, inner, ts, reasons, avg, o, p](std::exception_ptr cancel) mutable {
+  // One header for the list: its digest covers every tensor's size, dtype and path.
+  uint64_t digest = static_cast<uint64_t>(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    digest = mix64(digest, static_cast<uint64_t>(ts[i].numel()));
+    digest = mix64(digest, static_cast<uint64_t>(ts[i].scalar_type()) * 2 + (reasons[i] == nullptr ? 1 : 0));
+  }
+  CallSpec spec = spec_for("all_reduce_coalesced", c10d::OpType::ALLREDUCE_COALESCED, ts,
+                           static_cast<int64_t>(opts.reduceOp.op_), static_cast<int64_t>(digest >> 1), opts.timeout);
+  spec.format = static_cast<int64_t>(format_);
+  enqueue(spec, [this, work, inner, ts, reasons, avg, o, p](std::exception_ptr cancel, Call& call) mutable {
     if (cancel) {
       work->complete(cancel);
       return;
@@ -942,7 +1343,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_coalesced(std::vector<
     try {
       for (size_t i = 0; i < ts.size(); ++i) {
         if (reasons[i] == nullptr) {
-          quantized_allreduce(inner, ts[i], avg, next_call_id_++);
+          quantized_allreduce(inner, ts[i], avg, next_call_id_++, call);
           continue;
         }
         std::vector<at::Tensor> one{ts[i]};
@@ -991,11 +1392,18 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
   std::optional<c10::cuda::CUDAStream> stream;
   if (payload.is_cuda()) stream = c10::cuda::getCurrentCUDAStream(payload.device().index());
 #endif
-  enqueue([this, work, inner, payload, scales, numel, f, block, average, seed
+  CallSpec spec;
+  spec.what = "all_reduce_compressed";
+  spec.kind = kKindCompressed;
+  spec.format = format;
+  spec.op = average ? 1 : 0;
+  spec.numel = numel;
+  spec.extra = block;
+  enqueue(spec, [this, work, inner, payload, scales, numel, f, block, average, seed
 #ifdef LOCALSGD_WITH_CUDA
            , stream
 #endif
-  ](std::exception_ptr cancel) {
+  ](std::exception_ptr cancel, Call& call) {
     if (cancel) {
       work->complete(cancel);
       return;
@@ -1006,8 +1414,6 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
       if (stream) guard.emplace(*stream);
 #endif
       const int64_t p = getSize(), me = getRank(), n = numel, B = block;
-      exchange_meta(inner, p, me, {kMetaMagic, static_cast<int64_t>(f), n, B, average ? 1 : 0, 1, 0, 0},
-                    payload.device(), "all_reduce_compressed", state_.get());
       const Chunking ch = make_chunking(f, n, B, p);
       const int64_t R = ch.record;
       auto bytes = at::TensorOptions().dtype(at::kByte).device(payload.device());
@@ -1016,74 +1422,23 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
       q.stochastic = seed >= 0;
       q.seed = seed >= 0 ? static_cast<uint64_t>(seed) : 0;
       const float factor = average ? 1.0f / static_cast<float>(p) : 1.0f;
-      if (payload.is_cpu()) {
-        uint8_t* pay = payload.data_ptr<uint8_t>();
-        uint8_t* sc = reinterpret_cast<uint8_t*>(scales.data_ptr<float>());
-        // Records are filled from and emptied into the caller's encoded tensor by byte copies.
-        ProduceFn produce = [&](const Piece& pc, uint8_t* rec) {
-          std::memcpy(rec + payload_offset(f, pc.e0), pay + payload_offset(f, pc.g0), payload_bytes(f, pc.valid));
-          std::memcpy(rec + ch.cap + 4 * pc.b0, sc + 4 * (pc.g0 / B), 4 * num_blocks(pc.valid, B));
-        };
-        ConsumeFn consume = [&](const Piece& pc, const uint8_t* rec) {
-          std::memcpy(pay + payload_offset(f, pc.g0), rec + payload_offset(f, pc.e0), payload_bytes(f, pc.valid));
-          std::memcpy(sc + 4 * (pc.g0 / B), rec + ch.cap + 4 * pc.b0, 4 * num_blocks(pc.valid, B));
-        };
-        pipelined_allreduce_cpu(inner, p, me, f, B, ch, n, ws, factor, q, produce, consume, state_.get());
-      } else {
-#ifdef LOCALSGD_WITH_CUDA
-        // Records are assembled with tensor copies; the reduction is the kernel.
-        at::Tensor send = ws.narrow(0, 0, p * R).view({p, R});
-        send.zero_();  // padding: never send uninitialized memory
-        at::Tensor sc_bytes = scales.view(at::kByte);
-        for (int64_t r = 0; r < p; ++r) {
-          const int64_t lo = ch.lo(r, n), nr = ch.hi(r, n) - lo;
-          if (nr == 0) continue;
-          const int64_t pb = payload_bytes(f, nr), nb = num_blocks(nr, B);
-          send[r].narrow(0, 0, pb).copy_(payload.narrow(0, payload_offset(f, lo), pb));
-          send[r].narrow(0, ch.cap, 4 * nb).copy_(sc_bytes.narrow(0, 4 * (lo / B), 4 * nb));
-        }
-        at::Tensor recv = ws.narrow(0, p * R, p * R).view({p, R});
-        if (p > 1) {
-          std::vector<int64_t> splits;
-          at::Tensor s1 = send.view({-1}), r1 = recv.view({-1});
-          inner->alltoall_base(r1, s1, splits, splits, c10d::AllToAllOptions())->wait();
-        } else {
-          recv.copy_(send);
-        }
-        at::Tensor mine = ws.narrow(0, 2 * p * R, R);
-        mine.zero_();
-        const int64_t my_lo = ch.lo(me, n), my_nr = ch.hi(me, n) - my_lo;
-        q.index_offset = my_lo;
-        if (my_nr > 0) {
-          const uint8_t* in = recv.const_data_ptr<uint8_t>();
-          uint8_t* out = mine.data_ptr<uint8_t>();
-          cuda::dequantize_reduce(f, p, in, R, reinterpret_cast<const float*>(in + ch.cap), R / 4, my_nr, B, factor, q,
-                                  nullptr, out, reinterpret_cast<float*>(out + ch.cap),
-                                  c10::cuda::getCurrentCUDAStream().stream());
-          const char* err = cuda::last_error();
-          TORCH_CHECK(err[0] == '\0', "localsgd: CUDA dequantize_reduce failed: ", err);
-        }
-        at::Tensor gathered = ws.narrow(0, 2 * p * R + R, p * R).view({p, R});
-        if (p > 1) {
-          at::Tensor g1 = gathered.view({-1});
-          inner->_allgather_base(g1, mine, c10d::AllgatherOptions())->wait();
-        } else {
-          gathered[0].copy_(mine);
-        }
-        for (int64_t r = 0; r < p; ++r) {
-          const int64_t l = ch.lo(r, n), k = ch.hi(r, n) - l;
-          if (k == 0) continue;
-          const int64_t pb = payload_bytes(f, k), nb = num_blocks(k, B);
-          payload.narrow(0, payload_offset(f, l), pb).copy_(gathered[r].narrow(0, 0, pb));
-          sc_bytes.narrow(0, 4 * (l / B), 4 * nb).copy_(gathered[r].narrow(0, ch.cap, 4 * nb));
-        }
-#else
-        TORCH_CHECK(false, "localsgd: this build has no CUDA kernels");
-#endif
-      }
+      // Records are filled from and emptied into the caller's encoded tensor by byte copies.
+      auto ops = make_ops(payload.device());
+      uint8_t* pay = payload.data_ptr<uint8_t>();
+      uint8_t* sc = reinterpret_cast<uint8_t*>(scales.data_ptr<float>());
+      ProduceFn produce = [&](const Piece& pc, uint8_t* rec) {
+        ops->copy(rec + payload_offset(f, pc.e0), pay + payload_offset(f, pc.g0), payload_bytes(f, pc.valid));
+        ops->copy(rec + ch.cap + 4 * pc.b0, sc + 4 * (pc.g0 / B), 4 * num_blocks(pc.valid, B));
+      };
+      ConsumeFn consume = [&](const Piece& pc, const uint8_t* rec) {
+        ops->copy(pay + payload_offset(f, pc.g0), rec + payload_offset(f, pc.e0), payload_bytes(f, pc.valid));
+        ops->copy(sc + 4 * (pc.g0 / B), rec + ch.cap + 4 * pc.b0, 4 * num_blocks(pc.valid, B));
+      };
+      run_pipeline(inner, *ops, p, me, f, B, ch, n, ws, [this](int64_t nb) { return pinned_scratch(nb); }, factor, q,
+                   produce, consume, state_.get(), call, next_tag_call_++);
       {
         std::lock_guard<std::mutex> lk(stats_mu_);
-        const int64_t wire = (p - 1) * (2 * R + 8 * kMetaWords);
+        const int64_t wire = (p - 1) * 2 * R;
         stats_.bytes_sent += wire;
         stats_.bytes_received += wire;
         stats_.compressed_calls += 1;
@@ -1146,7 +1501,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::broadcast(std::vector<at::Tensor
     const int64_t root = opts.rootRank;
     count_op("broadcast", n * binomial_children(me, root, p), me == root ? 0 : n);
   }
-  return passthrough(c10d::OpType::BROADCAST, ts, LSG_DEV(ts[0]),
+  return passthrough(c10d::OpType::BROADCAST,
+                     spec_for("broadcast", c10d::OpType::BROADCAST, ts, -1, opts.rootRank, opts.timeout), ts,
+                     LSG_DEV(ts[0]),
                      [inner, ts, opts]() mutable { return inner->broadcast(ts, opts); });
 }
 
@@ -1160,7 +1517,10 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce(std::vector<at::Tensor>& 
     const int64_t p = getSize(), n = nbytes_of(ts);
     count_op("reduce", n - n / p, getRank() == opts.rootRank ? n - n / p : 0);
   }
-  return passthrough(c10d::OpType::REDUCE, ts, LSG_DEV(ts[0]),
+  return passthrough(c10d::OpType::REDUCE,
+                     spec_for("reduce", c10d::OpType::REDUCE, ts, static_cast<int64_t>(opts.reduceOp.op_),
+                              opts.rootRank, opts.timeout),
+                     ts, LSG_DEV(ts[0]),
                      [inner, ts, opts]() mutable { return inner->reduce(ts, opts); });
 }
 
@@ -1174,7 +1534,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather(std::vector<std::vecto
   std::vector<at::Tensor> flat;
   for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
   count_ring_share("allgather", (getSize() - 1) * nbytes_of(ins));
-  return passthrough(c10d::OpType::ALLGATHER, flat, LSG_DEV(ins[0]),
+  return passthrough(c10d::OpType::ALLGATHER,
+                     spec_for("all_gather", c10d::OpType::ALLGATHER, ins, -1, 0, opts.timeout), flat,
+                     LSG_DEV(ins[0]),
                      [inner, outs, ins, opts]() mutable { return inner->allgather(outs, ins, opts); });
 }
 
@@ -1183,7 +1545,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::_allgather_base(at::Tensor& outp
   auto inner = inner_for(input);
   at::Tensor o = output, i = input;
   count_ring_share("allgather", (getSize() - 1) * nbytes_of(i));
-  return passthrough(c10d::OpType::_ALLGATHER_BASE, {o}, LSG_DEV(i),
+  return passthrough(c10d::OpType::_ALLGATHER_BASE,
+                     spec_for("all_gather_into_tensor", c10d::OpType::_ALLGATHER_BASE, {i}, -1, 0, opts.timeout), {o},
+                     LSG_DEV(i),
                      [inner, o, i, opts]() mutable { return inner->_allgather_base(o, i, opts); });
 }
 
@@ -1197,7 +1561,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather_coalesced(std::vector<
   std::vector<at::Tensor> flat;
   for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
   count_ring_share("allgather", (getSize() - 1) * nbytes_of(ins));
-  return passthrough(c10d::OpType::ALLGATHER_COALESCED, flat, LSG_DEV(ins[0]),
+  return passthrough(c10d::OpType::ALLGATHER_COALESCED,
+                     spec_for("all_gather_coalesced", c10d::OpType::ALLGATHER_COALESCED, ins, -1, 0, opts.timeout),
+                     flat, LSG_DEV(ins[0]),
                      [inner, outs, ins, opts]() mutable { return inner->allgather_coalesced(outs, ins, opts); });
 }
 
@@ -1209,7 +1575,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather_into_tensor_coalesced(
   auto outs = outputs;
   auto ins = inputs;
   count_ring_share("allgather", (getSize() - 1) * nbytes_of(ins));
-  return passthrough(c10d::OpType::COALESCED, outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
+  return passthrough(c10d::OpType::COALESCED,
+                     spec_for("all_gather_into_tensor_coalesced", c10d::OpType::COALESCED, ins, -1, 1, opts.timeout),
+                     outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
     return inner->allgather_into_tensor_coalesced(outs, ins, opts);
   });
 }
@@ -1229,7 +1597,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::gather(std::vector<std::vector<a
     const bool root = me == opts.rootRank;
     count_op("gather", root ? 0 : n, root ? (p - 1) * n : 0);
   }
-  return passthrough(c10d::OpType::GATHER, flat, LSG_DEV(ins[0]),
+  return passthrough(c10d::OpType::GATHER,
+                     spec_for("gather", c10d::OpType::GATHER, ins, -1, opts.rootRank, opts.timeout), flat,
+                     LSG_DEV(ins[0]),
                      [inner, outs, ins, opts]() mutable { return inner->gather(outs, ins, opts); });
 }
 
@@ -1246,7 +1616,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::scatter(std::vector<at::Tensor>&
     const bool root = me == opts.rootRank;
     count_op("scatter", root ? (p - 1) * n : 0, root ? 0 : n);
   }
-  return passthrough(c10d::OpType::SCATTER, outs, LSG_DEV(outs[0]),
+  return passthrough(c10d::OpType::SCATTER,
+                     spec_for("scatter", c10d::OpType::SCATTER, outs, -1, opts.rootRank, opts.timeout), outs,
+                     LSG_DEV(outs[0]),
                      [inner, outs, ins, opts]() mutable { return inner->scatter(outs, ins, opts); });
 }
 
@@ -1259,7 +1631,10 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce_scatter(std::vector<at::T
   auto ins = inputs;
   // gloo reduces the whole input with its all-reduce, then keeps this rank's part
   count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(ins) / getSize());
-  return passthrough(c10d::OpType::REDUCE_SCATTER, outs, LSG_DEV(outs[0]),
+  return passthrough(c10d::OpType::REDUCE_SCATTER,
+                     spec_for("reduce_scatter", c10d::OpType::REDUCE_SCATTER, outs,
+                              static_cast<int64_t>(opts.reduceOp.op_), 0, opts.timeout),
+                     outs, LSG_DEV(outs[0]),
                      [inner, outs, ins, opts]() mutable { return inner->reduce_scatter(outs, ins, opts); });
 }
 
@@ -1269,7 +1644,10 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::_reduce_scatter_base(at::Tensor&
   at::Tensor o = output, i = input;
   // gloo reduces the whole input with its all-reduce, then keeps this rank's part
   count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(i) / getSize());
-  return passthrough(c10d::OpType::_REDUCE_SCATTER_BASE, {o}, LSG_DEV(i),
+  return passthrough(c10d::OpType::_REDUCE_SCATTER_BASE,
+                     spec_for("reduce_scatter_tensor", c10d::OpType::_REDUCE_SCATTER_BASE, {o},
+                              static_cast<int64_t>(opts.reduceOp.op_), 0, opts.timeout),
+                     {o}, LSG_DEV(i),
                      [inner, o, i, opts]() mutable { return inner->_reduce_scatter_base(o, i, opts); });
 }
 
@@ -1281,7 +1659,10 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce_scatter_tensor_coalesced(
   auto ins = inputs;
   // gloo reduces the whole input with its all-reduce, then keeps this rank's part
   count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(ins) / getSize());
-  return passthrough(c10d::OpType::COALESCED, outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
+  return passthrough(c10d::OpType::COALESCED,
+                     spec_for("reduce_scatter_tensor_coalesced", c10d::OpType::COALESCED, outs,
+                              static_cast<int64_t>(opts.reduceOp.op_), 2, opts.timeout),
+                     outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
     return inner->reduce_scatter_tensor_coalesced(outs, ins, opts);
   });
 }
@@ -1295,7 +1676,9 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::alltoall_base(at::Tensor& output
   auto os = output_splits, is = input_splits;
   const int64_t p = getSize(), me = getRank();
   count_op("alltoall", alltoall_bytes(i, is, me, p), alltoall_bytes(o, os, me, p));
-  return passthrough(c10d::OpType::ALLTOALL_BASE, {o}, LSG_DEV(i),
+  CallSpec spec = spec_for("all_to_all_single", c10d::OpType::ALLTOALL_BASE, {i}, -1, 0, opts.timeout);
+  if (!is.empty() || !os.empty()) spec.numel = -1;  // uneven splits: sizes may differ between ranks
+  return passthrough(c10d::OpType::ALLTOALL_BASE, spec, {o}, LSG_DEV(i),
                      [inner, o, i, os, is, opts]() mutable { return inner->alltoall_base(o, i, os, is, opts); });
 }
 
@@ -1317,14 +1700,17 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::alltoall(std::vector<at::Tensor>
     }
     count_op("alltoall", sent, received);
   }
-  return passthrough(c10d::OpType::ALLTOALL, outs, LSG_DEV(ins[0]),
+  CallSpec spec = spec_for("all_to_all", c10d::OpType::ALLTOALL, ins, -1, 0, opts.timeout);
+  spec.numel = -1;  // the list's sizes may differ between ranks
+  return passthrough(c10d::OpType::ALLTOALL, spec, outs, LSG_DEV(ins[0]),
                      [inner, outs, ins, opts]() mutable { return inner->alltoall(outs, ins, opts); });
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::barrier(const c10d::BarrierOptions& opts) {
   // A barrier orders after every collective queued before it (FIFO), like gloo's.
   auto inner = cpu_inner_;
-  return passthrough(c10d::OpType::BARRIER, {}, c10::DeviceType::CPU,
+  return passthrough(c10d::OpType::BARRIER, spec_for("barrier", c10d::OpType::BARRIER, {}, -1, 0, opts.timeout), {},
+                     c10::DeviceType::CPU,
                      [inner, opts]() mutable { return inner->barrier(opts); });
 }
 

@@ -7,13 +7,21 @@
 //  - Every collective of the group runs on one FIFO worker thread (see "Ordering" below), so
 //    collectives of one group never overlap each other (gloo with 2 threads could overlap two).
 //  - send/recv/recvAnysource go straight to the inner backend (they carry user tags); tags from
-//    0x40000000 up are reserved for the compressed all-reduce's messages and refused.
+//    0x40000000 up are reserved for the backend's own messages and refused.
+//  - Every collective carries a call header (sequence number, kind, format, op, dtype, element
+//    count, block size or root) that each rank sends every peer when the call is made; the
+//    worker compares them before any data moves, so ranks that disagree raise
+//    "ranks disagree" on every rank instead of hanging or exchanging mismatched messages
+//    (check_calls=false turns this off: one 64-byte message per peer and call less).
 //  - After any collective of the group fails, the group is failed: every later call fails at
 //    once with the first error (destroy the group and create a new one).
-//  - A Work's wait(timeout) blocks the CPU. For CUDA tensors every call captures the caller's
-//    current stream on the tensor's device at enqueue time, and the worker runs under a guard
-//    of that device and stream. No CUDA path of this backend has run on a GPU so far (CI
-//    compiles it, tests/test_compile_checks.py).
+//  - Every message of a collective is waited for within the call's timeout (the collective's
+//    options.timeout when set, else the group's), counted from when the worker starts the call.
+//  - A Work's wait(timeout) blocks the CPU until the worker is done with the call; for CUDA
+//    tensors it (and synchronize()) then makes the caller's current stream wait for the work.
+//    Every call captures the caller's current stream on the tensor's device at enqueue time,
+//    and the worker runs under a guard of that device and stream. No CUDA path of this backend
+//    has run on a GPU so far (CI compiles it, tests/test_compile_checks.py).
 //  - all-reduce of a *list* of several tensors keeps gloo's legacy meaning (all list entries of
 //    all ranks are reduced together) and passes through; dist.all_reduce_coalesced (one result
 //    per tensor) is compressed tensor by tensor.
@@ -22,6 +30,7 @@
 //    as an error or a timeout. Sizes that both compress are checked (metadata exchange).
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -59,6 +68,10 @@ class LocalSGDWork : public c10d::Work {
     return future_->completed() && future_->hasError() ? future_->exception_ptr() : nullptr;
   }
   std::vector<at::Tensor> result() override { return outputs_; }
+  // CPU: block until done (and raise its error). CUDA: then make the caller's current stream
+  // wait for the work's events (the future's), so a wait from another stream is ordered too.
+  bool wait(std::chrono::milliseconds timeout) override;
+  void synchronize() override;
 
  private:
   std::vector<at::Tensor> outputs_;
@@ -73,7 +86,10 @@ struct GroupState {
   std::mutex mu;
   std::string first_error;  // empty while the group is healthy
   bool aborted = false;
-  std::vector<c10::intrusive_ptr<c10d::Work>> inflight;
+  // Inner point-to-point works posted and not yet finished (call headers of queued calls, the
+  // messages of the call in flight): abort() aborts them. Keyed by a registration number.
+  std::map<uint64_t, c10::intrusive_ptr<c10d::Work>> inflight;
+  uint64_t next_inflight = 0;
   int64_t outstanding = 0;  // Works created and not yet completed
   std::condition_variable idle;  // notified when outstanding drops to 0
   // Record the first failure (later ones are consequences of it).
@@ -95,6 +111,34 @@ struct BackendStats {
   // and bytes this rank sends, by op name. Included in bytes_sent / bytes_received.
   std::map<std::string, int64_t> op_calls;
   std::map<std::string, int64_t> op_bytes_sent;
+  // The call headers this rank sent (64 bytes per peer and collective); in bytes_sent too.
+  int64_t header_bytes = 0;
+};
+
+// What every rank must agree on for one collective: the fields of its call header.
+struct CallSpec {
+  const char* what = "collective";  // for messages: "all_reduce", "broadcast", ...
+  int64_t kind = 0;                 // c10d::OpType, or kKindCompressed (all_reduce_compressed)
+  int64_t format = 0;               // the compressed format code; 0 when the call passes through
+  int64_t op = -1;                  // c10d::ReduceOp (-1: none)
+  int64_t dtype = -1;               // at::ScalarType of the data (-1: none)
+  int64_t numel = 0;                // elements (-1: may differ between ranks, e.g. uneven all-to-all)
+  int64_t extra = 0;                // block size (compressed), root rank, or a digest of a tensor list
+  std::chrono::milliseconds timeout{-1};  // the call's own timeout; < 0: the group's
+};
+
+class PostedWorks;  // the inner point-to-point works of one call (localsgd_backend.cpp)
+
+// One queued collective: its sequence number, its header and the header messages posted when
+// it was called, and its deadline once the worker starts it.
+struct Call {
+  uint64_t seq = 0;
+  CallSpec spec;
+  std::vector<int64_t> mine;  // this rank's header words
+  at::Tensor rows;            // every rank's header (p x 8 int64, CPU)
+  std::shared_ptr<PostedWorks> header;
+  std::chrono::steady_clock::time_point deadline;
+  std::chrono::milliseconds timeout{0};
 };
 
 class LocalSGDBackend : public c10d::Backend {
@@ -102,7 +146,7 @@ class LocalSGDBackend : public c10d::Backend {
   // cuda_inner may be null (no CUDA, or a CPU-only group). seed < 0: round to nearest.
   LocalSGDBackend(int rank, int size, c10::intrusive_ptr<c10d::Backend> cpu_inner,
                   c10::intrusive_ptr<c10d::Backend> cuda_inner, int format, int64_t block_size,
-                  int64_t threshold_bytes, int64_t seed, int64_t timeout_ms);
+                  int64_t threshold_bytes, int64_t seed, int64_t timeout_ms, bool check_calls = true);
   ~LocalSGDBackend() override;
 
   const std::string getBackendName() const override { return "localsgd"; }
@@ -159,6 +203,12 @@ class LocalSGDBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int src, int tag) override;
   c10::intrusive_ptr<c10d::Work> recvAnysource(std::vector<at::Tensor>& tensors, int tag) override;
 
+  // Sequence numbers: every rank numbers its collectives from 0 in program order (the call
+  // headers carry them), so there is nothing to agree on at creation.
+  void setSequenceNumberForGroup() override {}
+  uint64_t getSequenceNumberForGroup() override;
+  void setTimeout(std::chrono::milliseconds timeout) override;
+
   void shutdown() override;
   // Puts the group in the failed state, fails every queued collective, aborts the point-to-point
   // messages of the one in flight and the inner groups (NCCL's abort; gloo has none), and
@@ -183,19 +233,33 @@ class LocalSGDBackend : public c10d::Backend {
  private:
   // A queued collective. Called once on the worker: with nullptr to run it, or with an error
   // (shutdown before it was issued) that it must complete its Work with.
-  using Task = std::function<void(std::exception_ptr)>;
-  void enqueue(Task task);
+  using TaskFn = std::function<void(std::exception_ptr, Call&)>;
+  struct Task {
+    std::shared_ptr<Call> call;
+    TaskFn fn;
+  };
+  // Numbers the call, posts its header to every peer, queues it (one critical section, so
+  // sequence numbers follow the queue's order).
+  void enqueue(const CallSpec& spec, TaskFn fn);
+  // A call numbered seq with its header receives posted; post_header sends ours.
+  std::shared_ptr<Call> new_call(uint64_t seq);
+  void post_header(Call& call);
+  static constexpr int64_t kPrepostCalls = 1;
+  std::deque<std::shared_ptr<Call>> preposted_;  // guarded by mu_: calls next_seq_, next_seq_ + 1, ...
+  // On the worker, before the call's data moves: wait for every peer's header (within the
+  // call's timeout) and raise "ranks disagree (...)" naming the fields that differ.
+  void check_call(Call& call);
   void worker_loop();
   void stop_worker();
   c10::intrusive_ptr<c10d::Backend> inner_for(const at::Tensor& t) const;
   c10::intrusive_ptr<c10d::Backend> inner_for_device(c10::DeviceType type) const;
   // Enqueue a pass-through collective: issue() runs on the worker and returns the inner Work.
-  c10::intrusive_ptr<c10d::Work> passthrough(c10d::OpType op, std::vector<at::Tensor> outputs,
-                                             c10::DeviceType device,
+  c10::intrusive_ptr<c10d::Work> passthrough(c10d::OpType op, const CallSpec& spec,
+                                             std::vector<at::Tensor> outputs, c10::DeviceType device,
                                              std::function<c10::intrusive_ptr<c10d::Work>()> issue);
   // On the worker: the quantized all-reduce of one tensor (in place).
   void quantized_allreduce(const c10::intrusive_ptr<c10d::Backend>& inner, at::Tensor t,
-                           bool average, uint64_t call_id);
+                           bool average, uint64_t call_id, const Call& call);
   void count_passthrough(const char* reason, int64_t bytes, bool log);
   // A pass-through collective other than all-reduce: what this rank sends and receives under
   // the inner backend's algorithm (ring all-gather, binomial-tree broadcast, pairwise
@@ -218,7 +282,9 @@ class LocalSGDBackend : public c10d::Backend {
   int64_t block_;
   int64_t threshold_;
   int64_t seed_;
-  std::chrono::milliseconds timeout_;
+  std::chrono::milliseconds timeout_;  // guarded by mu_ (setTimeout)
+  bool check_calls_;
+  uint64_t next_seq_ = 0;              // guarded by mu_
 
   mutable std::mutex stats_mu_;
   // Scratch of the quantized all-reduce for CPU tensors, grown on demand and reused. Only the
@@ -227,9 +293,13 @@ class LocalSGDBackend : public c10d::Backend {
   // buffer took 46 ms against 4.4 ms into a reused one, more than the kernels themselves.
   at::Tensor cpu_workspace_;
   at::Tensor scratch(int64_t nbytes, const at::TensorOptions& opts);
+  // Pinned host mirror of a CUDA workspace (CUDA tensors over gloo), grown on demand; worker only.
+  at::Tensor pinned_workspace_;
+  at::Tensor pinned_scratch(int64_t nbytes);
   BackendStats stats_;
   uint32_t logged_reasons_ = 0;
-  uint64_t next_call_id_ = 0;  // only touched by the worker
+  uint64_t next_call_id_ = 0;   // stochastic-rounding stream of all_reduce; only the worker touches it
+  uint64_t next_tag_call_ = 0;  // numbers the pipelined calls for their message tags; worker only
 
   std::mutex mu_;
   std::condition_variable cv_;
