@@ -125,6 +125,7 @@ setup(
         "console_scripts": [
             "localsgd-train=localsgd_comm.train:main",
             "localsgd-bench=localsgd_comm.bench.cli:main",
+            "localsgd-coordinator=localsgd_comm.coordinator:main",
         ]
     },
     zip_safe=False,

@@ -22,6 +22,7 @@ from . import functional  # noqa: E402
 from .backend import (BackendOptions, all_reduce_compressed, ddp_bytes_per_rank, get_backend_stats,  # noqa: E402
                       traffic_report)
 from .diloco import DiLoCo, HierarchicalGroups, new_hierarchical_groups  # noqa: E402
+from .elastic import CoordinatorUnreachable, ElasticDiLoCo  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -37,8 +38,10 @@ def cuda_implementation() -> str:
 
 __all__ = [
     "BackendOptions",
+    "CoordinatorUnreachable",
     "DEFAULT_BLOCK_SIZE",
     "DiLoCo",
+    "ElasticDiLoCo",
     "FORMATS",
     "HierarchicalGroups",
     "all_reduce_compressed",

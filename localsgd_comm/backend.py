@@ -473,7 +473,6 @@ def _agree_at_init(store, rank: int, size: int, mine: Dict[str, Any]) -> None:
 
 
 def _create_backend(dist_opts, backend_options):
-    from . import _C, __version__
     store, rank, size, timeout = dist_opts.store, dist_opts.group_rank, dist_opts.group_size, dist_opts.timeout
     try:
         if backend_options is None:
@@ -489,6 +488,13 @@ def _create_backend(dist_opts, backend_options):
     except Exception as exc:
         _publish_init(store, rank, size, {}, f"{type(exc).__name__}: {exc}")  # the peers raise it too
         raise
+    return _make_backend(store, rank, size, timeout, opts)
+
+
+def _make_backend(store, rank: int, size: int, timeout, opts: "BackendOptions"):
+    """A LocalSGDBackend for ``rank`` of ``size`` on ``store`` with resolved ``opts``, after the
+    init agreement; also used for groups built outside ``init_process_group`` (elastic DiLoCo)."""
+    from . import _C, __version__
     mine = {"version": __version__, "world_size": size, "format": opts.format, "block_size": opts.block_size,
             "threshold_bytes": opts.threshold_bytes, "cuda_inner": opts.cuda_inner, "seed": opts.seed,
             "check_calls": opts.check_calls}
@@ -513,13 +519,19 @@ def _create_backend(dist_opts, backend_options):
 EXIT_GRACE_MS = 3000
 
 
+#: Backends made by _make_backend outside torch's group registry (elastic DiLoCo's groups): the
+#: exit handler must reach them too. Their owner removes them when it closes them.
+_unregistered_backends: list = []
+
+
 def _live_backends():
-    """The localsgd backends of every process group not destroyed yet (torch's group registry)."""
+    """The localsgd backends of every process group not destroyed yet (torch's group registry),
+    and those created outside it."""
+    out = list(_unregistered_backends)
     try:
         groups = list(dist.distributed_c10d._world.pg_map.keys())
     except Exception:  # noqa: BLE001 - torch internals moved: nothing to do at exit
-        return []
-    out = []
+        return out
     for pg in groups:
         out += [b for b in _localsgd_backends(pg) if all(b is not x for x in out)]
     return out
