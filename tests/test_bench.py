@@ -76,6 +76,8 @@ def test_default_output_directory_is_a_fresh_relative_run_folder(tmp_path, monke
     (["collectives", "--methods", "ddp-gloo"], "--methods applies to time-to-loss"),
     (["time-to-loss", "--steps", "0"], "--steps: expected an integer >= 1"),
     (["kernels", "--update-results", "--out", "x"], "cannot be combined with --out"),
+    (["faults", "--nets", "1gbit"], "--nets applies to"),
+    (["faults", "--steps", "10"], "--steps applies to time-to-loss"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bench_flags_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys, argv, needle):
@@ -91,7 +93,7 @@ def test_bench_help_says_what_each_suite_measures(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     text = capsys.readouterr().out
-    for suite in ("kernels", "collectives", "time-to-loss", "all", "linkcheck", "cleanup"):
+    for suite in ("kernels", "collectives", "time-to-loss", "faults", "all", "linkcheck", "cleanup"):
         assert f"  {suite} " in text
     assert text.count("--quick: about") >= 4
 

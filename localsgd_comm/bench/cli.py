@@ -23,7 +23,10 @@ SUITES = {
     "time-to-loss": "4 workers train the tiny GPT with DDP and DiLoCo on shaped 1 Gbit/s, 100 Mbit/s and "
                     "10 Mbit/s links: wall time to DDP's loss. --quick: about 1 min on 100 Mbit/s (full: about "
                     "10 min)",
-    "all": "kernels, collectives and time-to-loss. --quick: about 2-3 min",
+    "faults": "elastic DiLoCo, 4 workers, tiny GPT: one worker killed mid all-reduce at 30% of the rounds and "
+              "restarted at 60%, against the fault-free run: final loss, recovery time, join bytes. --quick: about "
+              "1-2 min (full: about 3-4 min)",
+    "all": "kernels, collectives and time-to-loss (not faults). --quick: about 2-3 min",
     "linkcheck": "checks that the shaped links reach their rates (gloo send/recv)",
     "cleanup": "removes network namespaces left behind by killed runs",
 }
@@ -138,6 +141,9 @@ def main(argv=None) -> int:
                     r = verify_link(net, 2, mbytes=max(1.0, rate / 1000 * 32))
                 log(f"{rate} Mbit/s link: gloo send/recv {r['mbit_s']:.1f} Mbit/s "
                     f"({100 * r['mbit_s'] / rate:.0f}%)")
+        if a.what == "faults":
+            from . import faults
+            faults.run_suite(out_dir, quick=a.quick, log=log)
         if a.what in ("kernels", "all"):
             from . import kernels
             if kernels.run_suite(out_dir, quick=a.quick, log=log) is None and a.what == "kernels":
