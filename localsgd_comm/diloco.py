@@ -383,7 +383,45 @@ class _Pending:
         self.works = []
 
 
-class DiLoCo(torch.optim.Optimizer):
+class _InnerWrapper(torch.optim.Optimizer):
+    """An optimizer that wraps an inner one: its param groups and state are the inner's, so lr
+    schedulers and scripts that write ``param_groups[i]["lr"]`` reach the inner optimizer.
+    torch.optim.Optimizer's __init__ would build param groups of its own: subclasses call
+    ``_wrap(inner)`` instead, which sets up the bookkeeping lr schedulers and hooks expect."""
+
+    def _wrap(self, inner_optimizer: torch.optim.Optimizer) -> None:
+        self.inner_optimizer = inner_optimizer
+        self.defaults = inner_optimizer.defaults
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                     "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, name, OrderedDict())
+
+    @property
+    def param_groups(self):
+        return self.inner_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.inner_optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.inner_optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.inner_optimizer.state = value
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        raise RuntimeError(f"{type(self).__name__}.add_param_group: parameters are fixed at construction (they live "
+                           "in flat buffers); build the inner optimizer with every parameter group first")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner_optimizer.zero_grad(set_to_none=set_to_none)
+
+
+class DiLoCo(_InnerWrapper):
     """DiLoCo (or plain local SGD) around an inner optimizer; see the module docstring.
 
     Args:
@@ -442,7 +480,7 @@ class DiLoCo(torch.optim.Optimizer):
             raise RuntimeError("DiLoCo: expected an initialized process group (dist.init_process_group), got none")
 
         self.model = model
-        self.inner_optimizer = inner_optimizer
+        self._wrap(inner_optimizer)
         self.sync_every = sync_every
         self.outer_lr = float(outer_lr)
         self.outer_momentum = float(outer_momentum)
@@ -526,13 +564,6 @@ class DiLoCo(torch.optim.Optimizer):
         self._pending: Optional[_Pending] = None
         self.stats = {"syncs": 0, "skipped_syncs": 0, "bytes_sent": 0, "intra_bytes_sent": 0, "foreign_bytes": 0,
                       "ddp_hook_calls": 0}
-        # torch.optim.Optimizer's bookkeeping (its __init__ would build param groups of its own):
-        # lr schedulers and hook registration find what they expect.
-        self.defaults = inner_optimizer.defaults
-        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
-                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
-                     "_optimizer_load_state_dict_post_hooks"):
-            setattr(self, name, OrderedDict())
         # Tripwire (see "DDP under DiLoCo"): traffic on the watched groups between syncs.
         groups = [self.group]
         if ddp is not None and hierarchy is None and ddp.process_group is not self.group:
@@ -548,29 +579,6 @@ class DiLoCo(torch.optim.Optimizer):
     #: GradScaler.step(opt) calls step() with ``grad_scale``/``found_inf`` set instead of skipping
     #: it on an inf, so the step count (hence the sync schedule) stays the same on every rank.
     _step_supports_amp_scaling = True
-
-    @property
-    def param_groups(self):
-        return self.inner_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.inner_optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.inner_optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.inner_optimizer.state = value
-
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        raise RuntimeError("DiLoCo.add_param_group: parameters are fixed at construction (they live in DiLoCo's "
-                           "flat buffers); build the inner optimizer with every parameter group first")
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner_optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure=None):
         """One inner step; a sync every ``sync_every`` calls. Returns the closure's loss."""

@@ -49,7 +49,7 @@ from torch import nn
 from . import backend as _backend
 from . import _ops
 from . import functional as F
-from .diloco import _FLOAT_DTYPES, _derive_seed, _find_ddp, _Flat, _unwrap_compiled
+from .diloco import _FLOAT_DTYPES, _find_ddp, _Flat, _InnerWrapper, _unwrap_compiled
 
 log = logging.getLogger("localsgd_comm.elastic")
 
@@ -179,7 +179,7 @@ class _Group:
             _backend._unregistered_backends.remove(b)
 
 
-class ElasticDiLoCo(torch.optim.Optimizer):
+class ElasticDiLoCo(_InnerWrapper):
     """DiLoCo whose workers may die and join at any outer round (see the module docstring).
 
     Args:
@@ -249,7 +249,8 @@ class ElasticDiLoCo(torch.optim.Optimizer):
         block_size = _ops.DEFAULT_BLOCK_SIZE if block_size is None else block_size
         _ops.check_block_size(block_size)
 
-        self.model, self.inner_optimizer = model, inner_optimizer
+        self.model = model
+        self._wrap(inner_optimizer)
         self.sync_every, self.outer_lr, self.outer_momentum = sync_every, float(outer_lr), float(outer_momentum)
         self.nesterov, self.compression, self.block_size = bool(nesterov), compression, block_size
         self.error_feedback, self.min_workers, self.initial_workers = bool(error_feedback), min_workers, initial_workers
@@ -260,11 +261,6 @@ class ElasticDiLoCo(torch.optim.Optimizer):
         self.max_attempts = 8
         self.coordinator, self.worker_id = coordinator, worker_id
         self.ns = f"localsgd/elastic/{run_id}"
-        self.defaults = inner_optimizer.defaults
-        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
-                     "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
-                     "_optimizer_load_state_dict_post_hooks"):
-            setattr(self, name, {})
 
         module = _unwrap_compiled(model)
         seen, params = set(), []
@@ -305,25 +301,6 @@ class ElasticDiLoCo(torch.optim.Optimizer):
         self._start()
 
     # ------------------------------------------------------------------ public API
-    @property
-    def param_groups(self):
-        return self.inner_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.inner_optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.inner_optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.inner_optimizer.state = value
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner_optimizer.zero_grad(set_to_none=set_to_none)
-
     def step(self, closure=None):
         """One inner step; every ``sync_every`` steps an outer round with the live workers."""
         loss = self.inner_optimizer.step(closure) if closure is not None else self.inner_optimizer.step()
