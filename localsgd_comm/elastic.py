@@ -200,6 +200,11 @@ class ElasticDiLoCo(_InnerWrapper):
         dead_after_s: a worker whose heartbeat has not moved for this long is dead.
         heartbeat_s: heartbeat period.
         run_id: namespace in the store (several jobs may share one coordinator).
+        replica_group: for a worker that is a cluster of processes (DDP inside, over a fast
+            link): the group of its processes. Its rank 0 takes part in the rounds and hands
+            each outcome to the others (the reduced bytes, or the whole state after a join); a
+            replica whose process dies fails as a whole (its DDP or the hand-over raises) and
+            comes back as a whole.
     """
 
     _step_supports_amp_scaling = False
@@ -210,16 +215,25 @@ class ElasticDiLoCo(_InnerWrapper):
                  error_feedback: bool = False, min_workers: int = 1, join_timeout_s: float = 10.0,
                  quorum_timeout_s: float = 300.0, timeout_s: float = 30.0, dead_after_s: float = 3.0,
                  heartbeat_s: float = 0.5, run_id: str = "run", initial_workers: Optional[int] = None,
-                 overlap: bool = False):
+                 replica_group=None, overlap: bool = False):
         if overlap:
             raise ValueError("ElasticDiLoCo: overlap=True is not supported: the delayed outer step keeps a reduce in "
                              "flight across the round boundary, which a membership change would have to cancel half "
                              "way (use DiLoCo(overlap=True) for a fixed set of workers)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if _find_ddp(model) is not None:
-            raise ValueError("ElasticDiLoCo: expected a plain module, got a DistributedDataParallel one: each elastic "
-                             "worker is one process (a worker that is itself a DDP cluster is not supported yet)")
+        ddp = _find_ddp(model)
+        if replica_group is None and ddp is not None:
+            raise ValueError("ElasticDiLoCo: got a DistributedDataParallel model but no replica_group: a worker that "
+                             "is a cluster of processes passes its DDP group as replica_group (its rank 0 takes part "
+                             "in the rounds for all of them)")
+        if replica_group is not None:
+            if not dist.is_initialized():
+                raise RuntimeError("ElasticDiLoCo: replica_group given but torch.distributed is not initialized")
+            if ddp is not None and dist.get_world_size(ddp.process_group) != dist.get_world_size(replica_group):
+                raise ValueError("ElasticDiLoCo: expected DDP over replica_group (size "
+                                 f"{dist.get_world_size(replica_group)}), got a DDP group of size "
+                                 f"{dist.get_world_size(ddp.process_group)}")
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise TypeError(f"inner_optimizer: expected a torch.optim.Optimizer, got {type(inner_optimizer).__name__}")
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
@@ -262,7 +276,7 @@ class ElasticDiLoCo(_InnerWrapper):
         self.coordinator, self.worker_id = coordinator, worker_id
         self.ns = f"localsgd/elastic/{run_id}"
 
-        module = _unwrap_compiled(model)
+        module = ddp.module if ddp is not None else _unwrap_compiled(model)
         seen, params = set(), []
         for p in module.parameters():
             if id(p) not in seen and p.requires_grad:
@@ -287,7 +301,18 @@ class ElasticDiLoCo(_InnerWrapper):
         self._local_step = 0
         self._round = 0
         self._group: Optional[_Group] = None
+        self._replica = replica_group
+        self._leader = replica_group is None or dist.get_rank(replica_group) == 0
+        self._leader_rank = 0 if replica_group is None else dist.get_global_rank(replica_group, 0)
+        self._replica_rank = 0 if replica_group is None else dist.get_rank(replica_group)
+        self._index = 0
+        self._members: List[str] = []
         self._kill = self._parse_kill(os.environ.get("LOCALSGD_ELASTIC_KILL", ""))
+        self.me = f"{worker_id}/{self._replica_rank}"
+        if not self._leader:
+            self._heartbeat = None
+            self._receive()  # the leader founds or joins the job, then hands the state over
+            return
 
         self._store = _Store(connect(coordinator, timeout_s), coordinator)
         inc = self._store.add(f"{self.ns}/incarnation/{worker_id}", 1)
@@ -295,10 +320,11 @@ class ElasticDiLoCo(_InnerWrapper):
         self._heartbeat = _Heartbeat(coordinator, f"{self.ns}/hb/{self.me}", heartbeat_s, timeout_s)
         self._heartbeat.start()
         self._seen_hb: Dict[str, tuple] = {}  # member -> (last counter, when it last moved)
-        self._members: List[str] = []
         self._joiner_cursor = 0
         self._known_joiners: List[str] = []
         self._start()
+        if self._replica is not None:
+            self._share("state", None, 0)
 
     # ------------------------------------------------------------------ public API
     def step(self, closure=None):
@@ -330,6 +356,8 @@ class ElasticDiLoCo(_InnerWrapper):
     @property
     def worker_index(self) -> int:
         """This worker's index among the last round's members (e.g. to pick a data shard)."""
+        if not self._leader:
+            return self._index  # the leader's, received with every round
         return self._members.index(self.me) if self.me in self._members else 0
 
     def anchors(self) -> List[torch.Tensor]:
@@ -337,8 +365,9 @@ class ElasticDiLoCo(_InnerWrapper):
 
     def close(self) -> None:
         """Leave the job: stop the heartbeat (peers see this worker as gone) and free the group."""
-        self._heartbeat.stop.set()
-        self._heartbeat.join(timeout=5.0)
+        if self._heartbeat is not None:
+            self._heartbeat.stop.set()
+            self._heartbeat.join(timeout=5.0)
         if self._group is not None:
             self._group.close()
             self._group = None
@@ -385,7 +414,9 @@ class ElasticDiLoCo(_InnerWrapper):
         if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in _PHASES:
             raise ValueError(f"LOCALSGD_ELASTIC_KILL: expected '<worker_id>:<round>:<phase>' with a phase of "
                              f"{_PHASES}, got {spec!r}")
-        return (parts[0], int(parts[1]), parts[2]) if parts[0] == self.worker_id else None
+        wid, _, rank = parts[0].partition("/")
+        mine = wid == self.worker_id and int(rank or 0) == self._replica_rank
+        return (parts[0], int(parts[1]), parts[2]) if mine else None
 
     def _maybe_kill(self, phase: str) -> None:
         if not self._kill or self._kill[2] != phase:
@@ -500,10 +531,23 @@ class ElasticDiLoCo(_InnerWrapper):
 
     # ------------------------------------------------------------------ the round
     def sync(self) -> None:
-        """One outer round with the live workers (``step`` calls this every ``sync_every`` steps)."""
+        """One outer round with the live workers (``step`` calls this every ``sync_every`` steps).
+        In a replica of several processes the leader takes part in the round and then hands its
+        outcome to the replica's other ranks (``replica_group``)."""
+        if self._replica is None:
+            self._sync_leader()
+        elif self._leader:
+            self._share(*self._sync_leader())
+        else:
+            self._receive()
+
+    def _sync_leader(self):
+        """The round; returns ("apply", the reduced items, members that trained) or ("state", ...)
+        when this worker's state was replaced (it was left out and joined again)."""
         r, a = self._round, 0
         t_fault, t_round = None, time.monotonic()
         reported: set = set()
+        applied = (None, 0)
         while True:
             self.stats["attempts"] += 1
             self._store.set(f"{self.ns}/cursor", f"{r}:{a}")
@@ -515,7 +559,7 @@ class ElasticDiLoCo(_InnerWrapper):
                 self._event("left_out", attempt=a)
                 self._drop_group()
                 self._join()
-                return
+                return "state", None, 0
             keys = [m["key"] for m in q]
             trainers = [m["key"] for m in q if not m["joining"]]
             joiners = [m["key"] for m in q if m["joining"]]
@@ -543,6 +587,7 @@ class ElasticDiLoCo(_InnerWrapper):
             outcome = self._await_outcome(r, a, trainers)
             if outcome == "commit" and pend is not None:
                 self._apply(pend, len(trainers))
+                applied = (pend, len(trainers))
                 break
             if outcome == "commit":
                 # The others committed a result this worker does not hold: it cannot go on as a member.
@@ -550,7 +595,7 @@ class ElasticDiLoCo(_InnerWrapper):
                 self._event("left_out", attempt=a, why="all-reduce failed here, committed elsewhere")
                 self.stats["left_out"] += 1
                 self._join()
-                return
+                return "state", None, 0
             self._restore()
             self._drop_group()
             self.stats["redone_rounds"] += 1
@@ -575,6 +620,53 @@ class ElasticDiLoCo(_InnerWrapper):
         self._members = keys
         self._round = r + 1
         self.stats["rounds"] += 1
+        return "apply", applied[0], applied[1]
+
+    # ------------------------------------------------------------------ replicas of several processes
+    def _ctrl(self, kind: int, p: int) -> torch.Tensor:
+        return torch.tensor([kind, self._round, self._local_step, p, self.worker_index], dtype=torch.int64)
+
+    def _rbcast(self, t: torch.Tensor) -> None:
+        dist.broadcast(t, src=self._leader_rank, group=self._replica)
+
+    def _share(self, kind: str, pend, p: int) -> None:
+        """Leader: the round's outcome to the replica's other ranks, over the fast intra link: the
+        reduced bytes the leader applied (1 byte per parameter for int8), or the whole state."""
+        self._rbcast(self._ctrl(0 if kind == "apply" else 1, p))
+        if kind == "apply":
+            for it in pend:
+                for t in it[1:]:
+                    self._rbcast(t)
+        else:
+            for t in self._state_tensors():
+                self._rbcast(t)
+
+    def _receive(self) -> None:
+        """A replica's other rank: the outcome its leader broadcasts. If the leader died, the
+        broadcast fails and this rank raises: the replica goes down as one and rejoins as one."""
+        ctrl = self._ctrl(0, 0)
+        self._rbcast(ctrl)
+        kind, self._round, self._local_step, p, self._index = (int(x) for x in ctrl)
+        if kind == 0:
+            pend = []
+            for f in self._flats:
+                if self.compression == "none":
+                    g = torch.empty(f.numel, dtype=torch.float32)
+                    self._rbcast(g)
+                    pend.append(("none", g))
+                else:
+                    payload = torch.empty(_ops.payload_bytes(self.compression, f.numel), dtype=torch.uint8)
+                    scales = torch.empty(_ops.num_blocks(f.numel, self.block_size), dtype=torch.float32)
+                    self._rbcast(payload)
+                    self._rbcast(scales)
+                    pend.append(("q", payload, scales))
+            self._apply(pend, p)
+        else:
+            for t in self._state_tensors():
+                self._rbcast(t)
+            for f in self._flats:
+                f.write_params(f.anchor)
+            self.inner_optimizer.state.clear()
 
     def _await_outcome(self, r, a, trainers: List[str]) -> str:
         """Every member's vote, or a dead or silent member: one outcome for all (compare_set)."""
@@ -666,8 +758,7 @@ class ElasticDiLoCo(_InnerWrapper):
         for f, it in zip(self._flats, pend):
             mom = f.momentum
             if it[0] == "none":
-                g = it[1]
-                g.div_(p)  # SUM -> AVG: one IEEE division, identical on every member
+                g = it[1] / p  # SUM -> AVG: one IEEE division, identical on every member (it[1] is shared as is)
                 F.outer_nesterov_step(f.anchor, mom, f.flat, g, self.outer_lr, self.outer_momentum, self.nesterov)
             else:
                 F.outer_nesterov_step_compressed(f.anchor, mom, f.flat, it[1], it[2], self.compression,

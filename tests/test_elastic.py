@@ -43,18 +43,20 @@ class Job:
         line = self.coord.stdout.readline()
         assert "serving" in line, line
 
-    def start(self, wid: str, kill: str = "", **extra):
+    def start(self, wid: str, kill: str = "", name: str = "", **extra):
+        """Worker ``wid`` (``name``: the process's own key, for the ranks of a multi-process worker)."""
+        name = name or wid
         args = {**self.args, **extra}
-        cmd = [sys.executable, WORKER, "--coordinator", self.addr, "--id", wid, "--out", str(self.tmp / f"{wid}.json")]
+        cmd = [sys.executable, WORKER, "--coordinator", self.addr, "--id", wid, "--out", str(self.tmp / f"{name}.json")]
         for k, v in args.items():
             if v is True:
                 cmd.append(f"--{k}")
             elif v is not None and v is not False:
                 cmd += [f"--{k}", str(v)]
         env = dict(self.env, LOCALSGD_ELASTIC_KILL=kill) if kill else self.env
-        self.procs[wid] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                           stderr=open(self.tmp / f"{wid}.log", "w"))
-        return self.procs[wid]
+        self.procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                            stderr=open(self.tmp / f"{name}.log", "a"))
+        return self.procs[name]
 
     def round_cursor(self) -> int:
         import torch.distributed as dist
@@ -189,6 +191,43 @@ def test_a_join_while_another_worker_dies(job_factory):
     assert codes["w2"] == -9 and codes["w0"] == 0 and codes["w1"] == 0 and codes["w3"] == 0, codes
     res = _survivors_identical(job, ["w0", "w1", "w3"], 24)
     assert res["w0"]["stats"]["left"] == 1
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_that_is_a_ddp_cluster_dies_as_one_and_rejoins_as_one(job_factory):
+    """Worker B is 2 processes with DDP inside (its own gloo group); its rank 1 dies in round 2's
+    inner steps: B's leader fails at its next DDP all-reduce, A goes on alone; B restarted as a
+    whole joins, hands the state to its rank 1, and all three processes end identical."""
+    job = job_factory(**{"initial-workers": 2, "rounds": 60, "step-sleep": 0.03})
+    job.start("A")
+    port = _free_port()
+    for r in (0, 1):
+        job.start("B", name=f"B{r}", kill="B/1:2:inner", **{"replica-size": 2, "replica-rank": r, "replica-port": port})
+    assert job.procs["B1"].wait(timeout=90) == -9
+    assert job.procs["B0"].wait(timeout=60) == 1  # raised (DDP's peer is gone), did not hang
+    assert "error" in job.result("B0"), job.result("B0")
+    job.wait_round(5)
+    port = _free_port()
+    for r in (0, 1):
+        job.start("B", name=f"B{r}", **{"replica-size": 2, "replica-rank": r, "replica-port": port})
+    codes = job.wait()
+    assert all(c == 0 for c in codes.values()), codes
+    res = _survivors_identical(job, ["A", "B0", "B1"], 60)
+    assert res["B0"]["me"] == "B#2" and res["B1"]["me"] == "B/1"
+    assert res["A"]["stats"]["left"] == 1 and res["A"]["stats"]["joined"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_below_the_minimum_a_worker_waits_up_to_its_deadline_then_raises(job_factory):
+    job = job_factory(**{"initial-workers": 2, "min-workers": 2, "quorum-timeout": 3})
+    job.start("w0")
+    job.start("w1", kill="w1:2:inner")
+    t0 = time.monotonic()
+    codes = job.wait(timeout=90)
+    assert codes == {"w0": 1, "w1": -9}, codes
+    err = job.result("w0")["error"]
+    assert "fewer than min_workers=2" in err and "quorum_timeout_s=3" in err, err
+    assert time.monotonic() - t0 < 60
 
 
 def test_a_dead_coordinator_makes_every_worker_raise_clearly(job_factory):

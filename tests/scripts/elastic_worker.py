@@ -39,7 +39,11 @@ def main() -> int:
     ap.add_argument("--join-timeout", type=float, default=5.0)
     ap.add_argument("--dead-after", type=float, default=1.0)
     ap.add_argument("--timeout", type=float, default=10.0)
+    ap.add_argument("--quorum-timeout", type=float, default=60.0)
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per inner step (a slower worker)")
+    ap.add_argument("--replica-size", type=int, default=1, help="processes of this worker (DDP inside)")
+    ap.add_argument("--replica-rank", type=int, default=0)
+    ap.add_argument("--replica-port", type=int, default=0, help="the replica's own rendezvous port")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -57,18 +61,29 @@ def train(a, localsgd_comm) -> int:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
     target = torch.randn(32, 8, generator=torch.Generator().manual_seed(123))
+    replica = None
+    wrapped = model
+    if a.replica_size > 1:
+        import torch.distributed as dist
+        from datetime import timedelta
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a.replica_port}", rank=a.replica_rank,
+                                world_size=a.replica_size, timeout=timedelta(seconds=20))
+        replica = dist.group.WORLD
+        wrapped = DDP(model)
     opt = localsgd_comm.ElasticDiLoCo(
-        model, torch.optim.AdamW(model.parameters(), lr=3e-3), coordinator=a.coordinator, worker_id=a.id,
+        wrapped, torch.optim.AdamW(model.parameters(), lr=3e-3), replica_group=replica,
+        coordinator=a.coordinator, worker_id=a.id,
         sync_every=a.sync_every, compression=a.compression, error_feedback=a.error_feedback,
         min_workers=a.min_workers, initial_workers=a.initial_workers, join_timeout_s=a.join_timeout,
-        dead_after_s=a.dead_after, heartbeat_s=a.dead_after / 4, timeout_s=a.timeout, quorum_timeout_s=60)
+        dead_after_s=a.dead_after, heartbeat_s=a.dead_after / 4, timeout_s=a.timeout, quorum_timeout_s=a.quorum_timeout)
     loss = torch.tensor(float("nan"))
     t0 = time.monotonic()
     while opt.round < a.rounds:
-        seed = int(hashlib.sha256(f"{a.id}:{opt.local_step}".encode()).hexdigest()[:8], 16)
+        seed = int(hashlib.sha256(f"{a.id}/{a.replica_rank}:{opt.local_step}".encode()).hexdigest()[:8], 16)
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(16, 32, generator=g)
-        loss = ((model(x) - x @ target) ** 2).mean()
+        loss = ((wrapped(x) - x @ target) ** 2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
