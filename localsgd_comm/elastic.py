@@ -322,9 +322,13 @@ class ElasticDiLoCo(_InnerWrapper):
         self._seen_hb: Dict[str, tuple] = {}  # member -> (last counter, when it last moved)
         self._joiner_cursor = 0
         self._known_joiners: List[str] = []
-        self._start()
-        if self._replica is not None:
-            self._share("state", None, 0)
+        try:
+            self._start()
+            if self._replica is not None:
+                self._share("state", None, 0)
+        except BaseException:
+            self.close()  # the heartbeat stops: the others see this worker gone
+            raise
 
     # ------------------------------------------------------------------ public API
     def step(self, closure=None):
@@ -517,9 +521,10 @@ class ElasticDiLoCo(_InnerWrapper):
                     q = json.loads(self._store.compare_set(k, proposal))
                     return q if self.me in [m["key"] for m in q] else None
                 if waited >= self.quorum_timeout_s:
+                    what = "initial_workers" if r == "init" else "min_workers"
                     raise RuntimeError(
                         f"localsgd elastic {self.me}: round {r}: {len(arrived)} worker(s) arrived, fewer than "
-                        f"min_workers={self.min_workers}, within quorum_timeout_s={self.quorum_timeout_s:g} s")
+                        f"{what}={need}, within quorum_timeout_s={self.quorum_timeout_s:g} s")
             elif time.monotonic() - t0 > self.quorum_timeout_s:
                 return None
             self._check_heartbeat()
@@ -624,7 +629,8 @@ class ElasticDiLoCo(_InnerWrapper):
 
     # ------------------------------------------------------------------ replicas of several processes
     def _ctrl(self, kind: int, p: int) -> torch.Tensor:
-        return torch.tensor([kind, self._round, self._local_step, p, self.worker_index], dtype=torch.int64)
+        return torch.tensor([kind, self._round, self._local_step, p, self.worker_index,
+                             len(json.dumps(self._members).encode())], dtype=torch.int64)
 
     def _rbcast(self, t: torch.Tensor) -> None:
         dist.broadcast(t, src=self._leader_rank, group=self._replica)
@@ -633,6 +639,7 @@ class ElasticDiLoCo(_InnerWrapper):
         """Leader: the round's outcome to the replica's other ranks, over the fast intra link: the
         reduced bytes the leader applied (1 byte per parameter for int8), or the whole state."""
         self._rbcast(self._ctrl(0 if kind == "apply" else 1, p))
+        self._rbcast(torch.frombuffer(bytearray(json.dumps(self._members).encode()), dtype=torch.uint8))
         if kind == "apply":
             for it in pend:
                 for t in it[1:]:
@@ -646,7 +653,10 @@ class ElasticDiLoCo(_InnerWrapper):
         broadcast fails and this rank raises: the replica goes down as one and rejoins as one."""
         ctrl = self._ctrl(0, 0)
         self._rbcast(ctrl)
-        kind, self._round, self._local_step, p, self._index = (int(x) for x in ctrl)
+        kind, self._round, self._local_step, p, self._index, n = (int(x) for x in ctrl)
+        members = torch.empty(n, dtype=torch.uint8)
+        self._rbcast(members)
+        self._members = json.loads(bytes(members.tolist()).decode())  # the leader's view of the job
         if kind == 0:
             pend = []
             for f in self._flats:

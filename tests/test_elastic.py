@@ -113,11 +113,11 @@ def _survivors_identical(job, ids, rounds):
     res = {w: job.result(w) for w in ids}
     for w, r in res.items():
         assert r is not None and "error" not in r, (w, r, job.log(w))
-        assert r["round"] == rounds, (w, r["round"])
+        assert r["round"] >= rounds, (w, r["round"])
         assert r["loss"] == r["loss"] and abs(r["loss"]) < 1e6, (w, r["loss"])  # finite
     first = res[ids[0]]
     for w in ids[1:]:
-        for k in ("anchor", "momentum", "params", "local_step"):
+        for k in ("anchor", "momentum", "params", "local_step", "round"):
             assert res[w][k] == first[k], (k, {x: res[x][k] for x in ids})
     return res
 
@@ -163,7 +163,7 @@ def test_two_deaths_in_one_round(job_factory):
 
 @pytest.mark.timeout(240)
 def test_a_restarted_worker_joins_after_a_death_and_ends_identical(job_factory):
-    job = job_factory(**{"initial-workers": 3, "rounds": 24, "step-sleep": 0.03})
+    job = job_factory(**{"initial-workers": 3, "rounds": 24, "step-sleep": 0.03, "until-members": 3})
     for w in ("w0", "w1", "w2"):
         job.start(w, kill="w1:2:inner")
     job.procs["w1"].wait(timeout=60)
@@ -175,14 +175,14 @@ def test_a_restarted_worker_joins_after_a_death_and_ends_identical(job_factory):
     res = _survivors_identical(job, ["w0", "w1", "w2"], 24)
     assert res["w1"]["me"] == "w1#2"
     joined = [e for e in res["w1"]["events"] if e["kind"] == "joined"]
-    assert joined and 4 <= joined[0]["round"] < 24, res["w1"]["events"]
+    assert joined and joined[0]["round"] >= 4, res["w1"]["events"]
     assert res["w1"]["stats"]["join_bytes_received"] > 0
     assert res["w0"]["stats"]["joined"] >= 1 or res["w2"]["stats"]["joined"] >= 1
 
 
 @pytest.mark.timeout(240)
 def test_a_join_while_another_worker_dies(job_factory):
-    job = job_factory(**{"initial-workers": 3, "rounds": 24, "step-sleep": 0.03})
+    job = job_factory(**{"initial-workers": 3, "rounds": 24, "step-sleep": 0.03, "until-joined": 1})
     for w in ("w0", "w1", "w2"):
         job.start(w, kill="w2:3:join")  # w2 dies in the first round (from round 3) that takes a joiner in
     job.wait_round(3)
@@ -198,7 +198,7 @@ def test_a_worker_that_is_a_ddp_cluster_dies_as_one_and_rejoins_as_one(job_facto
     """Worker B is 2 processes with DDP inside (its own gloo group); its rank 1 dies in round 2's
     inner steps: B's leader fails at its next DDP all-reduce, A goes on alone; B restarted as a
     whole joins, hands the state to its rank 1, and all three processes end identical."""
-    job = job_factory(**{"initial-workers": 2, "rounds": 60, "step-sleep": 0.03})
+    job = job_factory(**{"initial-workers": 2, "rounds": 24, "step-sleep": 0.03, "until-members": 2})
     job.start("A")
     port = _free_port()
     for r in (0, 1):
@@ -212,7 +212,7 @@ def test_a_worker_that_is_a_ddp_cluster_dies_as_one_and_rejoins_as_one(job_facto
         job.start("B", name=f"B{r}", **{"replica-size": 2, "replica-rank": r, "replica-port": port})
     codes = job.wait()
     assert all(c == 0 for c in codes.values()), codes
-    res = _survivors_identical(job, ["A", "B0", "B1"], 60)
+    res = _survivors_identical(job, ["A", "B0", "B1"], 24)
     assert res["B0"]["me"] == "B#2" and res["B1"]["me"] == "B/1"
     assert res["A"]["stats"]["left"] == 1 and res["A"]["stats"]["joined"] == 1
 

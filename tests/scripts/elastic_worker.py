@@ -31,6 +31,10 @@ def main() -> int:
     ap.add_argument("--coordinator", required=True)
     ap.add_argument("--id", required=True)
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--until-members", type=int, default=0,
+                    help="after --rounds, go on (up to 10x the rounds) until the job has this many members again: "
+                         "a test that restarts a worker does not depend on how fast the machine starts it")
+    ap.add_argument("--until-joined", type=int, default=0, help="the same, until this many workers joined")
     ap.add_argument("--sync-every", type=int, default=4)
     ap.add_argument("--min-workers", type=int, default=1)
     ap.add_argument("--initial-workers", type=int, default=None)
@@ -79,7 +83,12 @@ def train(a, localsgd_comm) -> int:
         dead_after_s=a.dead_after, heartbeat_s=a.dead_after / 4, timeout_s=a.timeout, quorum_timeout_s=a.quorum_timeout)
     loss = torch.tensor(float("nan"))
     t0 = time.monotonic()
-    while opt.round < a.rounds:
+    # every member sees the same rounds, members and joins, so all stop at the same round
+    def more():
+        waiting = len(opt.members) < a.until_members or opt.stats["joined"] < a.until_joined
+        return opt.round < a.rounds or (waiting and opt.round < 10 * a.rounds)
+
+    while more():
         seed = int(hashlib.sha256(f"{a.id}/{a.replica_rank}:{opt.local_step}".encode()).hexdigest()[:8], 16)
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(16, 32, generator=g)
@@ -89,6 +98,9 @@ def train(a, localsgd_comm) -> int:
         opt.zero_grad()
         if a.step_sleep:
             time.sleep(a.step_sleep)
+    with torch.no_grad():  # on a fixed batch: the same value on every member (identical parameters)
+        x = torch.randn(64, 32, generator=torch.Generator().manual_seed(7))
+        loss = ((model(x) - x @ target) ** 2).mean()
     moms = [f.momentum for f in opt._flats if f.momentum is not None]
     out = {"id": a.id, "me": opt.me, "round": opt.round, "local_step": opt.local_step, "members": opt.members,
            "anchor": digest(opt.anchors()), "momentum": digest(moms), "params": digest(list(model.parameters())),
