@@ -383,6 +383,23 @@ class _Pending:
         self.works = []
 
 
+def _check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback) -> None:
+    """The arguments DiLoCo and ElasticDiLoCo share, each with a message naming the problem."""
+    if not isinstance(inner_optimizer, torch.optim.Optimizer):
+        raise TypeError(f"inner_optimizer: expected a torch.optim.Optimizer, got {type(inner_optimizer).__name__}")
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every: expected an integer >= 1, got {sync_every!r}")
+    if not (isinstance(outer_lr, (int, float)) and math.isfinite(outer_lr) and outer_lr > 0):
+        raise ValueError(f"outer_lr: expected a finite number > 0, got {outer_lr!r}")
+    if not (isinstance(outer_momentum, (int, float)) and 0.0 <= outer_momentum < 1.0):
+        raise ValueError(f"outer_momentum: expected a number in [0, 1), got {outer_momentum!r}")
+    if compression not in _ops.FORMATS:
+        raise ValueError(f"compression: expected one of {_ops.FORMATS}, got {compression!r}")
+    if error_feedback and compression == "none":
+        raise ValueError("error_feedback: expected a quantizing compression (int8/int4/fp8), got compression='none'"
+                         " (fp32 has no quantization error to feed back)")
+
+
 class _InnerWrapper(torch.optim.Optimizer):
     """An optimizer that wraps an inner one: its param groups and state are the inner's, so lr
     schedulers and scripts that write ``param_groups[i]["lr"]`` reach the inner optimizer.
@@ -452,24 +469,12 @@ class DiLoCo(_InnerWrapper):
                  state_device=None, on_nonfinite: str = "skip", broadcast_init: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module (or DDP-wrapped one), got {type(model).__name__}")
-        if not isinstance(inner_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"inner_optimizer: expected a torch.optim.Optimizer, got {type(inner_optimizer).__name__}")
-        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-            raise ValueError(f"sync_every: expected an integer >= 1, got {sync_every!r}")
-        if not (isinstance(outer_lr, (int, float)) and math.isfinite(outer_lr) and outer_lr > 0):
-            raise ValueError(f"outer_lr: expected a finite number > 0, got {outer_lr!r}")
-        if not (isinstance(outer_momentum, (int, float)) and 0.0 <= outer_momentum < 1.0):
-            raise ValueError(f"outer_momentum: expected a number in [0, 1), got {outer_momentum!r}")
-        if compression not in _ops.FORMATS:
-            raise ValueError(f"compression: expected one of {_ops.FORMATS}, got {compression!r}")
+        _check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
         if block_size is None:
             block_size = _ops.DEFAULT_BLOCK_SIZE
         _ops.check_block_size(block_size)
         if on_nonfinite not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite: expected 'skip' or 'raise', got {on_nonfinite!r}")
-        if error_feedback and compression == "none":
-            raise ValueError("error_feedback: expected a quantizing compression (int8/int4/fp8), got compression='none'"
-                             " (fp32 has no quantization error to feed back)")
         if stochastic_rounding and compression == "none":
             raise ValueError("stochastic_rounding: expected a quantizing compression (int8/int4/fp8), got 'none'")
         if hierarchy is not None and overlap:

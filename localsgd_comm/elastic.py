@@ -49,7 +49,7 @@ from torch import nn
 from . import backend as _backend
 from . import _ops
 from . import functional as F
-from .diloco import _FLOAT_DTYPES, _find_ddp, _Flat, _InnerWrapper, _unwrap_compiled
+from .diloco import _FLOAT_DTYPES, _check_outer_args, _find_ddp, _Flat, _InnerWrapper, _unwrap_compiled
 
 log = logging.getLogger("localsgd_comm.elastic")
 
@@ -234,18 +234,7 @@ class ElasticDiLoCo(_InnerWrapper):
                 raise ValueError("ElasticDiLoCo: expected DDP over replica_group (size "
                                  f"{dist.get_world_size(replica_group)}), got a DDP group of size "
                                  f"{dist.get_world_size(ddp.process_group)}")
-        if not isinstance(inner_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"inner_optimizer: expected a torch.optim.Optimizer, got {type(inner_optimizer).__name__}")
-        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-            raise ValueError(f"sync_every: expected an integer >= 1, got {sync_every!r}")
-        if not (isinstance(outer_lr, (int, float)) and math.isfinite(outer_lr) and outer_lr > 0):
-            raise ValueError(f"outer_lr: expected a finite number > 0, got {outer_lr!r}")
-        if not (isinstance(outer_momentum, (int, float)) and 0.0 <= outer_momentum < 1.0):
-            raise ValueError(f"outer_momentum: expected a number in [0, 1), got {outer_momentum!r}")
-        if compression not in _ops.FORMATS:
-            raise ValueError(f"compression: expected one of {_ops.FORMATS}, got {compression!r}")
-        if error_feedback and compression == "none":
-            raise ValueError("error_feedback: expected a quantizing compression (int8/int4/fp8), got 'none'")
+        _check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
         if not isinstance(worker_id, str) or not worker_id or any(c in worker_id for c in "#/ "):
             raise ValueError(f"worker_id: expected a non-empty name without '#', '/' or spaces, got {worker_id!r}")
         if isinstance(min_workers, bool) or not isinstance(min_workers, int) or min_workers < 1:
