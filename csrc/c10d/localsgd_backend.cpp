@@ -33,6 +33,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/StreamGuard.h>
 #include <c10/util/Exception.h>
 #include <torch/extension.h>
 
@@ -929,8 +930,15 @@ void LocalSGDBackend::check_call(Call& call) {
               "); every rank must make the same collectives in the same order with the same sizes, dtypes and ops");
 }
 
-void LocalSGDBackend::enqueue(const CallSpec& spec, TaskFn fn) {
+void LocalSGDBackend::enqueue(const CallSpec& spec, const c10::Device& device, TaskFn fn) {
   check_healthy(spec.what);  // a failed group: the call raises at once with the first error
+  // Captured here, on the caller's thread, on the tensor's device: the worker thread's own current
+  // stream is the default stream of device 0, wrong for a tensor on another device and unordered
+  // with the caller's work.
+  std::optional<c10::Stream> stream;
+#ifdef LOCALSGD_WITH_CUDA
+  if (device.is_cuda()) stream = c10::cuda::getCurrentCUDAStream(device.index());
+#endif
   {
     std::lock_guard<std::mutex> lk(mu_);
     TORCH_CHECK(!stopping_, "localsgd ", spec.what, ": the process group was shut down; no new collectives can be "
@@ -944,6 +952,7 @@ void LocalSGDBackend::enqueue(const CallSpec& spec, TaskFn fn) {
         call = new_call(next_seq_);
       }
       call->spec = spec;
+      call->stream = stream;
       call->timeout = spec.timeout.count() > 0 ? spec.timeout : timeout_;
       post_header(*call);
       ++next_seq_;
@@ -1010,7 +1019,13 @@ void LocalSGDBackend::worker_loop() {
       err = std::current_exception();
       state_->fail(err);
     }
-    task.fn(err, *task.call);
+    {
+      // CUDA calls run on the caller's stream of the tensor's device (kernels, inner collectives
+      // issued on it, the future's events recorded on it); nothing for CPU calls.
+      std::optional<c10::StreamGuard> guard;
+      if (task.call->stream) guard.emplace(*task.call->stream);
+      task.fn(err, *task.call);
+    }
     if (task.call->header) {
       try {
         task.call->header->wait_all();  // our header's sends
@@ -1039,36 +1054,21 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::passthrough(
     std::function<c10::intrusive_ptr<c10d::Work>()> issue) {
   std::vector<c10::Device> devs;
   if (device == c10::DeviceType::CUDA && !outputs.empty()) devs.push_back(outputs[0].device());
+  const c10::Device where = devs.empty() ? c10::Device(device) : devs[0];
   auto work = c10::make_intrusive<LocalSGDWork>(op, std::move(outputs), devs, state_);
-#ifdef LOCALSGD_WITH_CUDA
-  // the caller's current stream on the tensor's device (not on the current device)
-  std::optional<c10::cuda::CUDAStream> stream;
-  if (device == c10::DeviceType::CUDA) {
-    stream = devs.empty() ? c10::cuda::getCurrentCUDAStream() : c10::cuda::getCurrentCUDAStream(devs[0].index());
-  }
-#endif
-  enqueue(spec, [this, work, issue = std::move(issue)
-#ifdef LOCALSGD_WITH_CUDA
-           , stream
-#endif
-  ](std::exception_ptr cancel, Call&) {
+  enqueue(spec, where, [this, work, issue = std::move(issue)](std::exception_ptr cancel, Call& call) {
     if (cancel) {
       work->complete(cancel);
       return;
     }
     try {
-#ifdef LOCALSGD_WITH_CUDA
-      // Issue on the caller's stream (NCCL orders its stream after it); wait() on the inner
-      // work makes that stream wait for the collective, then the Work completes.
-      std::optional<c10::cuda::CUDAStreamGuard> guard;
-      if (stream) {
-        guard.emplace(*stream);
-        auto inner = issue();
-        inner->wait();
+      if (call.stream) {
+        // Issued on the caller's stream (NCCL orders its stream after it); wait() on the inner
+        // work makes that stream wait for the collective, then the Work completes.
+        issue()->wait();
         work->complete(nullptr);
         return;
       }
-#endif
       auto inner = issue();
       c10::intrusive_ptr<c10::ivalue::Future> fut;
       try {
@@ -1260,28 +1260,15 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce(std::vector<at::Tensor
   if (dev == c10::DeviceType::CUDA) devs.push_back(t.device());
   auto work = c10::make_intrusive<LocalSGDWork>(c10d::OpType::ALLREDUCE, tensors, devs, state_);
   at::Tensor tt = t;
-#ifdef LOCALSGD_WITH_CUDA
-  // the caller's current stream on the tensor's device; the worker guards device and stream with it
-  std::optional<c10::cuda::CUDAStream> stream;
-  if (dev == c10::DeviceType::CUDA) stream = c10::cuda::getCurrentCUDAStream(t.device().index());
-#endif
   CallSpec spec = spec_for("all_reduce", c10d::OpType::ALLREDUCE, {t}, static_cast<int64_t>(opts.reduceOp.op_), block_,
                            opts.timeout);
   spec.format = static_cast<int64_t>(format_);
-  enqueue(spec, [this, work, inner, tt, avg
-#ifdef LOCALSGD_WITH_CUDA
-           , stream
-#endif
-  ](std::exception_ptr cancel, Call& call) {
+  enqueue(spec, t.device(), [this, work, inner, tt, avg](std::exception_ptr cancel, Call& call) {
     if (cancel) {
       work->complete(cancel);
       return;
     }
     try {
-#ifdef LOCALSGD_WITH_CUDA
-      std::optional<c10::cuda::CUDAStreamGuard> guard;
-      if (stream) guard.emplace(*stream);
-#endif
       quantized_allreduce(inner, tt, avg, next_call_id_++, call);
       work->complete(nullptr);
     } catch (...) {
@@ -1335,7 +1322,8 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_coalesced(std::vector<
   CallSpec spec = spec_for("all_reduce_coalesced", c10d::OpType::ALLREDUCE_COALESCED, ts,
                            static_cast<int64_t>(opts.reduceOp.op_), static_cast<int64_t>(digest >> 1), opts.timeout);
   spec.format = static_cast<int64_t>(format_);
-  enqueue(spec, [this, work, inner, ts, reasons, avg, o, p](std::exception_ptr cancel, Call& call) mutable {
+  enqueue(spec, ts[0].device(), [this, work, inner, ts, reasons, avg, o, p](std::exception_ptr cancel,
+                                                                            Call& call) mutable {
     if (cancel) {
       work->complete(cancel);
       return;
@@ -1386,12 +1374,6 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
   if (payload.is_cuda()) devs.push_back(payload.device());
   auto work = c10::make_intrusive<LocalSGDWork>(c10d::OpType::ALLREDUCE, std::vector<at::Tensor>{payload, scales}, devs,
                                                 state_);
-#ifdef LOCALSGD_WITH_CUDA
-  // Captured here, on the caller's thread: the worker thread's own current stream is the default
-  // stream of device 0, wrong for a tensor on another device and unordered with the caller's work.
-  std::optional<c10::cuda::CUDAStream> stream;
-  if (payload.is_cuda()) stream = c10::cuda::getCurrentCUDAStream(payload.device().index());
-#endif
   CallSpec spec;
   spec.what = "all_reduce_compressed";
   spec.kind = kKindCompressed;
@@ -1399,20 +1381,13 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
   spec.op = average ? 1 : 0;
   spec.numel = numel;
   spec.extra = block;
-  enqueue(spec, [this, work, inner, payload, scales, numel, f, block, average, seed
-#ifdef LOCALSGD_WITH_CUDA
-           , stream
-#endif
-  ](std::exception_ptr cancel, Call& call) {
+  enqueue(spec, payload.device(), [this, work, inner, payload, scales, numel, f, block, average,
+                                   seed](std::exception_ptr cancel, Call& call) {
     if (cancel) {
       work->complete(cancel);
       return;
     }
     try {
-#ifdef LOCALSGD_WITH_CUDA
-      std::optional<c10::cuda::CUDAStreamGuard> guard;  // sets the tensor's device and the stream
-      if (stream) guard.emplace(*stream);
-#endif
       const int64_t p = getSize(), me = getRank(), n = numel, B = block;
       const Chunking ch = make_chunking(f, n, B, p);
       const int64_t R = ch.record;

@@ -40,7 +40,9 @@
 #include <thread>
 #include <vector>
 #include <memory>
+#include <optional>
 
+#include <c10/core/Stream.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
@@ -139,6 +141,9 @@ struct Call {
   std::shared_ptr<PostedWorks> header;
   std::chrono::steady_clock::time_point deadline;
   std::chrono::milliseconds timeout{0};
+  // CUDA tensors: the caller's current stream on the tensor's device, captured when the call is
+  // made; the worker runs the call under a guard of it (device and stream).
+  std::optional<c10::Stream> stream;
 };
 
 class LocalSGDBackend : public c10d::Backend {
@@ -238,9 +243,9 @@ class LocalSGDBackend : public c10d::Backend {
     std::shared_ptr<Call> call;
     TaskFn fn;
   };
-  // Numbers the call, posts its header to every peer, queues it (one critical section, so
-  // sequence numbers follow the queue's order).
-  void enqueue(const CallSpec& spec, TaskFn fn);
+  // Numbers the call, posts its header to every peer, captures the caller's stream on `device`
+  // (CUDA), queues it (one critical section, so sequence numbers follow the queue's order).
+  void enqueue(const CallSpec& spec, const c10::Device& device, TaskFn fn);
   // A call numbered seq with its header receives posted; post_header sends ours.
   std::shared_ptr<Call> new_call(uint64_t seq);
   void post_header(Call& call);
