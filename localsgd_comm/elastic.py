@@ -53,7 +53,6 @@ from .diloco import _FLOAT_DTYPES, _check_outer_args, _find_ddp, _Flat, _InnerWr
 
 log = logging.getLogger("localsgd_comm.elastic")
 
-_FORMAT_CODES = {"none": 0, "int8": 1, "int4": 2, "fp8": 3}
 _PHASES = ("inner", "compress", "allreduce", "commit", "join")
 
 
@@ -66,6 +65,17 @@ def parse_address(addr: str):
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"coordinator: expected 'host:port', got {addr!r}")
     return host, int(port)
+
+
+def _namespace(run_id: str) -> str:
+    return f"localsgd/elastic/{run_id}"
+
+
+def job_round(store, run_id: str = "run") -> int:
+    """The outer round a job's members are at (-1 before the first), read from the coordinator's
+    store: for launchers and tests that act when a job reaches a round."""
+    key = f"{_namespace(run_id)}/cursor"
+    return int(store.get(key).decode().split(":")[0]) if store.check([key]) else -1
 
 
 def connect(coordinator: str, timeout_s: float = 30.0) -> "dist.TCPStore":
@@ -263,7 +273,7 @@ class ElasticDiLoCo(_InnerWrapper):
         #: dead member, so only a persistent local failure gets this far)
         self.max_attempts = 8
         self.coordinator, self.worker_id = coordinator, worker_id
-        self.ns = f"localsgd/elastic/{run_id}"
+        self.ns = _namespace(run_id)
 
         module = ddp.module if ddp is not None else _unwrap_compiled(model)
         seen, params = set(), []
@@ -290,6 +300,7 @@ class ElasticDiLoCo(_InnerWrapper):
         self._local_step = 0
         self._round = 0
         self._group: Optional[_Group] = None
+        self._backups: List[Optional[torch.Tensor]] = []  # residuals before the round's reduce
         self._replica = replica_group
         self._leader = replica_group is None or dist.get_rank(replica_group) == 0
         self._leader_rank = 0 if replica_group is None else dist.get_global_rank(replica_group, 0)
@@ -718,7 +729,7 @@ class ElasticDiLoCo(_InnerWrapper):
             else:
                 payload, scales = F.compress_delta(f.anchor, f.flat, f.residual, self.compression, self.block_size)
                 self._maybe_kill("compress")
-                work = g.backend.allreduce_compressed(payload, scales, f.numel, _FORMAT_CODES[self.compression],
+                work = g.backend.allreduce_compressed(payload, scales, f.numel, _backend._FORMAT_CODES[self.compression],
                                                       self.block_size, True, -1)
                 if self._kill and self._kill[2] == "allreduce":
                     time.sleep(0.001)  # the header is out and the worker thread is moving data
@@ -749,7 +760,7 @@ class ElasticDiLoCo(_InnerWrapper):
         buf.copy_(padded[:n])
 
     def _restore(self) -> None:
-        for f, backup in zip(self._flats, getattr(self, "_backups", [])):
+        for f, backup in zip(self._flats, self._backups):
             if backup is not None:
                 f.residual.copy_(backup)
 

@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from localsgd_comm.bench.launch import free_port as _free_port
+from localsgd_comm.elastic import connect, job_round
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "scripts", "elastic_worker.py")
 ROOT = os.path.dirname(HERE)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Job:
@@ -59,11 +55,7 @@ class Job:
         return self.procs[name]
 
     def round_cursor(self) -> int:
-        import torch.distributed as dist
-        from datetime import timedelta
-        st = dist.TCPStore("127.0.0.1", self.port, is_master=False, timeout=timedelta(seconds=10))
-        key = "localsgd/elastic/run/cursor"
-        return int(st.get(key).decode().split(":")[0]) if st.check([key]) else -1
+        return job_round(connect(self.addr, 10))
 
     def wait_round(self, r: int, timeout: float = 60) -> None:
         t0 = time.monotonic()

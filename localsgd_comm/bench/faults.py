@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from typing import Optional
+
+from .launch import free_port
 
 WORKERS = 4
 
@@ -43,12 +44,8 @@ def _worker(a) -> int:
     if a.join_at_round is not None:
         # the replacement process is up (interpreter, torch, model: seconds on 2 cores) and becomes
         # ready to join once the job reached this round, as a restarted machine would
-        from datetime import timedelta
-        import torch.distributed as dist
-        host, port = localsgd_comm.elastic.parse_address(a.coordinator)
-        st = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30))
-        key = "localsgd/elastic/run/cursor"
-        while not st.check([key]) or int(st.get(key).decode().split(":")[0]) < a.join_at_round:
+        st = localsgd_comm.elastic.connect(a.coordinator)
+        while localsgd_comm.elastic.job_round(st) < a.join_at_round:
             time.sleep(0.02)
     opt = localsgd_comm.ElasticDiLoCo(model, inner, coordinator=a.coordinator, worker_id=a.id,
                                       sync_every=a.sync_every, compression="int8", outer_lr=0.7,
@@ -77,14 +74,8 @@ def _worker(a) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp: str, steps: int, sync_every: int, fault: bool, log, timeout_s: float = 1200) -> dict:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("LOCALSGD_ELASTIC_KILL", None)
     coord = subprocess.Popen([sys.executable, "-m", "localsgd_comm.coordinator", "--host", "127.0.0.1", "--port",
@@ -148,10 +139,9 @@ def run_suite(out_dir: str, quick: bool = False, log=print) -> Optional[dict]:
     log(f"faults: {WORKERS} workers, tiny GPT, {steps} steps, H = {sync_every}, int8; fault-free run first")
     tmp = os.path.join(out_dir, "faults_workers")  # every worker's log and result, kept
     os.makedirs(tmp, exist_ok=True)
-    if True:
-        clean = _run(tmp, steps, sync_every, False, log)
-        log(f"  fault-free: {clean['wall_s']:.1f} s, val loss {clean['workers']['w0']['val_loss']:.4f}")
-        faulty = _run(tmp, steps, sync_every, True, log)
+    clean = _run(tmp, steps, sync_every, False, log)
+    log(f"  fault-free: {clean['wall_s']:.1f} s, val loss {clean['workers']['w0']['val_loss']:.4f}")
+    faulty = _run(tmp, steps, sync_every, True, log)
     w0, wc = faulty["workers"]["w0"], clean["workers"]["w0"]
     joiner = faulty["workers"][f"w{WORKERS - 1}"]
     survivors = [faulty["workers"][f"w{i}"] for i in range(WORKERS)]

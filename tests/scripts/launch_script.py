@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,16 +19,12 @@ import time
 
 import torch
 
+from localsgd_comm.bench.launch import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 SCRIPT = os.path.join(HERE, "gpt_ddp_train.py")
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(workdir, name, *args, env=None, timeout=240.0, expect_ok=True):
@@ -38,7 +33,7 @@ def launch(workdir, name, *args, env=None, timeout=240.0, expect_ok=True):
     grace period of 30 s; the whole run is bounded by ``timeout`` seconds."""
     workdir = str(workdir)
     out = os.path.join(workdir, f"{name}.json")
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     for r in range(WORLD):
         e = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE=str(WORLD),
