@@ -9,7 +9,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
-from launch_script import REPO, _free_port  # noqa: E402
+from launch_script import REPO  # noqa: E402
+
+from localsgd_comm.bench.launch import free_port  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "tests", "scripts", "exit_modes.py")
 # per mode; every round is 2 fresh interpreters (~1.5 s). Before the exit handler of
@@ -21,7 +23,7 @@ ROUNDS = int(os.environ.get("LOCALSGD_EXIT_ROUNDS", "3"))
 @pytest.mark.parametrize("mode", ["destroy", "no_destroy", "in_flight"])
 def test_every_way_of_ending_exits_cleanly(mode):
     for i in range(ROUNDS):
-        port = _free_port()
+        port = free_port()
         procs = []
         for r in range(2):
             env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE="2",
