@@ -26,6 +26,10 @@ SUITES = {
     "faults": "elastic DiLoCo, 4 workers, tiny GPT: one worker killed mid all-reduce at 30% of the rounds and "
               "restarted at 60%, against the fault-free run: final loss, recovery time, join bytes. --quick: about "
               "1-2 min (full: about 3-4 min)",
+    "scaling": "the science behind the planner: DiLoCo's loss gap to DDP at equal tokens and compute for 4 GPT "
+               "sizes (0.09M-1.9M params), M = 2/4 workers, H = 10/50, int8/int4, and the critical batch size at two "
+               "token budgets; workers simulated in-process with the library's kernels (no network). --jobs runs at "
+               "once; resumes an interrupted study. --quick: about 1-2 min (full: about 70 min with --jobs 2)",
     "all": "kernels, collectives and time-to-loss (not faults). --quick: about 2-3 min",
     "linkcheck": "checks that the shaped links reach their rates (gloo send/recv)",
     "cleanup": "removes network namespaces left behind by killed runs",
@@ -60,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", default=None, help="time-to-loss only: comma-separated subset of the methods")
     ap.add_argument("--steps", type=int, default=None, help="time-to-loss only: training steps per run")
     ap.add_argument("--sync-every", type=int, default=None, help="time-to-loss only: DiLoCo's H")
+    ap.add_argument("--jobs", type=int, default=None, help="scaling only: runs at once, one thread each (default 2)")
+    ap.add_argument("--sizes", default=None, help="scaling only: comma-separated subset of the model sizes")
     ap.add_argument("--all-pids", action="store_true", help="cleanup only: also namespaces of live runs")
     return ap
 
@@ -89,6 +95,17 @@ def _check(a, ap) -> None:
     for flag, v in (("--steps", a.steps), ("--sync-every", a.sync_every)):
         if v is not None and v < 1:
             ap.error(f"{flag}: expected an integer >= 1, got {v}")
+    for flag, v in (("--jobs", a.jobs), ("--sizes", a.sizes)):
+        if v is not None and a.what != "scaling":
+            ap.error(f"{flag} applies to scaling only, not to {a.what}")
+    if a.jobs is not None and a.jobs < 1:
+        ap.error(f"--jobs: expected an integer >= 1, got {a.jobs}")
+    if a.sizes is not None:
+        from .scaling import SIZES
+        bad = [s for s in a.sizes.split(",") if s not in SIZES]
+        if bad or not a.sizes:
+            ap.error(f"--sizes: unknown size(s) {bad or [a.sizes]}; expected a comma-separated subset of "
+                     f"{', '.join(SIZES)}")
     if a.all_pids and a.what != "cleanup":
         ap.error("--all-pids applies to cleanup only")
     if a.update_results and a.out:
@@ -141,6 +158,10 @@ def main(argv=None) -> int:
                     r = verify_link(net, 2, mbytes=max(1.0, rate / 1000 * 32))
                 log(f"{rate} Mbit/s link: gloo send/recv {r['mbit_s']:.1f} Mbit/s "
                     f"({100 * r['mbit_s'] / rate:.0f}%)")
+        if a.what == "scaling":
+            from . import scaling
+            scaling.run_suite(out_dir, quick=a.quick, log=log, jobs=a.jobs or 2,
+                              sizes=a.sizes.split(",") if a.sizes else None)
         if a.what == "faults":
             from . import faults
             faults.run_suite(out_dir, quick=a.quick, log=log)
