@@ -19,7 +19,8 @@ Two questions, each answered at small scale on CPU:
 
 How the workers are run. Convergence does not depend on the link, so the M workers of a run
 are simulated in one process, one after another, with the library's own kernels doing what
-the distributed path does: ``compress_delta`` of each worker's pseudo-gradient, the owner's
+the distributed path does, on DiLoCo's flat layout (every parameter block-aligned):
+``compress_delta`` of each worker's pseudo-gradient, the owner's
 ``dequantize_reduce_requantize`` (sum in rank order, times 1/M), and
 ``outer_nesterov_step_compressed``. That is the arithmetic of ``DiLoCo`` over the ``localsgd``
 backend (the chunks of the real all-reduce are block-aligned, and block-wise quantization of a
@@ -52,7 +53,7 @@ FULL = dict(sizes=["xs", "tiny", "small", "medium"], steps=600, batch=8, seq=64,
             outer_lr=0.7, outer_momentum=0.6, workers=[2, 4], sync_every=[10, 50], formats=["int8", "int4"],
             fp32_reference=[4, 50], noise_seeds=[1], noise_sizes=["xs", "tiny", "small"], eval_every=100,
             val_batches=16, val_batch=16,
-            cbs=dict(size="tiny", token_batches=[600, 2400], global_batches=[1, 2, 4, 8, 16, 32],
+            cbs=dict(size="tiny", token_batches=[640, 2560], global_batches=[1, 2, 4, 8, 16, 32],
                      lrs=[1e-3, 3e-3, 9e-3]))
 QUICK = dict(FULL, sizes=["xs", "tiny"], steps=60, workers=[2], sync_every=[10, 30], formats=["int8"],
              fp32_reference=[2, 30], noise_seeds=[], eval_every=30, val_batches=4, val_batch=8,
@@ -135,7 +136,9 @@ def _val_loss(model, val) -> float:
 def simulate(spec: dict, data=None, val=None, log=None) -> dict:
     """Train one configuration; returns its validation curve and (for DiLoCo) the final anchor."""
     import torch
-    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+    from torch.nn.utils import parameters_to_vector
+
+    from localsgd_comm import DEFAULT_BLOCK_SIZE
 
     from localsgd_comm import functional as F
     from localsgd_comm.data import ByteData, load_corpus
@@ -163,7 +166,7 @@ def simulate(spec: dict, data=None, val=None, log=None) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-            train.append(float(loss))
+            train.append(loss.item())
             if spec["eval_every"] and (step + 1) % spec["eval_every"] == 0 and step + 1 < steps:
                 record(step + 1, model)
         record(steps, model)
@@ -176,9 +179,27 @@ def simulate(spec: dict, data=None, val=None, log=None) -> dict:
         replicas = [copy.deepcopy(model) for _ in range(m)]
         opts = [_adamw(r.parameters(), spec) for r in replicas]
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_factor(i, steps)) for o in opts]
-        anchor = parameters_to_vector(model.parameters()).detach().clone()
+        # DiLoCo's flat layout: every parameter starts on a quantization-block boundary (zero
+        # padding between them) when the format quantizes, packed for fp32
+        align = DEFAULT_BLOCK_SIZE if fmt != "none" else 1
+        offsets, off = [], 0
+        for p in model.parameters():
+            offsets.append(off)
+            off += -(-p.numel() // align) * align
+        n = offsets[-1] + list(model.parameters())[-1].numel()
+
+        def flat_of(net):
+            v = torch.zeros(n)
+            for p, o in zip(net.parameters(), offsets):
+                v[o:o + p.numel()] = p.detach().reshape(-1)
+            return v
+
+        def write(net, v):
+            with torch.no_grad():
+                for p, o in zip(net.parameters(), offsets):
+                    p.copy_(v[o:o + p.numel()].view_as(p))
+        anchor = flat_of(model)
         momentum = torch.zeros_like(anchor)
-        n = anchor.numel()
         for step in range(steps):
             tl = 0.0
             for w, (r, o, s) in enumerate(zip(replicas, opts, scheds)):
@@ -188,11 +209,11 @@ def simulate(spec: dict, data=None, val=None, log=None) -> dict:
                 loss.backward()
                 o.step()
                 s.step()
-                tl += float(loss) / m
+                tl += loss.item() / m
             train.append(tl)
             if (step + 1) % h:
                 continue
-            vecs = [parameters_to_vector(r.parameters()).detach() for r in replicas]
+            vecs = [flat_of(r) for r in replicas]
             if fmt == "none":
                 g = anchor - vecs[0]
                 for v in vecs[1:]:
@@ -206,10 +227,11 @@ def simulate(spec: dict, data=None, val=None, log=None) -> dict:
                 F.outer_nesterov_step_compressed(anchor, momentum, None, p, sc, fmt, None, 1.0,
                                                  spec["outer_lr"], spec["outer_momentum"], True)
             for r in replicas:
-                vector_to_parameters(anchor, r.parameters())
+                write(r, anchor)
             if spec["eval_every"] and (step + 1) % spec["eval_every"] == 0 and step + 1 < steps:
                 record(step + 1, replicas[0])
         record(steps, replicas[0])
+        anchor = parameters_to_vector(replicas[0].parameters()).detach()  # packed, as DiLoCo's params
     else:
         raise ValueError(f"kind: expected 'ddp' or 'diloco', got {spec['kind']!r}")
     secs = time.perf_counter() - t0
