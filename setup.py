@@ -113,7 +113,7 @@ setup(
     "backend, fused kernels and a drop-in DiLoCo optimizer wrapper",
     python_requires=">=3.9",
     packages=find_packages(include=["localsgd_comm", "localsgd_comm.*"]),
-    package_data={"localsgd_comm": ["py.typed"]},
+    package_data={"localsgd_comm": ["py.typed", "plan_fit.json"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
@@ -126,6 +126,7 @@ setup(
             "localsgd-train=localsgd_comm.train:main",
             "localsgd-bench=localsgd_comm.bench.cli:main",
             "localsgd-coordinator=localsgd_comm.coordinator:main",
+            "localsgd-plan=localsgd_comm.plan:main",
         ]
     },
     zip_safe=False,

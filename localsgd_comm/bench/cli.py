@@ -26,6 +26,11 @@ SUITES = {
     "faults": "elastic DiLoCo, 4 workers, tiny GPT: one worker killed mid all-reduce at 30% of the rounds and "
               "restarted at 60%, against the fault-free run: final loss, recovery time, join bytes. --quick: about "
               "1-2 min (full: about 3-4 min)",
+    "clusters": "2 clusters x 2 workers (torchrun per cluster, 100 Mbit/s between clusters): flat DDP, flat and "
+                "hierarchical DiLoCo; and 4 edge workers behind 50 Mbit/s links with and without a half-speed "
+                "straggler; measured against the planner's prediction. --quick: about 2 min (full: about 8 min)",
+    "plan-check": "the planner (localsgd-plan) against the committed time-to-loss and clusters results: "
+                  "predicted vs measured step time and time to DDP's loss. Seconds; runs nothing",
     "scaling": "the science behind the planner: DiLoCo's loss gap to DDP at equal tokens and compute for 4 GPT "
                "sizes (0.09M-1.9M params), M = 2/4 workers, H = 10/50, int8/int4, and the critical batch size at two "
                "token budgets; workers simulated in-process with the library's kernels (no network). --jobs runs at "
@@ -158,6 +163,12 @@ def main(argv=None) -> int:
                     r = verify_link(net, 2, mbytes=max(1.0, rate / 1000 * 32))
                 log(f"{rate} Mbit/s link: gloo send/recv {r['mbit_s']:.1f} Mbit/s "
                     f"({100 * r['mbit_s'] / rate:.0f}%)")
+        if a.what == "plan-check":
+            from . import plan_check
+            plan_check.run_suite(out_dir, log=log)
+        if a.what == "clusters":
+            from . import clusters
+            clusters.run_suite(out_dir, quick=a.quick, log=log)
         if a.what == "scaling":
             from . import scaling
             scaling.run_suite(out_dir, quick=a.quick, log=log, jobs=a.jobs or 2,

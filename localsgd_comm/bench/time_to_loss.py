@@ -44,6 +44,41 @@ METHODS = ["ddp-gloo", "ddp-localsgd", "diloco-fp32", "diloco-int8", "diloco-int
 LONG_FACTOR = {"diloco-int4-2x": 2}
 
 
+def lr_factor(i: int, steps: int) -> float:
+    """The main job's schedule: linear warm-up over 5% of the steps, cosine decay to 10%."""
+    warm = max(1, steps // 20)
+    if i < warm:
+        return (i + 1) / warm
+    t = (i - warm) / max(1, steps - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def lr_schedule(steps: int):
+    """``LambdaLR`` factor function of :func:`lr_factor` over ``steps`` steps."""
+    return lambda i: lr_factor(i, steps)
+
+
+def measure_compute(model_cfg, batches, lr: float, steps: int = 12) -> float:
+    """Median seconds of one compute-only training step (forward, backward, AdamW) of a fresh
+    copy of the model, after 2 warm-up steps. Every rank calls it at the same time, so it is
+    the compute time under the run's own CPU sharing: the step time the planner is given."""
+    import torch
+
+    from localsgd_comm.model import GPT
+    model = GPT(model_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    ts = []
+    for i in range(steps):
+        t = time.perf_counter()
+        x, y = batches[i % len(batches)]
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        ts.append(time.perf_counter() - t)
+    ts = sorted(ts[2:])
+    return ts[len(ts) // 2]
+
+
 # ------------------------------------------------------------------------------------------
 # rank side
 # ------------------------------------------------------------------------------------------
@@ -91,17 +126,12 @@ def _worker(a) -> None:
     # every method: with a constant lr the final loss is set by gradient noise, which favours
     # DDP's 4x larger per-step batch and hides the effect of communication.
     inner_opt = opt if m.startswith("ddp") else inner
-    warm = max(1, a.steps // 20)
-
-    def lr_at(i):
-        if i < warm:
-            return (i + 1) / warm
-        t = (i - warm) / max(1, a.steps - warm)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-    sched = torch.optim.lr_scheduler.LambdaLR(inner_opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(inner_opt, lr_schedule(a.steps))
     losses, times, tx = [], [], []
     # pre-generate the batches: data generation is not what we time
     batches = [data.batch(rank, i, a.batch) for i in range(a.steps)]
+    dist.barrier()
+    compute_s = measure_compute(config_for(a.model, seq_len=a.seq), batches, a.lr)
     dist.barrier()
     c0 = read_iface_bytes(a.ifname) if a.ifname else None
     t0 = time.perf_counter()
@@ -121,6 +151,8 @@ def _worker(a) -> None:
     total = time.perf_counter() - t0
     # gather per-rank logs (after the timed loop)
     rec = torch.tensor([losses, times, tx if tx else [0.0] * a.steps], dtype=torch.float64)
+    comp = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(comp, torch.tensor([compute_s], dtype=torch.float64))
     allrec = [torch.empty_like(rec) for _ in range(world)]
     dist.all_gather(allrec, rec)
     extra = {}
@@ -138,7 +170,7 @@ def _worker(a) -> None:
             "loss_mean": A[:, 0].mean(0).tolist(),
             "elapsed_s_max": A[:, 1].max(0).values.tolist(),
             "tx_bytes_per_rank_mean": A[:, 2].mean(0).tolist() if tx else None,
-            "total_s": total, **extra,
+            "total_s": total, "compute_s_per_rank": [float(c) for c in comp], **extra,
         })
     dist.barrier()
     dist.destroy_process_group()
