@@ -154,7 +154,7 @@ def _args(cfg: dict, method: str, steps: int, ifname: str, slow_rank: int = -1, 
 def run_torchrun_clusters(net, clusters: int, per_cluster: int, args: List[str], timeout_s: float) -> dict:
     """One ``torchrun`` per cluster inside that cluster's namespace, static rendezvous at cluster
     0's address; returns rank 0's result. Any failure or timeout kills every process."""
-    from .launch import RankFailure, free_port, _PKG_PARENT
+    from .launch import _PKG_PARENT, free_port, kill_all, supervise
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="lsgdb-") as tmp:
         result = os.path.join(tmp, "result.json")
@@ -171,39 +171,11 @@ def run_torchrun_clusters(net, clusters: int, per_cluster: int, args: List[str],
                 logs.append(log)
                 procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True))
-            deadline = time.monotonic() + timeout_s
-            failed = None
-            while True:
-                codes = [p.poll() for p in procs]
-                bad = [(c, x) for c, x in enumerate(codes) if x not in (None, 0)]
-                if bad:
-                    failed = f"torchrun of cluster {bad[0][0]} exited with code {bad[0][1]}"
-                    break
-                if all(x == 0 for x in codes):
-                    break
-                if time.monotonic() > deadline:
-                    failed = f"timed out after {timeout_s:.0f} s"
-                    break
-                time.sleep(0.1)
-            if failed:
-                tails = []
-                for c, log in enumerate(logs):
-                    log.flush()
-                    log.seek(0)
-                    tails.append(f"--- cluster {c} ---\n" + log.read()[-3000:])
-                raise RankFailure(f"{' '.join(args)}: {failed}\n" + "\n".join(tails))
+            supervise(procs, logs, timeout_s, " ".join(args), "torchrun of cluster")
             with open(result) as f:
                 return json.load(f)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    try:
-                        os.killpg(p.pid, 9)
-                    except ProcessLookupError:
-                        pass
-                    p.wait()
-            for log in logs:
-                log.close()
+            kill_all(procs, logs)
 
 
 def _predict(cfg: dict, r: dict, clusters: int, per_cluster: int, rate: float) -> dict:

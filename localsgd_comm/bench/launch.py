@@ -63,40 +63,49 @@ def run_ranks(world: int, module: str, args: Sequence[str], net: Optional[Shaped
                 logs.append(log)
                 procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                               start_new_session=True))
-            deadline = time.monotonic() + timeout_s
-            failed = None
-            while True:
-                codes = [p.poll() for p in procs]
-                bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-                if bad:
-                    failed = f"rank {bad[0][0]} exited with code {bad[0][1]}"
-                    break
-                if all(c == 0 for c in codes):
-                    break
-                if time.monotonic() > deadline:
-                    failed = f"timed out after {timeout_s:.0f} s"
-                    break
-                time.sleep(0.05)
-            if failed:
-                tails = []
-                for r, log in enumerate(logs):
-                    log.flush()
-                    log.seek(0)
-                    tails.append(f"--- rank {r} ---\n" + log.read()[-3000:])
-                raise RankFailure(f"{module} {' '.join(args)}: {failed}\n" + "\n".join(tails))
+            supervise(procs, logs, timeout_s, f"{module} {' '.join(args)}", "rank")
             with open(result) as f:
                 return json.load(f)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    # Each rank leads its own session: kill just that group, by its own id.
-                    try:
-                        os.killpg(p.pid, 9)
-                    except ProcessLookupError:
-                        pass
-                    p.wait()
-            for log in logs:
-                log.close()
+            kill_all(procs, logs)
+
+
+def supervise(procs: List[subprocess.Popen], logs: list, timeout_s: float, what: str, unit: str) -> None:
+    """Wait until every process exits 0; raise :class:`RankFailure` with every log's tail as soon
+    as one fails or the deadline passes (the caller's ``finally`` kills the rest)."""
+    deadline = time.monotonic() + timeout_s
+    failed = None
+    while True:
+        codes = [p.poll() for p in procs]
+        bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        if bad:
+            failed = f"{unit} {bad[0][0]} exited with code {bad[0][1]}"
+            break
+        if all(c == 0 for c in codes):
+            return
+        if time.monotonic() > deadline:
+            failed = f"timed out after {timeout_s:.0f} s"
+            break
+        time.sleep(0.05)
+    tails = []
+    for i, log in enumerate(logs):
+        log.flush()
+        log.seek(0)
+        tails.append(f"--- {unit} {i} ---\n" + log.read()[-3000:])
+    raise RankFailure(f"{what}: {failed}\n" + "\n".join(tails))
+
+
+def kill_all(procs: List[subprocess.Popen], logs: list) -> None:
+    """Kill every process still running (each leads its own session: its whole group), close the logs."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, 9)
+            except ProcessLookupError:
+                pass
+            p.wait()
+    for log in logs:
+        log.close()
 
 
 def write_result(path: str, obj: dict) -> None:

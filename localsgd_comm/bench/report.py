@@ -185,3 +185,17 @@ def plt():
     matplotlib.use("Agg")  # no display on benchmark machines
     import matplotlib.pyplot as pyplot
     return pyplot
+
+
+def rerender(json_path: str, analyse_fn, markdown_fn, plot_fn) -> dict:
+    """Recompute a saved suite's figures (``out.update(analyse_fn(out))``), Markdown and PNG:
+    analysis changes need no rerun."""
+    with open(json_path) as f:
+        out = json.load(f)
+    out.update(analyse_fn(out))
+    write_json(json_path, out)
+    base = json_path[:-len(".json")]
+    with open(base + ".md", "w") as f:
+        f.write(markdown_fn(out).rstrip() + "\n")
+    plot_fn(out, base + ".png")
+    return out

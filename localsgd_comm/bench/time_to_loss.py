@@ -334,17 +334,8 @@ def markdown(out: dict) -> str:
 
 def rerender(json_path: str) -> dict:
     """Recompute the table, Markdown and PNG of a saved run (analysis changes need no rerun)."""
-    import json
-    with open(json_path) as f:
-        out = json.load(f)
-    out["table"] = analyse(out["runs"], out["smoothing_window"])
-    from .report import write_json
-    write_json(json_path, out)
-    base = json_path[:-len(".json")]
-    with open(base + ".md", "w") as f:
-        f.write(markdown(out))
-    plot(out, base + ".png")
-    return out
+    from .report import rerender as _rerender
+    return _rerender(json_path, lambda out: {"table": analyse(out["runs"], out["smoothing_window"])}, markdown, plot)
 
 
 def plot(out: dict, path: str) -> None:
