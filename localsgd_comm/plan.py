@@ -177,7 +177,7 @@ class Plan:
     best: Prediction
     ddp: Prediction
     candidates: List[Prediction]
-    critical_batch_tokens: float
+    critical_batch_tokens: Optional[float]
     warnings: List[str]
 
     def as_dict(self) -> dict:
@@ -243,15 +243,30 @@ def _linear(model: dict, H: int, params: int, workers: int, fmt: str) -> float:
             + model["workers"] * workers + f)
 
 
-def critical_batch_tokens(tokens: float, fit: Optional[dict] = None) -> float:
-    """Estimated critical global batch (tokens per step) after ``tokens`` tokens of training."""
-    c = (fit or CONVERGENCE_FIT)["cbs"]
+def critical_batch_tokens(tokens: float, params: Optional[int] = None, fit: Optional[dict] = None) -> Optional[float]:
+    """Estimated critical global batch (tokens per step) after ``tokens`` tokens of training, or
+    None where the study says nothing: more than 10x past its largest token budget, or a model
+    more than 10x outside its parameter range (then pass your own, ``critical_batch=``)."""
+    f = fit or CONVERGENCE_FIT
+    c = f["cbs"]
+    if not c.get("points"):
+        return None
+    lo, hi = f["fitted_params_range"]
+    if tokens > 10 * f["fitted_tokens_max"] or (params is not None and not (lo / 10 <= params <= 10 * hi)):
+        return None
     return c["ref_batch_tokens"] * (tokens / c["ref_tokens"]) ** c["exponent"]
 
 
 def _convergence(c: Candidate, params: int, fit: dict):
     if c.method == "ddp" or c.workers == 1:
         return 0.0, 0.0, 1.0
+    # Not extrapolated along params or H: the study's trends (the gap grows with model size at
+    # 600 steps) need not hold outside it, and the published ones at scale go the other way.
+    # Outside the fitted range the value at its nearest edge is used (and the plan says so).
+    lo, hi = fit["fitted_params_range"]
+    params = min(max(params, lo), hi) if hi else params
+    h_lo, h_hi = fit["fitted_H"]
+    c = dataclasses.replace(c, H=min(max(c.H, h_lo), h_hi)) if h_hi else c
     # hierarchical: the local-SGD replicas are the clusters (DDP inside keeps a cluster one model)
     gap = max(0.0, _linear(fit["gap_pct"], c.H, params, c.workers, c.format))
     eff = min(1.0, math.exp(_linear(fit["log_efficiency"], c.H, params, c.workers, c.format)))
@@ -279,7 +294,7 @@ def predict(job: Job, net: Network, cand: Candidate, fit: Optional[dict] = None,
     scaled by :func:`batch_token_factor` for this candidate's global batch and divided by its
     token efficiency, at this candidate's throughput."""
     conv = conv or CONVERGENCE_FIT
-    cbs = critical_batch if critical_batch is not None else critical_batch_tokens(job.tokens, conv)
+    cbs = critical_batch if critical_batch is not None else critical_batch_tokens(job.tokens, job.params, conv)
     if cand.method not in ("ddp", "diloco", "hierarchical"):
         raise ValueError(f"method: expected 'ddp', 'diloco' or 'hierarchical', got {cand.method!r}")
     if cand.format not in FORMATS:
@@ -345,11 +360,11 @@ def predict(job: Job, net: Network, cand: Candidate, fit: Optional[dict] = None,
                 job.tokens > conv["fitted_tokens_max"]:
             notes.append("convergence extrapolated beyond the fitted study")
     batch = job.tokens_per_step * cand.workers
-    factor = batch_token_factor(batch, job.tokens_per_step * job.workers, cbs)
+    factor = 1.0 if cbs is None else batch_token_factor(batch, job.tokens_per_step * job.workers, cbs)
     return Prediction(candidate=cand, step_s=step_s, round_s=round_s, comm_share=comm_s / round_s,
                       slow_link_bytes_per_round=slow, total_s=total, global_batch_tokens=batch, gap_pct=gap,
                       gap_sd_pct=sd, token_efficiency=eff, time_to_ddp_loss_s=total * factor / eff,
-                      cbs_exceeded=batch > cbs, notes=notes)
+                      cbs_exceeded=cbs is not None and batch > cbs, notes=notes)
 
 
 def _candidates(job: Job, Hs: Sequence[int], formats: Sequence[str]) -> List[Candidate]:
@@ -368,9 +383,11 @@ def _candidates(job: Job, Hs: Sequence[int], formats: Sequence[str]) -> List[Can
 
 
 def recommend(job: Job, net: Network, Hs: Sequence[int] = (10, 20, 50, 100), formats: Sequence[str] = ("none", "int8", "int4"),
-              max_gap_pct: float = 2.0, critical_batch: Optional[float] = None, ddp_overlap: float = 0.0) -> Plan:
-    """Predict every candidate and pick the one with the shortest time to DDP's loss among those
-    whose expected gap is at most ``max_gap_pct``. ``critical_batch``: tokens per step (default
+              max_gap_pct: Optional[float] = None, critical_batch: Optional[float] = None,
+              ddp_overlap: float = 0.0) -> Plan:
+    """Predict every candidate and pick the one with the shortest time to DDP's loss (which
+    already charges a candidate's lower token efficiency), optionally only among those whose
+    expected gap at equal tokens is at most ``max_gap_pct``. ``critical_batch``: tokens per step (default
     the fitted estimate for the planned tokens); a batch past it is charged more tokens
     (:func:`batch_token_factor`) and flagged."""
     bad = [f for f in formats if f not in FORMATS]
@@ -378,11 +395,16 @@ def recommend(job: Job, net: Network, Hs: Sequence[int] = (10, 20, 50, 100), for
         raise ValueError(f"formats: expected a subset of {FORMATS}, got {bad}")
     if any((not isinstance(h, int)) or h < 1 for h in Hs):
         raise ValueError(f"H: expected integers >= 1, got {list(Hs)}")
-    cbs = critical_batch if critical_batch is not None else critical_batch_tokens(job.tokens)
+    cbs = critical_batch if critical_batch is not None else critical_batch_tokens(job.tokens, job.params)
     preds = [predict(job, net, c, ddp_overlap=ddp_overlap, critical_batch=cbs) for c in _candidates(job, Hs, formats)]
     ddp_all = job.workers
     ddp = next(p for p in preds if p.candidate == Candidate("ddp", ddp_all))
     warnings = []
+    if cbs is None:
+        warnings.append("no critical-batch-size estimate at this scale (the study measured it for models of "
+                        f"{CONVERGENCE_FIT['fitted_params_range'][0]}-{CONVERGENCE_FIT['fitted_params_range'][1]} "
+                        f"parameters on up to {CONVERGENCE_FIT['fitted_tokens_max']:.3g} tokens): larger global "
+                        "batches are not charged; pass critical_batch / --critical-batch-tokens if you know yours")
     for p in preds:
         p.speedup_vs_ddp = ddp.time_to_ddp_loss_s / p.time_to_ddp_loss_s
     if ddp.cbs_exceeded:
@@ -392,7 +414,7 @@ def recommend(job: Job, net: Network, Hs: Sequence[int] = (10, 20, 50, 100), for
                         f"most {n_ok} worker{'s' if n_ok > 1 else ''} at {job.tokens_per_step} tokens each stay under "
                         "it): past it each extra worker buys less time and costs more tokens for the same loss; "
                         "fewer workers (or a smaller batch per worker) use the compute better")
-    ok = [p for p in preds if p.gap_pct <= max_gap_pct] or preds
+    ok = [p for p in preds if max_gap_pct is None or p.gap_pct <= max_gap_pct] or preds
     best = min(ok, key=lambda p: p.time_to_ddp_loss_s)
     if any("extrapolated" in n for n in best.notes):
         warnings.append("the convergence model is extrapolated here (fitted on models of "
@@ -492,7 +514,10 @@ def fit_convergence(scaling: dict) -> dict:
         (d0, b0), (d1, b1) = (cb[0]["tokens"], cb[0]["critical_batch_tokens"]), (cb[-1]["tokens"],
                                                                                 cb[-1]["critical_batch_tokens"])
         expo = math.log(b1 / b0) / math.log(d1 / d0)
-        cbs = {"ref_tokens": d1, "ref_batch_tokens": round(b1, 1), "exponent": round(expo, 3), "points": len(cb)}
+        # the paper finds growth with data; a fit that shrinks (noise at one grid step) is not
+        # extrapolated as shrinking: the exponent used is clipped at 0, the fitted one kept
+        cbs = {"ref_tokens": d1, "ref_batch_tokens": round(b1, 1), "exponent": round(max(0.0, expo), 3),
+               "fitted_exponent": round(expo, 3), "points": len(cb)}
     elif cb:
         cbs = {"ref_tokens": cb[0]["tokens"], "ref_batch_tokens": round(cb[0]["critical_batch_tokens"], 1),
                "exponent": 0.5, "points": 1}
@@ -563,7 +588,9 @@ def main(argv=None) -> int:
                     help="relative speed of one slow worker (e.g. 0.5: half the compute speed)")
     ap.add_argument("--H", default="10,20,50,100", help="candidate inner steps per sync (default 10,20,50,100)")
     ap.add_argument("--formats", default="none,int8,int4", help="candidate wire formats (default none,int8,int4)")
-    ap.add_argument("--max-gap", type=float, default=2.0, help="largest expected loss gap to DDP accepted, %% (default 2)")
+    ap.add_argument("--max-gap", type=float, default=None,
+                    help="only candidates whose expected loss gap to DDP at equal tokens is at most this, %% "
+                         "(default: no limit; the time to DDP's loss already charges the gap)")
     ap.add_argument("--critical-batch-tokens", default=None,
                     help="your measured critical batch size in tokens per step (default: the fitted estimate)")
     ap.add_argument("--ddp-overlap", type=float, default=0.0,
@@ -593,7 +620,8 @@ def main(argv=None) -> int:
     b, d = plan.best, plan.ddp
     print(f"model {job.params:.3g} params, {job.tokens:.3g} tokens, {job.workers} workers in {job.clusters} "
           f"cluster(s), {_fmt_s(job.compute_s)} compute per step at {job.tokens_per_step} tokens")
-    print(f"critical batch size estimate at {job.tokens:.3g} tokens: ~{plan.critical_batch_tokens:.3g} tokens/step")
+    if plan.critical_batch_tokens is not None:
+        print(f"critical batch size estimate at {job.tokens:.3g} tokens: ~{plan.critical_batch_tokens:.3g} tokens/step")
     print()
     print(f"recommended: {b.candidate.label()}")
     print(f"  per outer round {_fmt_s(b.round_s)} (communication {100 * b.comm_share:.0f}%), total {_fmt_s(b.total_s)}, "

@@ -96,7 +96,13 @@ def test_predictions_move_the_right_way():
 
 
 def test_critical_batch_grows_with_tokens_and_charges_larger_batches():
-    assert plan.critical_batch_tokens(1e10) > plan.critical_batch_tokens(1e8)
+    fit = plan.CONVERGENCE_FIT
+    d = fit["fitted_tokens_max"]
+    inside = plan.critical_batch_tokens(d, fit["fitted_params_range"][0])
+    assert inside == pytest.approx(fit["cbs"]["ref_batch_tokens"] * (d / fit["cbs"]["ref_tokens"]) ** fit["cbs"]["exponent"])
+    assert plan.critical_batch_tokens(4 * d) >= plan.critical_batch_tokens(d)  # never shrinks with data
+    assert plan.critical_batch_tokens(1000 * d) is None  # no estimate far outside the study
+    assert plan.critical_batch_tokens(d, 10**9) is None
     assert plan.batch_token_factor(4096, 4096, 1000) == 1.0
     assert plan.batch_token_factor(8192, 4096, 1000) > 1.5
     # past the CBS, doubling the workers buys far less than 2x (diminishing returns), and the plan warns
@@ -158,7 +164,7 @@ def test_cli_help_and_a_plan():
     p = _cli("--params", "350M", "--tokens", "7B", "--tokens-per-step", "64k", "--step-time", "0.9", "--workers",
              "16", "--clusters", "2", "--inter-mbit", "1000")
     assert p.returncode == 0, p.stderr
-    assert "recommended:" in p.stdout and "critical batch size" in p.stdout
+    assert "recommended:" in p.stdout and "no critical-batch-size estimate at this scale" in p.stdout
     j = _cli("--params", "1M", "--tokens", "1e8", "--tokens-per-step", "4096", "--step-time", "0.05",
              "--workers", "4", "--inter-mbit", "100", "--json")
     out = json.loads(j.stdout)
