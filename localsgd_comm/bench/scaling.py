@@ -44,6 +44,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
+from .time_to_loss import lr_factor  # the main job's schedule, shared by every suite
+
 #: study-specific sizes (n_layer, n_head, d_model); tiny/small/medium are the main job's
 SIZES = {"xs": (2, 2, 56), "tiny": (2, 4, 64), "small": (4, 4, 128), "medium": (6, 5, 160)}
 #: CBS: a global batch is "critical" while its loss stays within this fraction of the best one
@@ -60,15 +62,6 @@ FULL = dict(sizes=["xs", "tiny", "small", "medium"], steps=600, batch=8, seq=64,
 QUICK = dict(FULL, sizes=["xs", "tiny"], steps=60, workers=[2], sync_every=[10, 30], formats=["int8"],
              fp32_reference=[2, 30], noise_seeds=[], eval_every=30, val_batches=4, val_batch=8,
              cbs=dict(size="xs", token_batches=[32, 128], global_batches=[1, 4, 16], lrs=[3e-3]))
-
-
-def lr_factor(i: int, steps: int) -> float:
-    """The main job's schedule: linear warm-up over 5% of the steps, cosine decay to 10%."""
-    warm = max(1, steps // 20)
-    if i < warm:
-        return (i + 1) / warm
-    t = (i - warm) / max(1, steps - warm)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
 # ------------------------------------------------------------------------------------------
@@ -470,16 +463,8 @@ def plot(out: dict, path: str) -> None:
 
 def rerender(json_path: str) -> dict:
     """Recompute tables and figures of a saved study (analysis changes need no rerun)."""
-    with open(json_path) as f:
-        out = json.load(f)
-    out.update(analyse(out["runs"], out["config"]))
-    from .report import write_json
-    write_json(json_path, out)
-    base = json_path[:-len(".json")]
-    with open(base + ".md", "w") as f:
-        f.write(markdown(out))
-    plot(out, base + ".png")
-    return out
+    from .report import rerender as _rerender
+    return _rerender(json_path, lambda out: analyse(out["runs"], out["config"]), markdown, plot)
 
 
 def main(argv=None) -> None:
