@@ -178,8 +178,10 @@ def run_torchrun_clusters(net, clusters: int, per_cluster: int, args: List[str],
             kill_all(procs, logs)
 
 
-def _predict(cfg: dict, r: dict, clusters: int, per_cluster: int, rate: float) -> dict:
-    """The planner's step time for this run, from the compute time the run measured."""
+def plan_inputs(cfg: dict, r: dict, clusters: int, rate: float):
+    """``(Job, Network, Candidate)`` a user would give the planner for run ``r``: its model,
+    workers, clusters, link rate and the compute time it measured (with a straggler: the
+    nominal workers' time and every worker's relative speed)."""
     from localsgd_comm import plan
     comp = r["compute_s_per_rank"]
     nominal = sorted(comp)[len(comp) // 2 - 1] if r["slow_rank"] >= 0 else sum(comp) / len(comp)
@@ -188,15 +190,22 @@ def _predict(cfg: dict, r: dict, clusters: int, per_cluster: int, rate: float) -
     job = plan.Job(params=r["n_params"], tokens=float(r["steps"] * world * cfg["batch"] * cfg["seq"]),
                    tokens_per_step=cfg["batch"] * cfg["seq"], workers=world, clusters=clusters,
                    step_time_s=nominal, speeds=speeds)
-    net = plan.Network(inter_mbit=rate, intra_mbit=10_000.0)
+    net = plan.Network(inter_mbit=float(rate), intra_mbit=10_000.0)
     method = {"flat-ddp": "ddp", "edge-ddp": "ddp", "flat-diloco": "diloco", "edge-diloco": "diloco",
               "hier-diloco": "hierarchical"}[r["method"]]
     cand = plan.Candidate(method, world, 1 if method == "ddp" else r["sync_every"],
                           "none" if method == "ddp" else r["format"])
+    return job, net, cand
+
+
+def _predict(cfg: dict, r: dict, clusters: int, rate: float) -> dict:
+    """The planner's step time for this run, from the compute time the run measured."""
+    from localsgd_comm import plan
+    job, net, cand = plan_inputs(cfg, r, clusters, rate)
     p = plan.predict(job, net, cand)
     return {"step_s": p.step_s, "total_s": p.step_s * r["steps"], "comm_share": p.comm_share,
-            "slow_link_bytes_total": p.slow_link_bytes_per_round * (r["steps"] // (1 if method == "ddp" else cand.H)),
-            "compute_s_given": nominal}
+            "slow_link_bytes_total": p.slow_link_bytes_per_round * (r["steps"] // cand.H),
+            "compute_s_given": job.compute_s}
 
 
 def analyse(runs: List[dict], window: int = 20) -> List[dict]:
@@ -254,7 +263,7 @@ def run_suite(out_dir: str, quick: bool = False, log=print) -> dict:
                 failed.append({"method": m, "reason": str(exc)[-4000:]})
                 continue
             r.update(setting="multi-cluster", clusters=2, rate_mbit=cfg["inter_mbit"])
-            r["prediction"] = _predict(cfg, r, 2, 2, cfg["inter_mbit"])
+            r["prediction"] = _predict(cfg, r, 2, cfg["inter_mbit"])
             runs.append(r)
             log(f"[clusters] 2x2 {m:<12} {r['total_s']:6.1f} s  {1e3 * r['total_s'] / steps:6.1f} ms/step "
                 f"(planner {1e3 * r['prediction']['step_s']:.1f})  slow link {sum(r['uplink_tx_bytes']) / 1e6:.2f} MB")
@@ -271,7 +280,7 @@ def run_suite(out_dir: str, quick: bool = False, log=print) -> dict:
                     failed.append({"method": m, "slow_rank": slow, "reason": str(exc)[-4000:]})
                     continue
                 r.update(setting="edge", clusters=4, rate_mbit=cfg["edge_mbit"])
-                r["prediction"] = _predict(cfg, r, 4, 1, cfg["edge_mbit"])
+                r["prediction"] = _predict(cfg, r, 4, cfg["edge_mbit"])
                 runs.append(r)
                 log(f"[clusters] edge {m:<12} straggler={'yes' if slow >= 0 else 'no '} {r['total_s']:6.1f} s  "
                     f"{1e3 * r['total_s'] / steps:6.1f} ms/step (planner {1e3 * r['prediction']['step_s']:.1f})")

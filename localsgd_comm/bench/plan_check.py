@@ -21,6 +21,8 @@ from typing import List, Optional
 
 from localsgd_comm import plan
 
+from .clusters import plan_inputs
+
 _TTL_METHODS = {"ddp-gloo": ("ddp", "none"), "ddp-localsgd": ("ddp", "int8"), "diloco-fp32": ("diloco", "none"),
                 "diloco-int8": ("diloco", "int8"), "diloco-int4": ("diloco", "int4"),
                 "diloco-int4-2x": ("diloco", "int4")}
@@ -68,19 +70,8 @@ def validate(ttl: Optional[dict], clusters: Optional[dict]) -> List[dict]:
         cfg = clusters["config"]
         table = {(t["setting"], t["method"], t["straggler"]): t for t in clusters["table"]}
         for r in clusters["runs"]:
-            pr = r["prediction"]
-            comp = r["compute_s_per_rank"]
             straggler = r["slow_rank"] >= 0
-            speeds = [pr["compute_s_given"] / c for c in comp] if straggler else None
-            w = r["world"]
-            job = plan.Job(params=r["n_params"], tokens=float(r["steps"] * w * cfg["batch"] * cfg["seq"]),
-                           tokens_per_step=cfg["batch"] * cfg["seq"], workers=w, clusters=r["clusters"],
-                           step_time_s=pr["compute_s_given"], speeds=speeds)
-            net = plan.Network(inter_mbit=float(r["rate_mbit"]), intra_mbit=10_000.0)
-            method = {"flat-ddp": "ddp", "edge-ddp": "ddp", "flat-diloco": "diloco", "edge-diloco": "diloco",
-                      "hier-diloco": "hierarchical"}[r["method"]]
-            cand = plan.Candidate(method, w, 1 if method == "ddp" else r["sync_every"],
-                                  "none" if method == "ddp" else r["format"])
+            job, net, cand = plan_inputs(cfg, r, r["clusters"], r["rate_mbit"])
             t = table[(r["setting"], r["method"], straggler)]
             ddp = next((x for x in clusters["table"] if x["setting"] == r["setting"] and x["method"].endswith("ddp")
                         and not x["straggler"]), {})
