@@ -44,7 +44,20 @@ def _want_cuda() -> bool:
         return True
     if flag == "0":
         return False
+    if have:
+        _check_toolkit()
     return have
+
+
+def _check_toolkit() -> None:
+    """One line naming CUDA_HOME instead of "cuda_runtime.h: No such file" deep in torch's headers
+    (torch guesses CUDA_HOME from the first nvcc on PATH, which may be a wrapper outside a toolkit)."""
+    header = os.path.join(CUDA_HOME, "include", "cuda_runtime.h")
+    if not os.path.isfile(header):
+        import shutil
+        sys.exit(f"localsgd-comm: CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (nvcc on PATH: "
+                 f"{shutil.which('nvcc')}); set CUDA_HOME to the CUDA toolkit's root (e.g. /usr/local/cuda), or "
+                 "build without the CUDA kernels with LOCALSGD_COMM_CUDA=0")
 
 
 def _rel(pattern):

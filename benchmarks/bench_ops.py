@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -125,28 +126,31 @@ def _enc_bytes(fmt: str, n: int) -> int:
     return localsgd_comm.functional.compressed_nbytes(fmt, n, B)
 
 
-def setup_case(case: Case, n: int):
-    """-> (args, ours, eager, bytes read + written). ours/eager take *args."""
-    g = torch.Generator().manual_seed(0)
+def setup_case(case: Case, n: int, device: str = "cpu"):
+    """-> (args, ours, eager, bytes read + written). ours/eager take *args; the inputs are made
+    on ``device`` (the GPU benchmark makes them there: no host round trip of gigabytes)."""
+    g = torch.Generator(device=device).manual_seed(0)
     fmt = case.fmt
+    randn = functools.partial(torch.randn, device=device)
+    zeros = functools.partial(torch.zeros, device=device)
     if case.op == "quantize":
-        x = torch.randn(n, generator=g)
+        x = randn(n, generator=g)
         return ((x,), lambda x: OPS.quantize(x, fmt, B, None, 0), lambda x: eager_quantize(x, fmt),
                 4 * n + _enc_bytes(fmt, n))
     if case.op == "dequantize":
-        p, s = OPS.quantize(torch.randn(n, generator=g), fmt, B, None, 0)
+        p, s = OPS.quantize(randn(n, generator=g), fmt, B, None, 0)
         return ((p, s), lambda p, s: OPS.dequantize(p, s, fmt, n, B, torch.float32),
                 lambda p, s: eager_dequantize(p, s, fmt), _enc_bytes(fmt, n) + 4 * n)
     if case.op == "compress_delta":
-        anchor = torch.randn(n, generator=g)
-        params = anchor + 1e-3 * torch.randn(n, generator=g)
-        res = torch.zeros(n) if case.residual else None
+        anchor = randn(n, generator=g)
+        params = anchor + 1e-3 * randn(n, generator=g)
+        res = zeros(n) if case.residual else None
         nbytes = 8 * n + _enc_bytes(fmt, n) + (8 * n if case.residual else 0)
         return ((anchor, params, res), lambda a, p, r: OPS.compress_delta(a, p, r, fmt, B, None),
                 lambda a, p, r: eager_compress_delta(a, p, r, fmt), nbytes)
     if case.op in ("dequantize_reduce", "dequantize_reduce_requantize"):
         chunk = n // P_REDUCE
-        encs = [OPS.quantize(torch.randn(chunk, generator=g), fmt, B, None, 0) for _ in range(P_REDUCE)]
+        encs = [OPS.quantize(randn(chunk, generator=g), fmt, B, None, 0) for _ in range(P_REDUCE)]
         ps, ss = torch.stack([e[0] for e in encs]), torch.stack([e[1] for e in encs])
         factor = 1.0 / P_REDUCE
         if case.op == "dequantize_reduce":
@@ -156,14 +160,14 @@ def setup_case(case: Case, n: int):
         return ((ps, ss), lambda ps, ss: OPS.dequantize_reduce_requantize(ps, ss, fmt, chunk, B, factor, None, 0),
                 lambda ps, ss: eager_quantize(eager_dequantize_reduce(ps, ss, fmt, factor), fmt),
                 (P_REDUCE + 1) * _enc_bytes(fmt, chunk))
-    anchor, momentum, params = torch.randn(n, generator=g), torch.zeros(n), torch.empty(n)
+    anchor, momentum, params = randn(n, generator=g), zeros(n), torch.empty(n, device=device)
     state_bytes = 4 * n * 2 * 2 + 4 * n  # anchor, momentum read + written; params written
     if case.op == "outer_nesterov_step":
-        grad = 1e-3 * torch.randn(n, generator=g)
+        grad = 1e-3 * randn(n, generator=g)
         return ((anchor, momentum, params, grad),
                 lambda a, m, p, gr: OPS.outer_nesterov_step(a, m, p, gr, LR, MU, True),
                 lambda a, m, p, gr: eager_outer_step(a, m, p, gr, LR, MU), state_bytes + 4 * n)
-    pay, sc = OPS.quantize(1e-3 * torch.randn(n, generator=g), fmt, B, None, 0)
+    pay, sc = OPS.quantize(1e-3 * randn(n, generator=g), fmt, B, None, 0)
     return ((anchor, momentum, params, pay, sc),
             lambda a, m, p, q, s: OPS.outer_nesterov_step_compressed(a, m, p, q, s, fmt, B, 1.0, LR, MU, True),
             lambda a, m, p, q, s: eager_outer_step(a, m, p, eager_dequantize(q, s, fmt), LR, MU),

@@ -1,9 +1,15 @@
 """Ops on CUDA tensors, both implementations (CUDA C++ "native" and Triton), against the C++
 CPU ops byte for byte (round to nearest and seeded stochastic rounding), and on the caller's
 current stream. Skipped without a GPU (marker ``gpu``).
+
+The default matrix is representative, not exhaustive: every format meets every dtype, every
+size and block size and both rounding modes appear, but not every combination (each Triton
+specialisation is a first-time compile of a second or more; the full product is ~250 of them).
+``LOCALSGD_GPU_FULL=1`` runs the full product.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -56,14 +62,30 @@ def make(n, dtype=torch.float32, seed=0):
     return (torch.randn(n, generator=g) * torch.exp(2 * torch.randn(n, generator=g))).to(dtype)
 
 
-SIZES = [(0, 128), (1, 16), (4099, 128), (100_003, 64), (20_000, 8192), (1 << 20, 128)]
+SIZES = [(0, 128), (1, 16), (4099, 128), (100_003, 64), (20_000, 8192), (1 << 20, 128), (1 << 16, 32)]
+FULL = os.environ.get("LOCALSGD_GPU_FULL") == "1"
+
+
+def matrix(*axes):
+    """The full product of ``axes`` under LOCALSGD_GPU_FULL=1; otherwise a covering subset: row i
+    takes element i mod len(axis) of every axis, for as many rows as the longest axis has, plus
+    every pair of the first two axes (so every format meets every dtype)."""
+    if FULL:
+        return list(itertools.product(*axes))
+    rows = {tuple(ax[i % len(ax)] for ax in axes) for i in range(max(len(ax) for ax in axes))}
+    if len(axes) >= 2:
+        for k, (a, b) in enumerate(itertools.product(axes[0], axes[1])):
+            rows.add((a, b) + tuple(ax[(k + 1) % len(ax)] for ax in axes[2:]))
+    return sorted(rows, key=repr)
+
+
+def _flat(rows):
+    # (fmt, dtype, (n, block), seed) -> (fmt, dtype, n, block, seed)
+    return [(f, d, nb[0], nb[1], s) for f, d, nb, s in rows]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,block", SIZES)
-@pytest.mark.parametrize("seed", [None, 42])
+@pytest.mark.parametrize("fmt,dtype,n,block,seed", _flat(matrix(FMTS, DTYPES, SIZES, [None, 42])))
 def test_quantize_dequantize(impl, fmt, dtype, n, block, seed):
     x = make(n, dtype)
     if n > 10:
@@ -73,14 +95,12 @@ def test_quantize_dequantize(impl, fmt, dtype, n, block, seed):
     pc, sc = OPS.quantize(x.cuda(), fmt, block, seed, off)
     assert_same(pc, p, "payload")
     assert_same(sc.view(torch.int32), s.view(torch.int32), "scales")
-    for out in DTYPES:
+    for out in (DTYPES if FULL else {torch.float32, dtype}):
         assert_same(OPS.dequantize(pc, sc, fmt, n, block, out), OPS.dequantize(p, s, fmt, n, block, out), str(out))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("seed", [None, 5])
+@pytest.mark.parametrize("fmt,dtype,seed", matrix(FMTS, DTYPES, [None, 5]))
 def test_quantize_unaligned_views(impl, fmt, dtype, seed):
     """Storage offsets that break 16-byte alignment take the scalar paths; same bytes."""
     base = make(5003, dtype)
@@ -92,9 +112,7 @@ def test_quantize_unaligned_views(impl, fmt, dtype, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("seed", [None, 9])
+@pytest.mark.parametrize("fmt,dtype,seed", matrix(FMTS, DTYPES, [None, 9]))
 def test_compress_delta(impl, fmt, dtype, seed):
     n, block = 70_001, 128
     anchor = make(n, seed=1)
@@ -111,10 +129,10 @@ def test_compress_delta(impl, fmt, dtype, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", FMTS)
-@pytest.mark.parametrize("p,n,block", [(1, 1, 16), (4, 100_001, 128), (8, 33_333, 64), (3, 0, 128)])
-@pytest.mark.parametrize("seed", [None, 3])
-def test_dequantize_reduce(impl, fmt, p, n, block, seed):
+@pytest.mark.parametrize("fmt,pnb,seed", matrix(FMTS, [(1, 1, 16), (4, 100_001, 128), (8, 33_333, 64), (3, 0, 128)],
+                                                [None, 3]))
+def test_dequantize_reduce(impl, fmt, pnb, seed):
+    p, n, block = pnb
     enc = [OPS.quantize(make(n, seed=r), fmt, block) for r in range(p)]
     pay = torch.stack([e[0] for e in enc])
     sc = torch.stack([e[1] for e in enc])
@@ -131,10 +149,9 @@ def test_dequantize_reduce(impl, fmt, p, n, block, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("grad_fmt", [None, *FMTS])
-@pytest.mark.parametrize("mu,nesterov", [(0.9, True), (0.9, False), (0.0, True)])
-def test_outer_nesterov_step(impl, dtype, grad_fmt, mu, nesterov):
+@pytest.mark.parametrize("dtype,grad_fmt,mun", matrix(DTYPES, [None, *FMTS], [(0.9, True), (0.9, False), (0.0, True)]))
+def test_outer_nesterov_step(impl, dtype, grad_fmt, mun):
+    mu, nesterov = mun
     n, block = 50_001, 128
     anchor, mom, grad = make(n, seed=1), make(n, seed=2), 0.1 * make(n, seed=3)
     a, m, prm = anchor.clone(), mom.clone(), torch.empty(n, dtype=dtype)
@@ -231,6 +248,14 @@ def test_cuda_implementation_is_none_without_a_cuda_device():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
     assert localsgd_comm.cuda_implementation() == "none"
+
+
+def test_the_default_matrix_covers_every_pair_of_its_first_two_axes():
+    rows = matrix(FMTS, DTYPES, SIZES, [None, 42])
+    assert {(r[0], r[1]) for r in rows} == set(itertools.product(FMTS, DTYPES))
+    assert {r[2] for r in rows} == set(SIZES) and {r[3] for r in rows} == {None, 42}
+    if not FULL:
+        assert len(rows) < len(FMTS) * len(DTYPES) * len(SIZES) * 2 // 3
 
 
 @pytest.mark.parametrize("archs,cap,ok", [
