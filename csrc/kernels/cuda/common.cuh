@@ -1,11 +1,19 @@
 // Shared device code of the CUDA kernels: element loads/stores per dtype, per-element quantize
 // following format.h, warp reductions, launch geometry and error recording.
 //
-// Layout of the block-quantizing kernels: one warp per quantization block (grid-stride over
-// blocks). Lanes walk the block in chunks of 4 consecutive elements (one 16-byte load for fp32,
-// 8 bytes for bf16/fp16) and reduce the absmax with warp shuffles. Pass 2 re-reads the block
-// to quantize it: the warp just read those bytes, so they come from L1/L2, and DRAM traffic stays
-// one read per input byte. Indices are int64 throughout (buffers may exceed 2^31 elements).
+// Layout of the block-quantizing kernels (quantize, compress_delta, the requantizing reduce):
+// a warp quantizes a tile of kTile = 512 consecutive elements per iteration (grid-stride over
+// tiles): lane l holds chunks u = 0..3 of 4 consecutive elements at tile offset u*128 + 4*l
+// (16-byte loads for fp32, 8 for bf16/fp16), all loaded before any is used, so a warp keeps
+// 2 KiB of fp32 in flight. A quantization block of B <= 512 elements is a set of lanes of one
+// or more chunks: its absmax is a segmented shuffle max (B/4 lanes, B <= 128) and a max across
+// chunks (B = 256, 512). Every value stays in registers between the absmax and the quantize, so
+// DRAM and L2 see one read per input byte. Blocks of 1024-8192 elements take a two-pass warp
+// routine (the second pass re-reads the block, mostly from L2).
+// Element-wise kernels (dequantize, the reduce, the outer step) give each thread kUnroll chunks
+// of 4 elements, kThreads chunks apart (each warp-wide load is contiguous), loads first.
+// Indices are int64 throughout (buffers may exceed 2^31 elements); block indices are shifts
+// (block sizes are powers of two; a 64-bit division costs tens of instructions).
 // All arithmetic is fp32 in the order of format.h; nvcc gets --fmad=false so a*b+c is never
 // contracted into an FMA.
 #pragma once
@@ -28,6 +36,9 @@ namespace detail {
 constexpr int kWarp = 32;
 constexpr int kThreads = 256;  // 8 warps per CTA: 8 quantization blocks in flight per CTA
 constexpr int kChunk = 4;      // elements per lane per step (16 bytes of fp32)
+constexpr int kTileChunks = 4;  // chunks per lane per tile of the block-quantizing kernels
+constexpr int kTile = kWarp * kChunk * kTileChunks;  // 512 elements per warp and iteration
+constexpr int kUnroll = 4;      // chunks per thread and iteration of the element-wise kernels
 
 // ---- error recording (last_error) ------------------------------------------------------------
 void set_error(const char* what);
@@ -38,6 +49,15 @@ void check_launch(const char* kernel);
 // Grid size for grid-stride kernels: enough CTAs to fill every SM several times, never more
 // than the work needs. The SM count is cached per device (one attribute query per device).
 int grid_for(int64_t work_items, int items_per_cta);
+
+// log2 of a power-of-two block size (the launchers pass shifts, not divisors).
+inline int log2_block(int64_t block) { return 63 - __builtin_clzll(static_cast<unsigned long long>(block)); }
+
+// Elements i .. i+m-1 with m = clamp(n - i, 0, 4): how many of a chunk exist.
+__device__ __forceinline__ int chunk_len(int64_t n, int64_t i) {
+  const int64_t r = n - i;
+  return r >= kChunk ? kChunk : (r > 0 ? static_cast<int>(r) : 0);
+}
 
 // ---- element access ----------------------------------------------------------------------------
 template <DType D> struct Elem;
@@ -275,9 +295,99 @@ __device__ __forceinline__ void quantize_block_warp(const Src& src, Sink& sink, 
   }
 }
 
+// The tile routine (see the file header) for block sizes 16..512 (lb = log2(block)): one
+// iteration of a warp over elements tile*kTile .. +kTile-1 (those below n).
+template <Format F, bool SR, class Src, class Sink>
+__device__ __forceinline__ void quantize_tile_warp(const Src& src, Sink& sink, int64_t tile, int64_t n, int lb,
+                                                   uint32_t key, uint64_t index_offset, uint8_t* payload,
+                                                   float* scales, int lane) {
+  const int64_t base = tile * kTile + static_cast<int64_t>(lane) * kChunk;
+  float v[kTileChunks][4];
+  int m[kTileChunks];
+#pragma unroll
+  for (int u = 0; u < kTileChunks; ++u) {
+    const int64_t i = base + u * (kWarp * kChunk);
+    m[u] = chunk_len(n, i);
+    if (m[u] > 0) {
+      src.load(i, m[u], v[u]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[u][k] = 0.0f;
+    }
+  }
+  uint32_t amax[kTileChunks];
+#pragma unroll
+  for (int u = 0; u < kTileChunks; ++u) {
+    uint32_t a = 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t b = abs_bits(v[u][k]);  // tail entries are 0
+      a = b > a ? b : a;
+    }
+    amax[u] = a;
+  }
+  // lanes per block within one chunk row: B/4 for B <= 128, else the whole warp
+  const int seg = lb >= 7 ? kWarp : (1 << (lb - 2));
+#pragma unroll
+  for (int u = 0; u < kTileChunks; ++u) {
+    for (int o = seg >> 1; o > 0; o >>= 1) {  // uniform trip count: every lane shuffles
+      const uint32_t w = __shfl_xor_sync(0xFFFFFFFFu, amax[u], o);
+      amax[u] = w > amax[u] ? w : amax[u];
+    }
+  }
+  if (lb >= 8) {  // B = 256: chunk rows (0,1) and (2,3) share a block
+    amax[0] = amax[1] = (amax[0] > amax[1] ? amax[0] : amax[1]);
+    amax[2] = amax[3] = (amax[2] > amax[3] ? amax[2] : amax[3]);
+  }
+  if (lb >= 9) {  // B = 512: all four
+    amax[0] = amax[1] = amax[2] = amax[3] = (amax[0] > amax[2] ? amax[0] : amax[2]);
+  }
+#pragma unroll
+  for (int u = 0; u < kTileChunks; ++u) {
+    if (m[u] == 0) continue;
+    const int64_t i = base + u * (kWarp * kChunk);
+    const BlockQuant b = block_params_from_bits(amax[u], F);
+    if ((i & ((int64_t{1} << lb) - 1)) == 0) scales[i >> lb] = b.scale;  // the block's first chunk
+    float d[4];
+    int32_t q[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      q[k] = k < m[u] ? quant_elem<F, SR>(v[u][k], b, key, index_offset + static_cast<uint64_t>(i + k)) : 0;
+      d[k] = dequant_elem<F>(q[k], b.scale);
+    }
+    encode4<F>(payload, i, m[u], q);
+    sink.put(i, m[u], v[u], d);
+  }
+}
+
 struct NoSink {
   __device__ __forceinline__ void put(int64_t, int, const float*, const float*) const {}
 };
+
+// Grid-stride driver of both routines: tiles of kTile elements for B <= kTile, whole
+// quantization blocks otherwise. Launch with kThreads threads and grid_for(quant_work_items(..)).
+template <Format F, bool SR, class Src, class Sink>
+__device__ __forceinline__ void quantize_all(const Src& src, Sink& sink, int64_t n, int lb, uint32_t key,
+                                             uint64_t index_offset, uint8_t* payload, float* scales) {
+  const int lane = threadIdx.x & (kWarp - 1);
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / kWarp);
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarp) + threadIdx.x / kWarp;
+  if ((int64_t{1} << lb) <= kTile) {
+    const int64_t tiles = (n + kTile - 1) / kTile;
+    for (int64_t t = first; t < tiles; t += warps)
+      quantize_tile_warp<F, SR>(src, sink, t, n, lb, key, index_offset, payload, scales, lane);
+  } else {
+    const int64_t block = int64_t{1} << lb;
+    const int64_t nblocks = (n + block - 1) / block;
+    for (int64_t blk = first; blk < nblocks; blk += warps)
+      quantize_block_warp<F, SR>(src, sink, blk, n, block, key, index_offset, payload, scales, lane);
+  }
+}
+
+// Warps' work items of quantize_all: tiles, or blocks when the block is larger than a tile.
+inline int64_t quant_work_items(int64_t n, int64_t block) {
+  return block <= kTile ? (n + kTile - 1) / kTile : (n + block - 1) / block;
+}
 
 // Dispatch helpers: turn runtime enums into template parameters.
 template <class Fn>

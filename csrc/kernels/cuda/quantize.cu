@@ -52,33 +52,40 @@ struct DeltaSink {
 };
 
 template <Format F, bool SR, class Src, class Sink>
-__global__ void __launch_bounds__(kThreads) kQuantize(Src src, Sink sink, int64_t n, int64_t block,
-                                                      int64_t nblocks, uint32_t key, uint64_t index_offset,
-                                                      uint8_t* __restrict__ payload, float* __restrict__ scales) {
-  const int lane = threadIdx.x & (kWarp - 1);
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / kWarp);
-  for (int64_t blk = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarp) + threadIdx.x / kWarp; blk < nblocks;
-       blk += warps) {
-    quantize_block_warp<F, SR>(src, sink, blk, n, block, key, index_offset, payload, scales, lane);
-  }
+__global__ void __launch_bounds__(kThreads) kQuantize(Src src, Sink sink, int64_t n, int lb, uint32_t key,
+                                                      uint64_t index_offset, uint8_t* __restrict__ payload,
+                                                      float* __restrict__ scales) {
+  quantize_all<F, SR>(src, sink, n, lb, key, index_offset, payload, scales);
 }
 
-// One thread per 4 consecutive elements (grid-stride); the scale is a broadcast load per block.
+// Each thread: kUnroll chunks of 4 elements, kThreads chunks apart; the scale is a broadcast
+// load per chunk (block >= 16: the 4 elements of a chunk share one block).
 template <Format F, DType D>
 __global__ void __launch_bounds__(kThreads) kDequantize(const uint8_t* __restrict__ payload,
-                                                        const float* __restrict__ scales, int64_t n,
-                                                        int64_t block, void* __restrict__ out) {
+                                                        const float* __restrict__ scales, int64_t n, int lb,
+                                                        void* __restrict__ out) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < chunks; c += stride) {
-    const int64_t i = c * kChunk;
-    const int m = (n - i) < kChunk ? static_cast<int>(n - i) : kChunk;
-    const float s = scales[i / block];  // block >= 16: the 4 elements share one block
-    float q[4], v[4];
-    decode4<F>(payload, i, m, q);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads * kUnroll;
+  for (int64_t c0 = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x; c0 < chunks; c0 += step) {
+    float q[kUnroll][4], s[kUnroll];
+    int m[kUnroll];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = q[k] * s;
-    store_n<D>(out, i, m, v);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = (c0 + u * kThreads) * kChunk;
+      m[u] = chunk_len(n, i);
+      if (m[u] > 0) {
+        decode4<F>(payload, i, m[u], q[u]);
+        s[u] = scales[i >> lb];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (m[u] == 0) continue;
+      float v[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = q[u][k] * s[u];
+      store_n<D>(out, (c0 + u * kThreads) * kChunk, m[u], v);
+    }
   }
 }
 
@@ -89,15 +96,14 @@ void quantize(Format fmt, DType in_dtype, const void* x, int64_t n, int64_t bloc
   clear_error();
   if (n <= 0) return;
   if (!valid_block_size(block)) { set_error("localsgd cuda: invalid block size"); return; }
-  const int64_t nb = num_blocks(n, block);
-  const int grid = grid_for(nb, kThreads / kWarp);
+  const int grid = grid_for(quant_work_items(n, block), kThreads / kWarp);
   const uint32_t key = seed_key(rm.seed);
   dispatch_format(fmt, [&](auto F) {
     dispatch_dtype(in_dtype, [&](auto D) {
       dispatch_bool(rm.stochastic, [&](auto SR) {
         kQuantize<F.value, SR.value><<<grid, kThreads, 0, stream>>>(
-            InputSrc<D.value>{x}, NoSink{}, n, block, nb, key, static_cast<uint64_t>(rm.index_offset), payload,
-            scales);
+            InputSrc<D.value>{x}, NoSink{}, n, log2_block(block), key, static_cast<uint64_t>(rm.index_offset),
+            payload, scales);
         check_launch("kQuantize");
       });
     });
@@ -109,10 +115,10 @@ void dequantize(Format fmt, const uint8_t* payload, const float* scales, int64_t
   clear_error();
   if (n <= 0) return;
   if (!valid_block_size(block)) { set_error("localsgd cuda: invalid block size"); return; }
-  const int grid = grid_for((n + kChunk - 1) / kChunk, kThreads);
+  const int grid = grid_for((n + kChunk - 1) / kChunk, kThreads * kUnroll);
   dispatch_format(fmt, [&](auto F) {
     dispatch_dtype(out_dtype, [&](auto D) {
-      kDequantize<F.value, D.value><<<grid, kThreads, 0, stream>>>(payload, scales, n, block, out);
+      kDequantize<F.value, D.value><<<grid, kThreads, 0, stream>>>(payload, scales, n, log2_block(block), out);
       check_launch("kDequantize");
     });
   });
@@ -124,16 +130,15 @@ void compress_delta(Format fmt, const float* anchor, DType params_dtype, const v
   clear_error();
   if (n <= 0) return;
   if (!valid_block_size(block)) { set_error("localsgd cuda: invalid block size"); return; }
-  const int64_t nb = num_blocks(n, block);
-  const int grid = grid_for(nb, kThreads / kWarp);
+  const int grid = grid_for(quant_work_items(n, block), kThreads / kWarp);
   const uint32_t key = seed_key(rm.seed);
   dispatch_format(fmt, [&](auto F) {
     dispatch_dtype(params_dtype, [&](auto D) {
       dispatch_bool(rm.stochastic, [&](auto SR) {
         dispatch_bool(residual != nullptr, [&](auto RES) {
           kQuantize<F.value, SR.value><<<grid, kThreads, 0, stream>>>(
-              DeltaSrc<D.value, RES.value>{anchor, params, residual}, DeltaSink{residual, delta_out}, n, block, nb,
-              key, static_cast<uint64_t>(rm.index_offset), payload, scales);
+              DeltaSrc<D.value, RES.value>{anchor, params, residual}, DeltaSink{residual, delta_out}, n,
+              log2_block(block), key, static_cast<uint64_t>(rm.index_offset), payload, scales);
           check_launch("kCompressDelta");
         });
       });

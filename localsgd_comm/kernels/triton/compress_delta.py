@@ -24,7 +24,7 @@ def _compress_delta_kernel(anchor_ptr, params_ptr, res_ptr, pay_ptr, scale_ptr, 
     if HAS_RES:
         v = v + tl.load(res_ptr + offs, mask=mask, other=0.0)
     q, scale, deq = _quantize_tile(v, offs, key, FMT, QM, STOCH)
-    _store_payload(pay_ptr, offs, mask, q, FMT, R, B)
+    _store_payload(pay_ptr, blocks, offs, mask, n, q, FMT, R, B)
     tl.store(scale_ptr + blocks, scale, mask=blocks < nblocks)
     if HAS_RES:
         # Error feedback: what the wire dropped is added back next round (NaN blocks stay NaN).

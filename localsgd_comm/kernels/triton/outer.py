@@ -27,7 +27,7 @@ def _outer_nesterov_step_kernel(anchor_ptr, mom_ptr, params_ptr, grad_ptr, pay_p
     offs, blocks = _tile_offsets(pid, R, B)
     mask = offs < n
     if COMPRESSED:
-        qf = _decode_q(pay_ptr, offs, mask, FMT, R, B)
+        qf = _decode_q(pay_ptr, blocks, offs, mask, n, FMT, R, B)
         s = tl.load(scale_ptr + blocks, mask=blocks < nblocks, other=0.0)
         g = (qf * s[:, None]) * grad_factor  # two roundings, in this order (kernels.h)
     else:

@@ -22,7 +22,7 @@ def _quantize_kernel(x_ptr, pay_ptr, scale_ptr, n, nblocks, index_offset, key,
     mask = offs < n
     x = _load_f32(x_ptr, offs, mask, KIND)
     q, scale, _deq = _quantize_tile(x, offs + index_offset, key, FMT, QM, STOCH)
-    _store_payload(pay_ptr, offs, mask, q, FMT, R, B)
+    _store_payload(pay_ptr, blocks, offs, mask, n, q, FMT, R, B)
     tl.store(scale_ptr + blocks, scale, mask=blocks < nblocks)
 
 
@@ -32,7 +32,7 @@ def _dequantize_kernel(pay_ptr, scale_ptr, out_ptr, n, nblocks,
     pid = tl.program_id(0).to(tl.int64)
     offs, blocks = _tile_offsets(pid, R, B)
     mask = offs < n
-    qf = _decode_q(pay_ptr, offs, mask, FMT, R, B)
+    qf = _decode_q(pay_ptr, blocks, offs, mask, n, FMT, R, B)
     scale = tl.load(scale_ptr + blocks, mask=blocks < nblocks, other=0.0)
     _store_f32(out_ptr, offs, qf * scale[:, None], mask, KIND)
 

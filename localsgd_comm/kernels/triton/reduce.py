@@ -24,21 +24,21 @@ def _dequantize_reduce_kernel(pay_ptr, pay_stride, scale_ptr, scale_stride, p, n
     bmask = blocks < nblocks
     acc = tl.zeros([R, B], dtype=tl.float32)
     # Fixed order r = 0..p-1, one fp32 multiply and one fp32 add per chunk (format.h Reductions).
-    # Row pointers advance by the strides (64-bit pointer arithmetic: no int32 overflow of r*stride).
-    prow = pay_ptr
-    srow = scale_ptr
-    for _r in range(0, p):
-        qf = _decode_q(prow, offs, mask, FMT, R, B)
+    # Row r starts at r * stride (int64: no overflow), computed from the loop index rather than
+    # carried by the loop: a carried pointer loses the strides' known divisibility, and with it
+    # the vectorized loads.
+    for r in range(0, p):
+        prow = pay_ptr + tl.cast(r, tl.int64) * pay_stride
+        srow = scale_ptr + tl.cast(r, tl.int64) * scale_stride
+        qf = _decode_q(prow, blocks, offs, mask, n, FMT, R, B)
         s = tl.load(srow + blocks, mask=bmask, other=0.0)
         acc = acc + qf * s[:, None]
-        prow += pay_stride
-        srow += scale_stride
     acc = acc * factor
     if WRITE_SUM:
         tl.store(out_ptr + offs, acc, mask=mask)
     if REQUANT:
         q, scale, _deq = _quantize_tile(acc, offs + index_offset, key, FMT, QM, STOCH)
-        _store_payload(opay_ptr, offs, mask, q, FMT, R, B)
+        _store_payload(opay_ptr, blocks, offs, mask, n, q, FMT, R, B)
         tl.store(oscale_ptr + blocks, scale, mask=bmask)
 
 
