@@ -271,3 +271,23 @@ def test_the_default_matrix_covers_every_pair_of_its_first_two_axes():
 ])
 def test_which_gpus_a_build_runs_on(archs, cap, ok):
     assert cuda_impl.arch_supported(archs, cap) is ok
+
+
+@pytest.mark.gpu
+def test_an_earlier_cuda_error_is_not_blamed_on_our_kernel(monkeypatch):
+    """CUDA keeps the last error of any runtime call until it is read: the native launchers read
+    it before launching and report it as earlier work's, not as their kernel's failure."""
+    if "native" not in _available():
+        pytest.skip("native implementation not available in this build")
+    monkeypatch.setenv(cuda_impl.ENV_VAR, "native")
+    cuda_impl._reset_for_tests()
+    try:
+        x = torch.randn(1000, device="cuda")
+        err = torch.cuda.cudart().cudaHostRegister(0, 16, 0)  # an invalid pointer: a (non-sticky) error
+        assert int(err) != 0
+        with pytest.raises(RuntimeError, match="from earlier work"):
+            OPS.quantize(x, "int8", 128)
+        p, s = OPS.quantize(x, "int8", 128)  # read once: the next call is clean
+        assert_same(p, OPS.quantize(x.cpu(), "int8", 128)[0], "payload")
+    finally:
+        cuda_impl._reset_for_tests()

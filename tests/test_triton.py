@@ -315,3 +315,36 @@ def test_bad_arguments_raise_clear_errors():
 def test_every_op_has_a_triton_implementation():
     ops_module = importlib.import_module("localsgd_comm._ops")
     assert set(T.OPS) == {name.split("(")[0] for name in ops_module._SCHEMAS}
+
+
+def test_every_launcher_runs_with_its_tensors_device_current(monkeypatch):
+    """A Triton launch goes to the current device: each launcher makes its first tensor's CUDA
+    device current first (a tensor on cuda:1 while cuda:0 is current would otherwise run on
+    device 0). No GPU here: the guard's choice is checked with a recording stand-in."""
+    from localsgd_comm.kernels import triton as triton_impl
+    from localsgd_comm.kernels.triton import _host
+
+    assert all(getattr(fn, "on_tensor_device", False) for fn in triton_impl.OPS.values())
+    entered = []
+
+    class Recorder:
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __enter__(self):
+            entered.append(self.dev)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    seen = []
+    launcher = _host.on_tensor_device(lambda *a, **k: seen.append((a, k)) or "ran")
+    assert launcher(torch.zeros(3), "int8") == "ran" and entered == []  # CPU: no guard
+    monkeypatch.setattr(_host, "tensor_device", lambda args, kwargs: torch.device("cuda", 1))
+    assert launcher(torch.zeros(3), fmt="int8") == "ran"
+    assert entered == [torch.device("cuda", 1)] and len(seen) == 2
+    assert _host.tensor_device.__name__ == "<lambda>"
+    monkeypatch.undo()
+    assert _host.tensor_device((1, "x"), {"y": torch.zeros(1, dtype=torch.int8)}) == torch.device("cpu")
+    assert _host.tensor_device((1,), {}) is None

@@ -9,6 +9,8 @@
 #   build      pip install --no-build-isolation --no-deps -e . with the CUDA kernels for this
 #              GPU's architecture only, all cores; if it fails, a CPU-only build follows, so the
 #              Triton steps still run (the native ones then report "not built")
+#   errors     a C++ error of each build's ops reaches Python as an exception (never a crash; a
+#              crash is re-run under cuda-gdb for its native stack)
 #   ops        CUDA C++ and Triton ops byte for byte against the CPU kernels (tests/test_cuda.py,
 #              the representative matrix; xdist workers share the Triton compiles)
 #   backend    the backend with CUDA tensors: world size 1 over NCCL, 2 ranks on one GPU over
@@ -106,6 +108,8 @@ elif [ "$DRY" = 0 ] && { [ -z "$ONLY" ] || [[ "$ONLY" == *",build,"* ]]; }; then
   step build_cpu 150 build.log env LOCALSGD_COMM_CUDA=0 MAX_JOBS="$(nproc)" \
     $PY -m pip install --no-build-isolation --no-deps -e .
 fi
+
+step errors 60 - $PY tools/gpu_error_check.py
 
 XDIST=""
 $PY -c 'import xdist' 2>/dev/null && XDIST="-n 8"

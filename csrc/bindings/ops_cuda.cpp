@@ -76,7 +76,7 @@ RoundingMode rounding(const char* op, std::optional<int64_t> seed, int64_t index
 
 void raise_on_launch_error(const char* op) {
   const char* err = cuda::last_error();
-  TORCH_CHECK(err == nullptr || err[0] == '\0', op, ": CUDA kernel launch failed: ", err);
+  TORCH_CHECK(err == nullptr || err[0] == '\0', op, ": ", err);
 }
 
 std::tuple<at::Tensor, at::Tensor> alloc_encoded(Format f, int64_t n, int64_t block, const at::Tensor& like) {

@@ -1,6 +1,8 @@
 // Launch geometry and error recording shared by the CUDA launchers (see common.cuh).
 #include "common.cuh"
 
+#include <cstdio>
+
 namespace localsgd {
 namespace cuda {
 namespace detail {
@@ -8,17 +10,34 @@ namespace detail {
 namespace {
 // Per host thread, like CUDA's own error state: the launcher called last on this thread.
 thread_local const char* g_last_error = "";
+thread_local char g_message[512];
 constexpr int kMaxDevices = 64;
 int g_sm_count[kMaxDevices] = {0};  // 0 = not queried yet; benign race (same value written)
 }  // namespace
 
 void set_error(const char* what) { g_last_error = what; }
-void clear_error() { g_last_error = ""; }
+
+// Start of every launcher. CUDA keeps the last error of any earlier runtime call or launch on
+// this thread until someone reads it; reading it only after our launch would blame our kernel
+// for another library's failure. So it is read here first and, if set, reported as what it is
+// (the launch still runs: a sticky error fails it too, and that failure then names our kernel).
+void clear_error() {
+  g_last_error = "";
+  const cudaError_t pending = cudaGetLastError();
+  if (pending != cudaSuccess) {
+    snprintf(g_message, sizeof g_message,
+             "a CUDA error from earlier work on this thread (not from a localsgd kernel) was pending: %s",
+             cudaGetErrorString(pending));
+    g_last_error = g_message;
+  }
+}
 
 void check_launch(const char* kernel) {
   const cudaError_t e = cudaGetLastError();
-  (void)kernel;
-  if (e != cudaSuccess) g_last_error = cudaGetErrorString(e);
+  if (e != cudaSuccess) {
+    snprintf(g_message, sizeof g_message, "CUDA kernel launch of %s failed: %s", kernel, cudaGetErrorString(e));
+    g_last_error = g_message;
+  }
 }
 
 int grid_for(int64_t work_items, int items_per_cta) {

@@ -6,10 +6,16 @@ TRITON_INTERPRET=1 (set before this package is imported), on CPU tensors, which 
 checks them without a GPU. Shared format arithmetic: _common.py.
 """
 from ... import _ops
-from .compress_delta import compress_delta
-from .outer import outer_nesterov_step, outer_nesterov_step_compressed
-from .quantize import dequantize, quantize
-from .reduce import dequantize_reduce, dequantize_reduce_requantize
+from . import _host, compress_delta as _cd, outer as _outer, quantize as _q, reduce as _reduce
+
+# Every launcher runs with its tensors' device current (see _host.on_tensor_device).
+compress_delta = _host.on_tensor_device(_cd.compress_delta)
+outer_nesterov_step = _host.on_tensor_device(_outer.outer_nesterov_step)
+outer_nesterov_step_compressed = _host.on_tensor_device(_outer.outer_nesterov_step_compressed)
+quantize = _host.on_tensor_device(_q.quantize)
+dequantize = _host.on_tensor_device(_q.dequantize)
+dequantize_reduce = _host.on_tensor_device(_reduce.dequantize_reduce)
+dequantize_reduce_requantize = _host.on_tensor_device(_reduce.dequantize_reduce_requantize)
 
 #: op name -> implementation, for tests and tools that iterate over all ops (the names are
 #: those declared in localsgd_comm/_ops.py, so a new op cannot be missed here).

@@ -6,7 +6,9 @@ then add what only real kernels need: contiguity of buffers updated in place, on
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import functools
+from typing import Callable, Optional
 
 import torch
 
@@ -40,6 +42,30 @@ def check_rows(t: torch.Tensor, name: str) -> None:
 def check_seed(seed: Optional[int]) -> None:
     if seed is not None:
         torch._check(-(1 << 63) <= seed < (1 << 64), lambda: f"seed must fit in 64 bits, got {seed}")
+
+
+def tensor_device(args, kwargs) -> Optional[torch.device]:
+    """The device of the first tensor argument (the ops' first tensor sets their device)."""
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+def on_tensor_device(fn: Callable) -> Callable:
+    """Run a launcher with its tensors' CUDA device current. A Triton launch goes to the current
+    device and its current stream: without this guard, a tensor on cuda:1 while cuda:0 is current
+    would be processed by a kernel launched on device 0 (an illegal address, or a stream ordered
+    against the wrong device's work). CPU tensors (the interpreter) need no guard."""
+    @functools.wraps(fn)
+    def launcher(*args, **kwargs):
+        dev = tensor_device(args, kwargs)
+        guard = torch.cuda.device(dev) if dev is not None and dev.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return fn(*args, **kwargs)
+
+    launcher.on_tensor_device = True
+    return launcher
 
 
 fakes = _ops  # the fake implementations: _quantize_fake etc.
