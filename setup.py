@@ -106,6 +106,32 @@ try:
                 f"WITH_CUDA = {bool(with_cuda)!r}\nCUDA_ARCH_LIST = {arch_list!r}\n")
 except OSError as exc:  # a read-only source tree: the runtime check then trusts the build
     print(f"localsgd-comm: could not record the build's CUDA architectures ({exc})", file=sys.stderr)
+def _check_cxx_runtime(path: str) -> None:
+    """Refuse an extension that carries its own copy of the C++ runtime. Some compiler installs
+    link libstdc++ statically (seen: a toolchain under /opt on a GPU image, selected through CC);
+    torch uses the shared one, and two runtimes in one process crash the first time an error
+    message is formatted (std::ostream with the other runtime's locale facets: every TORCH_CHECK
+    failure became a segfault). Checked with readelf when it exists."""
+    import shutil
+    import subprocess
+    readelf = shutil.which("readelf")
+    if readelf is None or not os.path.isfile(path):
+        return
+    needed = subprocess.run([readelf, "-d", path], capture_output=True, text=True).stdout
+    if "libstdc++" not in needed and "libc++" not in needed:
+        os.remove(path)
+        sys.exit(f"localsgd-comm: the C++ compiler (CXX={os.environ.get('CXX', 'c++')}, "
+                 f"CC={os.environ.get('CC', 'cc')}) linked the C++ runtime statically into {os.path.basename(path)}; "
+                 "torch uses the shared libstdc++, and two runtimes in one process crash when an error is raised. "
+                 "Build with a compiler that links it dynamically, e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++")
+
+
+class _BuildExt(BuildExtension.with_options(use_ninja=True)):
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        _check_cxx_runtime(self.get_ext_fullpath(ext.name))
+
+
 if with_cuda:
     ext = CUDAExtension("localsgd_comm._C", sources, define_macros=define_macros,
                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **ext_kwargs)
@@ -128,7 +154,7 @@ setup(
     packages=find_packages(include=["localsgd_comm", "localsgd_comm.*"]),
     package_data={"localsgd_comm": ["py.typed", "plan_fit.json"]},
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt},
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "expecttest"],

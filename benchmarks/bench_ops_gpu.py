@@ -150,7 +150,8 @@ def cupy_agreement(n: int = 1 << 22) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default=f"{64 << 20},{256 << 20}", help="comma-separated element counts")
-    ap.add_argument("--impls", default="native,triton", help="comma-separated: native, triton")
+    ap.add_argument("--impls", default="native,native:cap8,triton",
+                    help="comma-separated: native, triton; native:capK = native with grids capped at K CTAs per SM")
     ap.add_argument("--out", required=True, help="JSON result file")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -160,10 +161,9 @@ def main(argv=None) -> int:
     dev = "cuda"
     impls = []
     for impl in a.impls.split(","):
-        os.environ[cuda_impl.ENV_VAR] = impl
-        cuda_impl._reset_for_tests()
+        _select(impl)
         got = cuda_impl.active_implementation()
-        if got != impl:
+        if got != impl.split(":")[0]:
             print(f"bench_ops_gpu: {impl} is not available here ({got}); skipped", flush=True)
             continue
         impls.append(impl)
@@ -185,8 +185,7 @@ def main(argv=None) -> int:
             half = None
             row = {"case": case.name, "numel": n}
             for impl in impls:
-                os.environ[cuda_impl.ENV_VAR] = impl
-                cuda_impl._reset_for_tests()
+                _select(impl)
                 args, ours, eager, nbytes = bench_ops.setup_case(case, n, dev)
                 if half is None:
                     half = max(nbytes // 2, 1)
@@ -209,11 +208,21 @@ def main(argv=None) -> int:
             rows.append(row)
             _write(a.out, meta, rows)  # after every row: a step killed at its limit keeps what it measured
             cells = "  ".join(f"{k[:-12]} {row[k]:5.1f}%" for k in row if k.endswith("_pct_of_copy"))
+            cells = cells.replace("native:cap8", "cap8")
             print(f"{case.name:<38} n={n:>10} copy {row['bytes'] / row['copy_s'] / 1e9:6.0f} GB/s  {cells}", flush=True)
         torch.cuda.empty_cache()
     meta.update(cupy_agreement=cupy_agreement(), seconds=time.perf_counter() - t0, complete=True)
     _write(a.out, meta, rows)
     return 0
+
+
+def _select(impl: str) -> None:
+    """Make ``impl`` ("native", "triton", "native:capK") serve the CUDA ops."""
+    name, _, cap = impl.partition(":")
+    os.environ[cuda_impl.ENV_VAR] = name
+    cuda_impl._reset_for_tests()
+    if getattr(localsgd_comm._C, "cuda_set_grid_cap", None) is not None:
+        localsgd_comm._C.cuda_set_grid_cap(int(cap[3:]) if cap.startswith("cap") else 0)
 
 
 def _write(path: str, meta: dict, rows: list) -> None:

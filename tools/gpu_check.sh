@@ -94,18 +94,22 @@ say "tools/gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $(git rev-parse --
 step facts 25 - sh -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv; nproc; \
 $PY -c 'import sys, torch; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"nccl\", torch.cuda.nccl.version() if torch.cuda.is_available() else None); print(\"gpu\", torch.cuda.get_device_name(0), \"capability\", torch.cuda.get_device_capability(0), \"SMs\", torch.cuda.get_device_properties(0).multi_processor_count)'; \
 $PY -c 'import triton; print(\"triton\", triton.__version__)'; $PY -c 'import cupy; print(\"cupy\", cupy.__version__)'; \
-$PY -c 'from torch.utils.cpp_extension import CUDA_HOME; print(\"CUDA_HOME\", CUDA_HOME)'; nvcc --version | tail -n 2"
+$PY -c 'from torch.utils.cpp_extension import CUDA_HOME; print(\"CUDA_HOME\", CUDA_HOME)'; nvcc --version | tail -n 2; echo CC=\${CC:-} CXX=\${CXX:-}; g++ --version | head -n 1"
 
 # Code for this GPU only (a full arch list doubles the nvcc time).
 ARCH=$($PY -c 'import torch; c = torch.cuda.get_device_capability(0); print(f"{c[0]}.{c[1]}")' 2>/dev/null || echo "9.0")
 step preflight 10 - $PY tools/gpu_preflight.py
 
-if step build 200 build.log env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" LOCALSGD_COMM_CUDA=1 \
+# The system compilers when they exist: the GPU image's CC/CXX point at a toolchain that links
+# libstdc++ statically, which setup.py refuses (two C++ runtimes in one process crash on errors).
+COMPILERS=""
+[ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ] && COMPILERS="CC=/usr/bin/gcc CXX=/usr/bin/g++"
+if step build 200 build.log env $COMPILERS TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" LOCALSGD_COMM_CUDA=1 \
     $PY -m pip install --no-build-isolation --no-deps -v -e .; then
   :
 elif [ "$DRY" = 0 ] && { [ -z "$ONLY" ] || [[ "$ONLY" == *",build,"* ]]; }; then
   say "-- build: the CUDA build failed (build.log); building without the CUDA kernels so the Triton steps run"
-  step build_cpu 150 build.log env LOCALSGD_COMM_CUDA=0 MAX_JOBS="$(nproc)" \
+  step build_cpu 150 build.log env $COMPILERS LOCALSGD_COMM_CUDA=0 MAX_JOBS="$(nproc)" \
     $PY -m pip install --no-build-isolation --no-deps -e .
 fi
 

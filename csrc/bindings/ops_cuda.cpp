@@ -282,6 +282,9 @@ void cuda_outer_nesterov_step_compressed(const at::Tensor& anchor, const std::op
 
 void init_cuda_bindings(pybind11::module& m) {
   namespace py = pybind11;
+  m.def("cuda_set_grid_cap", &cuda::set_grid_cap, py::arg("ctas_per_sm"),
+        "Benchmarks: cap the CUDA kernels' grids at ctas_per_sm CTAs per SM (0: no cap, the default)");
+  m.def("cuda_grid_cap", &cuda::grid_cap);
   m.def("cuda_quantize", &cuda_quantize, py::arg("x"), py::arg("fmt"), py::arg("block_size"),
         py::arg("seed") = py::none(), py::arg("index_offset") = 0);
   m.def("cuda_dequantize", &cuda_dequantize, py::arg("payload"), py::arg("scales"), py::arg("fmt"), py::arg("numel"),

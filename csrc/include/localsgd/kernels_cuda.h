@@ -33,5 +33,10 @@ void outer_nesterov_step(float* anchor, float* momentum, DType params_dtype, voi
 // Returns the last launch error as text ("" when none): bindings turn it into an exception.
 const char* last_error();
 
+// Launch geometry for benchmarks: cap grids at ctas_per_sm CTAs per SM (0, the default: one
+// CTA per work unit, no cap). Process-wide.
+void set_grid_cap(int ctas_per_sm);
+int grid_cap();
+
 }  // namespace cuda
 }  // namespace localsgd

@@ -46,8 +46,9 @@ void clear_error();
 // Records the launch error of the kernel just launched (no sync: only launch/config errors).
 void check_launch(const char* kernel);
 
-// Grid size for grid-stride kernels: enough CTAs to fill every SM several times, never more
-// than the work needs. The SM count is cached per device (one attribute query per device).
+// Grid size for grid-stride kernels: one CTA per items_per_cta work items (every warp does one
+// iteration), unless a cap of CTAs per SM was set (set_grid_cap, for benchmarks; the SM count
+// is then cached per device).
 int grid_for(int64_t work_items, int items_per_cta);
 
 // log2 of a power-of-two block size (the launchers pass shifts, not divisors).

@@ -1,6 +1,7 @@
 // Launch geometry and error recording shared by the CUDA launchers (see common.cuh).
 #include "common.cuh"
 
+#include <atomic>
 #include <cstdio>
 
 namespace localsgd {
@@ -40,21 +41,32 @@ void check_launch(const char* kernel) {
   }
 }
 
+namespace {
+// CTAs per SM the grid is capped at (0: one CTA per work unit, no cap). Measured on an H200
+// (benchmarks/results/gpu/): a grid capped at 8 CTAs per SM leaves each warp looping through
+// dependent load -> reduce -> store iterations and the op latency-bound (quantize at 37-49% of
+// a device-to-device copy); a grid with one iteration per warp lets the block scheduler overlap
+// CTAs in different phases. Settable for benchmarks (set_grid_cap).
+std::atomic<int> g_ctas_per_sm{0};
+}  // namespace
+
 int grid_for(int64_t work_items, int items_per_cta) {
-  int dev = 0;
-  int sms = 132;  // H100 SXM; only used if the queries below fail
-  if (cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < kMaxDevices) {
-    if (g_sm_count[dev] == 0) {
-      int v = 0;
-      if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0)
-        g_sm_count[dev] = v;
-    }
-    if (g_sm_count[dev] > 0) sms = g_sm_count[dev];
-  }
-  // 8 resident CTAs of 256 threads per SM saturate H100/H200 bandwidth for these streaming
-  // kernels; grid-stride loops cover the rest.
   const int64_t need = (work_items + items_per_cta - 1) / items_per_cta;
-  const int64_t cap = static_cast<int64_t>(sms) * 8;
+  int64_t cap = int64_t{1} << 30;  // far below the 2^31-1 CTA limit of grid.x; grid-stride loops cover the rest
+  const int per_sm = g_ctas_per_sm.load(std::memory_order_relaxed);
+  if (per_sm > 0) {
+    int dev = 0;
+    int sms = 132;  // H100/H200 SXM; only used if the queries below fail
+    if (cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < kMaxDevices) {
+      if (g_sm_count[dev] == 0) {
+        int v = 0;
+        if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0)
+          g_sm_count[dev] = v;
+      }
+      if (g_sm_count[dev] > 0) sms = g_sm_count[dev];
+    }
+    cap = static_cast<int64_t>(sms) * per_sm;
+  }
   const int64_t g = need < cap ? need : cap;
   return g < 1 ? 1 : static_cast<int>(g);
 }
@@ -62,6 +74,9 @@ int grid_for(int64_t work_items, int items_per_cta) {
 }  // namespace detail
 
 const char* last_error() { return detail::g_last_error; }
+
+void set_grid_cap(int ctas_per_sm) { detail::g_ctas_per_sm.store(ctas_per_sm < 0 ? 0 : ctas_per_sm); }
+int grid_cap() { return detail::g_ctas_per_sm.load(); }
 
 }  // namespace cuda
 }  // namespace localsgd

@@ -57,7 +57,8 @@ __global__ void __launch_bounds__(kThreads) kDequantizeReduce(ReduceSrc<F> src, 
 #pragma unroll
       for (int k = 0; k < 4; ++k) acc[u][k] = 0.0f;
     }
-    for (int64_t r = 0; r < src.p; ++r) {
+#pragma unroll 2
+    for (int64_t r = 0; r < src.p; ++r) {  // unrolled by 2: two rows' loads in flight at once
       float q[kUnroll][4], s[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
