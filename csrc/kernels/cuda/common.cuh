@@ -252,6 +252,25 @@ __device__ __forceinline__ int32_t quant_elem(float x, const BlockQuant& b, uint
   }
 }
 
+// q of an element already scaled and clamped (v = clamp(x * inv, +-qmax)): the common case of
+// quant_elem (a finite, non-zero block with a normal scale) without its per-element branches.
+// Round to nearest: cvt.rni (round half to even, exact for |v| <= 448) equals format.h's
+// round_half_even; stochastic rounding as format.h.
+template <Format F, bool SR>
+__device__ __forceinline__ int32_t quant_scaled(float v, uint32_t key, uint64_t gi) {
+  if constexpr (F == Format::Fp8) {
+    if constexpr (SR) {
+      const uint32_t rb = rand_bits(key, gi);
+      return e4m3_encode_sr(v, rb, static_cast<float>(rb >> 8) * 5.9604644775390625e-08f);
+    } else {
+      return e4m3_encode_rn(v);
+    }
+  } else {
+    if constexpr (SR) return quant_int_sr(v, rand_uniform(key, gi), qmax(F));
+    else return __float2int_rn(v);
+  }
+}
+
 template <Format F>
 __device__ __forceinline__ float dequant_elem(int32_t q, float scale) {
   if constexpr (F == Format::Fp8) return e4m3_decode(static_cast<uint8_t>(q)) * scale;
@@ -351,11 +370,21 @@ __device__ __forceinline__ void quantize_tile_warp(const Src& src, Sink& sink, i
     if ((i & ((int64_t{1} << lb) - 1)) == 0) scales[i >> lb] = b.scale;  // the block's first chunk
     float d[4];
     int32_t q[4];
+    if (!b.zero && !b.divide) {
+      // The common case, branch-free per element (tail entries are 0 and quantize to 0).
+      const float qm = qmax(F);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      q[k] = k < m[u] ? quant_elem<F, SR>(v[u][k], b, key, index_offset + static_cast<uint64_t>(i + k)) : 0;
-      d[k] = dequant_elem<F>(q[k], b.scale);
+      for (int k = 0; k < 4; ++k) {
+        const float sv = fminf(fmaxf(v[u][k] * b.inv, -qm), qm);  // format.h scaled_value, x finite
+        q[k] = quant_scaled<F, SR>(sv, key, index_offset + static_cast<uint64_t>(i + k));
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        q[k] = k < m[u] ? quant_elem<F, SR>(v[u][k], b, key, index_offset + static_cast<uint64_t>(i + k)) : 0;
     }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) d[k] = dequant_elem<F>(q[k], b.scale);
     encode4<F>(payload, i, m[u], q);
     sink.put(i, m[u], v[u], d);
   }
