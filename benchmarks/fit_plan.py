@@ -29,19 +29,11 @@ def _md(headers, rows) -> str:
     return "\n".join(out)
 
 
-def _two_dc(plan, params, step_s):
-    # the simulators of Charles et al. Table 6 and Streaming DiLoCo Table 4: two datacenters, bf16
-    # exchanged, each layer's reduction overlapping the rest of the backward, an ideal link
-    job = plan.Job(params=int(params), tokens=20 * params, tokens_per_step=1 << 20, workers=2, clusters=2,
-                   step_time_s=step_s)
-    return job, plan.Network(inter_mbit=1000.0), plan.Options(ddp_overlap=2 / 3)
-
-
 def compare() -> str:
     """Markdown tables: the planner next to the published numbers and this project's study."""
     from localsgd_comm import plan
     from localsgd_comm.plan import laws
-    levels = (0.5, 0.8, 0.9, 0.95, 0.99)
+    levels = laws.UTILIZATION_LEVELS
     parts = []
     rows = []
     for N, (dp, dil) in {**laws.TABLE4, **laws.TABLE5}.items():
@@ -57,41 +49,22 @@ def compare() -> str:
     parts.append("Loss gap of DiLoCo to data-parallel at H = 30, D = 20 N, % (published / planner), "
                  "Charles et al. 2025 Tables 4 (35M-2.4B) and 5 (4B, 10B):\n\n"
                  + _md(["N", "M = 2", "M = 4", "M = 8"], rows))
-    job, net, o = _two_dc(plan, 10e9, 0.8)
-    t6 = {"data-parallel": (None, (104.8, 184.2, 222.3, 222.3, 390.7)), "DiLoCo H=10": (10, (16.0, 49.4, 86.8, 152.6, 222.3)),
-          "DiLoCo H=50": (50, (3.0, 11.0, 23.3, 41.0, 126.5)), "DiLoCo H=100": (100, (1.4, 6.2, 13.3, 23.3, 86.8)),
-          "DiLoCo H=300": (300, (0.5, 2.0, 4.3, 9.1, 41.0))}
+    from localsgd_comm.plan.model import simulator_setting
     rows = []
-    for name, (h, pub) in t6.items():
-        c = plan.Candidate("ddp", 2, format="bf16") if h is None else plan.Candidate("diloco", 2, h, "bf16",
-                                                                                    overlap_steps=2 / 3)
+    for h, pub in laws.TABLE6_10B.items():
+        job, net, o, c = simulator_setting(10e9, 0.8, "ddp" if h == "ddp" else "vanilla", H=100 if h == "ddp" else h)
         got = [plan.bandwidth_for_utilization(job, net, c, u, o) / 1000 for u in levels]
-        rows.append([name] + [f"{a:g} / {b:.3g}" for a, b in zip(pub, got)])
+        rows.append(["data-parallel" if h == "ddp" else f"DiLoCo H={h}"] + [f"{a:g} / {b:.3g}" for a, b in zip(pub, got)])
     parts.append("Gbit/s for a compute utilisation, 10B Chinchilla, step 0.8 s (published / planner), Charles et al. "
                  "2025 Table 6:\n\n" + _md(["method", "50%", "80%", "90%", "95%", "99%"], rows))
-    s4 = {(1e9, 24, 0.1): {"data-parallel": (86.8, 152.6, 184.2, 222.3, 569.0), "DiLoCo": (1.4, 6.2, 13.3, 23.3, 86.8),
-                           "streaming": (1.4, 5.2, 9.1, 16.0, 28.1), "streaming, overlapped": (1.4, 4.3, 6.2, 9.1, 11.0),
-                           "streaming, overlapped, 4-bit": (0.4, 0.9, 1.7, 2.0, 3.0)},
-          (10e9, 48, 0.8): {"data-parallel": (104.8, 222.3, 222.3, 268.3, 471.5), "DiLoCo": (1.7, 7.5, 16.0, 33.9, 104.8),
-                            "streaming": (1.7, 5.2, 9.1, 13.3, 19.3), "streaming, overlapped": (1.7, 3.6, 5.2, 6.2, 7.5),
-                            "streaming, overlapped, 4-bit": (0.4, 0.9, 1.4, 1.4, 1.7)},
-          (100e9, 108, 4.9): {"data-parallel": (184.2, 323.8, 390.7, 390.7, 471.5),
-                              "DiLoCo": (3.0, 11.0, 23.3, 49.4, 184.2), "streaming": (2.4, 6.2, 9.1, 11.0, 19.3),
-                              "streaming, overlapped": (1.7, 3.6, 4.3, 5.2, 5.2),
-                              "streaming, overlapped, 4-bit": (0.5, 0.9, 1.1, 1.1, 1.4)}}
+    names = {"ddp": "data-parallel", "vanilla": "DiLoCo", "streaming": "streaming",
+             "overlapped": "streaming, overlapped", "fp4": "streaming, overlapped, 4-bit"}
     rows = []
-    for (n, layers, st), table in s4.items():
-        job, net, o = _two_dc(plan, n, st)
-        P = layers // 3
-        cands = {"data-parallel": plan.Candidate("ddp", 2, format="bf16"),
-                 "DiLoCo": plan.Candidate("diloco", 2, 100, "bf16", overlap_steps=2 / 3),
-                 "streaming": plan.Candidate("diloco", 2, 100, "bf16", fragments=P, overlap_steps=2 / 3),
-                 "streaming, overlapped": plan.Candidate("diloco", 2, 100, "bf16", fragments=P, overlap_steps=5 / 3),
-                 "streaming, overlapped, 4-bit": plan.Candidate("diloco", 2, 100, "int4", fragments=P,
-                                                                overlap_steps=5 / 3)}
+    for (n, layers, st), table in laws.STREAMING_TABLE4.items():
         for name, pub in table.items():
-            got = [plan.bandwidth_for_utilization(job, net, cands[name], u, o) / 1000 for u in levels]
-            rows.append([f"{n:.3g}", name] + [f"{a:g} / {b:.3g}" for a, b in zip(pub, got)])
+            job, net, o, c = simulator_setting(n, st, name, H=100, fragments=layers // 3)
+            got = [plan.bandwidth_for_utilization(job, net, c, u, o) / 1000 for u in levels]
+            rows.append([f"{n:.3g}", names[name]] + [f"{a:g} / {b:.3g}" for a, b in zip(pub, got)])
     parts.append("Gbit/s for a compute utilisation, H = 100, fragments of 3 layers, tau = 1 (published / planner), "
                  "Streaming DiLoCo Table 4:\n\n" + _md(["N", "method", "50%", "80%", "90%", "95%", "99%"], rows))
     other = []

@@ -227,7 +227,9 @@ def _print(job, net, opts, plan, notes, top):
         f"{_rate(net.intra_mbit)} between a cluster's workers ({net.intra_latency_ms:g} ms)"
     print(f"model {job.params:.3g} params, {job.tokens:.3g} tokens, {job.workers} workers in {job.clusters} cluster(s), "
           f"{_fmt_s(job.compute_s)} compute per step at {job.tokens_per_step} tokens")
-    print(f"links: {links}; efficiency {eff:g}; profile {opts.profile.name}: {opts.profile.measured_on}")
+    prof = ("none (an ideal link: no per-call or per-element cost)" if opts.profile is IDEAL
+            else f"{opts.profile.name}, measured on {opts.profile.measured_on}")
+    print(f"links: {links}; efficiency {eff:g}; profile {prof}")
     for n in notes:
         print(f"note: {n}")
     b, d = plan.best, plan.ddp
@@ -236,7 +238,8 @@ def _print(job, net, opts, plan, notes, top):
     for r in plan.reasons:
         print(f"  - {r}")
     lr = plan.learning_rates
-    s = f"  - learning rates: inner {lr['inner_lr']:.3g} ({lr['inner_source']})"
+    s = (f"  - learning rates: inner {lr['inner_lr']:.3g} ({lr['inner_source']})" if lr["inner_lr"] is not None
+         else f"  - learning rates: {lr['inner_source']}")
     if "outer_lr" in lr:
         s += f"; outer {lr['outer_lr']:g} Nesterov, momentum 0.9 ({lr['outer_source']})"
     print(s)

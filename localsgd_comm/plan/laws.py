@@ -61,6 +61,12 @@ INNER_LR_JOINT = (22256.0, -0.8827, 0.2929)
 BATCH_LAW: Dict[object, Tuple[float, float]] = {
     "ddp": (0.22592, 0.281), 1: (0.01361, 0.435), 2: (0.00769, 0.479), 4: (0.00535, 0.510),
     8: (0.01859, 0.455)}
+#: Table 6: Gbit/s to reach a compute utilisation of 50/80/90/95/99%, 10B Chinchilla model, step
+#: 0.8 s (the simulator of Streaming DiLoCo; rates on a grid 1.21x apart). Used to check the
+#: planner's communication model, not by it.
+TABLE6_10B = {"ddp": (104.8, 184.2, 222.3, 222.3, 390.7), 10: (16.0, 49.4, 86.8, 152.6, 222.3),
+              50: (3.0, 11.0, 23.3, 41.0, 126.5), 100: (1.4, 6.2, 13.3, 23.3, 86.8), 300: (0.5, 2.0, 4.3, 9.1, 41.0)}
+UTILIZATION_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.99)
 #: Figure 7: best outer learning rate (Nesterov, momentum 0.9) at H = 30 from the grid
 #: {0.2, ..., 1.0}, the same for every N >= 335M (read from the figure's annotated cells).
 #: Figure 8: it grows with H and M (no numbers published).
@@ -84,6 +90,21 @@ STREAMING_TABLE6: Dict[float, Dict[Tuple[int, int], float]] = {
     300e6: {(2, 30): 2.81, (4, 30): 2.84, (2, 100): 2.83, (4, 100): 2.87},
     500e6: {(2, 30): 2.67, (4, 30): 2.70, (2, 100): 2.69, (4, 100): 2.73},
     1e9: {(2, 30): 2.48, (4, 30): 2.50, (2, 100): 2.50, (4, 100): 2.53},
+}
+#: Table 4: Gbit/s for 50/80/90/95/99% compute utilisation at H = 100, fragments of 3 layers,
+#: {(params, layers, step s): {method: rates}} (methods: data-parallel, vanilla DiLoCo,
+#: streaming, streaming with overlapped communication, and with overlapped FP4 communication).
+#: Used to check the planner's communication model, not by it.
+STREAMING_TABLE4 = {
+    (1e9, 24, 0.1): {"ddp": (86.8, 152.6, 184.2, 222.3, 569.0), "vanilla": (1.4, 6.2, 13.3, 23.3, 86.8),
+                     "streaming": (1.4, 5.2, 9.1, 16.0, 28.1), "overlapped": (1.4, 4.3, 6.2, 9.1, 11.0),
+                     "fp4": (0.4, 0.9, 1.7, 2.0, 3.0)},
+    (10e9, 48, 0.8): {"ddp": (104.8, 222.3, 222.3, 268.3, 471.5), "vanilla": (1.7, 7.5, 16.0, 33.9, 104.8),
+                      "streaming": (1.7, 5.2, 9.1, 13.3, 19.3), "overlapped": (1.7, 3.6, 5.2, 6.2, 7.5),
+                      "fp4": (0.4, 0.9, 1.4, 1.4, 1.7)},
+    (100e9, 108, 4.9): {"ddp": (184.2, 323.8, 390.7, 390.7, 471.5), "vanilla": (3.0, 11.0, 23.3, 49.4, 184.2),
+                        "streaming": (2.4, 6.2, 9.1, 11.0, 19.3), "overlapped": (1.7, 3.6, 4.3, 5.2, 5.2),
+                        "fp4": (0.5, 0.9, 1.1, 1.1, 1.4)},
 }
 #: Section 3.3.2 / Figure 8: overlapping the sync with tau inner steps costs < 0.2% eval loss up
 #: to tau = 10 (500M model); the authors advise tau <= 5.

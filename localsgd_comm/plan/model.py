@@ -35,6 +35,7 @@ class Prediction:
     convergence_in_range: bool    # inside the published numbers (or the project's study)
     token_efficiency: float       # DDP reaches this method's loss with this fraction of its tokens
     batch_factor: float           # tokens to the loss relative to DDP over all workers, from the batch
+    batch_ratio: Optional[float]  # DiLoCo's tolerance of a larger batch (Charles Table 9), where applied
     time_to_ddp_loss_s: float     # time to the loss DDP over all workers reaches with the planned tokens
     feasible: bool = True         # False: a DiLoCo round longer than the planned tokens (never syncs)
     speedup_vs_ddp: Optional[float] = None
@@ -87,6 +88,8 @@ def memory(job: Job, cand: Candidate, options: Options) -> Dict[str, float]:
         return {"base_bytes": base, "diloco_device_bytes": 0.0, "diloco_host_bytes": 0.0, "sync_buffer_bytes": 0.0}
     extra = 4.0 * n * (2 + (1 if options.error_feedback else 0))
     frag = -(-n // cand.fragments)
+    if cand.method == "hierarchical":
+        frag = -(-frag // job.per_cluster)  # each member encodes its own shard
     buf = 2.0 * wire_bytes(cand.format, frag, options.block_size)  # send and receive buffers of one sync
     if options.state_device == "cpu":
         # streaming: only the fragment in flight needs its anchor and momentum on the device
@@ -142,6 +145,8 @@ def predict(job: Job, net: Network, cand: Candidate, options: Optional[Options] 
         raise ValueError(f"inter_mbit: {cand.label()} spans {-(-cand.workers // k)} clusters: expected the link "
                          "between clusters")
     n, c, notes = job.params, job.slowest_compute_s(cand.workers), []
+    if job.clusters > 1 and not spans:
+        notes.append("inside one cluster")
     H, P, tau = cand.H, cand.fragments, cand.overlap_steps
     if cand.method == "ddp":
         comm = _sync_time(job, net, cand, o, n, spans, k)
@@ -191,7 +196,7 @@ def predict(job: Job, net: Network, cand: Candidate, options: Optional[Options] 
                       slow_link_bytes_per_round=slow, peak_slow_link_bytes=peak, total_s=total,
                       global_batch_tokens=batch, replicas=M, gap_pct=conv.gap_pct, gap_sd_pct=conv.sd_pct,
                       gap_bound=conv.bound, gap_source=conv.source, convergence_in_range=conv.in_range,
-                      token_efficiency=conv.token_efficiency, batch_factor=factor,
+                      token_efficiency=conv.token_efficiency, batch_factor=factor, batch_ratio=ratio,
                       time_to_ddp_loss_s=total * factor / conv.token_efficiency, feasible=feasible,
                       cbs_exceeded=batch > cb.tokens * (ratio or 1.0), memory=memory(job, cand, o), notes=notes)
 
@@ -242,15 +247,34 @@ def h_for_comm_share(job: Job, net: Network, cand: Candidate, share: float,
 
 
 def learning_rates(job: Job, cand: Candidate) -> Dict[str, object]:
-    """Inner and outer learning rates the laws suggest for the candidate's replicas and size."""
+    """Inner and outer learning rates the laws suggest for the candidate's replicas and size;
+    none outside the laws' models (35M-10B parameters)."""
     n = job.params
-    inside = laws.N_VALIDATED[0] <= n <= laws.N_VALIDATED[1]
-    note = "" if inside else f" (extrapolated: the laws cover {laws.N_SWEPT[0]:.3g}-{laws.N_VALIDATED[1]:.3g})"
+    if not (laws.N_VALIDATED[0] <= n <= laws.N_VALIDATED[1]):
+        return {"inner_lr": None, "inner_source": f"no published law for {n:.3g} parameters (the laws cover "
+                                                  f"{laws.N_VALIDATED[0]:.3g}-{laws.N_VALIDATED[1]:.3g})"}
     if cand.method == "ddp":
-        return {"inner_lr": laws.inner_lr(n, None), "inner_source": f"{laws.CHARLES} Table 8{note}"}
+        return {"inner_lr": laws.inner_lr(n, None), "inner_source": f"{laws.CHARLES} Table 8"}
     M = cand.workers if cand.method == "diloco" else cand.workers // job.per_cluster
     olr, osrc = laws.outer_lr(M)
     if cand.H > laws.H_LAW:
         osrc += "; it grows with H (Fig. 8, no numbers): tune upward from it"
-    return {"inner_lr": laws.inner_lr(n, M), "inner_source": f"{laws.CHARLES} Table 10 (joint law){note}",
+    return {"inner_lr": laws.inner_lr(n, M), "inner_source": f"{laws.CHARLES} Table 10 (joint law)",
             "outer_lr": olr, "outer_source": osrc}
+
+
+def simulator_setting(params: float, step_s: float, method: str, H: int = 100, fragments: int = 1):
+    """(job, network, options, candidate) matching the simulator behind Charles et al. Table 6
+    and Streaming DiLoCo Table 4: two datacenters, bf16 exchanged, each layer's reduction
+    overlapping the rest of its backward (2/3 of a step), an ideal link without latency.
+    ``method``: "ddp", "vanilla", "streaming", "overlapped" (tau = 1 more step) or "fp4"
+    (modelled as int4)."""
+    job = Job(params=int(params), tokens=20 * params, tokens_per_step=1 << 20, workers=2, clusters=2,
+              step_time_s=step_s)
+    if method == "ddp":
+        cand = Candidate("ddp", 2, format="bf16")
+    else:
+        tau = BACKWARD_SHARE + (1 if method in ("overlapped", "fp4") else 0)
+        cand = Candidate("diloco", 2, H, "int4" if method == "fp4" else "bf16",
+                         fragments=1 if method == "vanilla" else fragments, overlap_steps=tau)
+    return job, Network(inter_mbit=1000.0), Options(ddp_overlap=BACKWARD_SHARE), cand

@@ -72,7 +72,7 @@ def _fmt_s(s: float) -> str:
 
 
 def _gb(b: float) -> str:
-    return f"{b / 2 ** 30:.1f} GiB"
+    return f"{b / 2 ** 30:.1f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.1f} MiB"
 
 
 def _rate(mbit: float) -> str:
@@ -100,14 +100,17 @@ def _reasons(job: Job, net: Network, b: Prediction, d: Prediction, cb, o: Option
         sd = f" +- {b.gap_sd_pct:.2f}" if b.gap_sd_pct else ""
         out.append(f"convergence: loss gap to DDP at equal tokens {rel}{b.gap_pct:+.2f}%{sd} ({b.gap_source}); DDP "
                    f"reaches that loss with {b.token_efficiency:.2f}x the tokens")
+    tol = "" if not b.batch_ratio else f"; DiLoCo tolerates a {b.batch_ratio:.2g}x larger batch (Charles et al. Table 9)"
     out.append(f"batch: {b.global_batch_tokens} tokens per step against a critical batch of ~{cb.tokens:.3g} "
-               f"({cb.source}{'' if cb.in_range else ', extrapolated'}); charged x{b.batch_factor:.2f} tokens")
+               f"({cb.source}{'' if cb.in_range else ', extrapolated'}): x{b.batch_factor:.2f} the tokens DDP "
+               f"x{job.workers} needs at its batch{tol}")
     m = b.memory
     if b.candidate.method != "ddp":
-        where_state = "on the CPU" if o.state_device == "cpu" else "on the device"
-        out.append(f"memory per worker: {_gb(m['base_bytes'])} training state + {_gb(m['diloco_device_bytes'])} DiLoCo "
-                   f"state on the device ({_gb(m['diloco_host_bytes'])} on the CPU; fp32 anchor, momentum"
-                   f"{', residual' if o.error_feedback else ''} {where_state}) + {_gb(m['sync_buffer_bytes'])} "
+        what = "fp32 anchor, momentum" + (", residual" if o.error_feedback else "")
+        state = (f"{_gb(m['diloco_host_bytes'])} DiLoCo state ({what}) on the CPU, {_gb(m['diloco_device_bytes'])} "
+                 "of it on the device at a time" if o.state_device == "cpu"
+                 else f"{_gb(m['diloco_device_bytes'])} DiLoCo state ({what}) on the device")
+        out.append(f"memory per worker: {_gb(m['base_bytes'])} training state + {state} + {_gb(m['sync_buffer_bytes'])} "
                    "during a sync; activations not included")
     else:
         out.append(f"memory per worker: {_gb(m['base_bytes'])} training state (activations not included)")
@@ -207,7 +210,8 @@ def recommend(job: Job, net: Network, Hs: Sequence[int] = DEFAULT_H, formats: Se
                         "tokens stay under it; past it each worker buys less time and costs more tokens")
     pr = o.profile.link_mbit_range
     if pr:
-        links = [x for x in (net.inter_mbit if job.clusters > 1 else None, net.intra_mbit) if x is not None]
+        links = [x for x in (net.inter_mbit if job.clusters > 1 else None,
+                             net.intra_mbit if job.per_cluster > 1 else None) if x is not None]
         off = [x for x in links if not (pr[0] / 2 <= x <= pr[1] * 2)]
         if off:
             warnings.append(f"profile {o.profile.name!r} was measured on {pr[0]:g}-{pr[1]:g} Mbit/s links "
