@@ -112,6 +112,19 @@ def compare() -> str:
     parts.append("Ring all-reduce of bf16 gradients over 8 workers on an ideal link: hand arithmetic "
                  "(2 x 7/8 x 2 bytes x N; bytes x 8 / rate) and the planner:\n\n"
                  + _md(["N", "Gbit/s", "GB per worker", "hand s", "planner s"], rows))
+    derived = [
+        ["H slope s_2, s_4 (% per decade; Streaming DiLoCo Table 6, mean of six sizes)",
+         f"{laws.H_SLOPE[2]:.2f}, {laws.H_SLOPE[4]:.2f}"],
+        ["gap uncertainty (RMS, laws vs Charles Table 4, points)", f"{laws.GAP_SD:.2f}"],
+        ["DiLoCo / DP optimal batch, M = 2 at 35M, 1B, 10B (Charles Table 9)",
+         ", ".join(f"{laws.batch_ratio(n, 2):.2f}" for n in (35e6, 1e9, 10e9))],
+        ["critical batch, tokens per step, at 3.07B / 20B / 200B tokens (Zhang et al.)",
+         " / ".join(f"{laws.critical_batch_tokens(d):.3g}" for d in (3.072e9, 20e9, 200e9))],
+        ["Zhang et al.'s critical batch extrapolated to the project's 1.31M tokens", f"{laws.critical_batch_tokens(1.31072e6):.3g}"],
+        ["the project's study: critical batch at 1.31M tokens, gap residual (points)",
+         f"{plan.PROJECT_STUDY['cbs']['ref_batch_tokens']:g}, {plan.PROJECT_STUDY['gap_pct']['residual_sd']:.2f}"],
+    ]
+    parts.append("Derived constants:\n\n" + _md(["quantity", "value"], derived))
     return "\n\n".join(parts) + "\n"
 
 
