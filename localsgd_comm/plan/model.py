@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional
 
 from . import laws, project
 from .comm import DDP_BUCKET_BYTES, HEADER_BYTES, allreduce_time, slow_link_bytes, wire_bytes
@@ -125,13 +125,11 @@ def _sync_time(job: Job, net: Network, cand: Candidate, o: Options, numel: int, 
                           o.profile, o.efficiency, o.block_size)
 
 
-def _inner_ddp(job: Job, net: Network, o: Options, c: float) -> Tuple[float, float]:
-    """(wall time of one step, its exposed communication) of DDP inside one cluster."""
-    k = job.per_cluster
-    comm = allreduce_time(o.ddp_format, job.params, k, net.intra_mbit, net.intra_latency_ms, 1, None,
+def _inner_ddp_step(job: Job, net: Network, o: Options, c: float) -> float:
+    """Wall time of one step of DDP inside one cluster (hierarchical DiLoCo's inner step)."""
+    comm = allreduce_time(o.ddp_format, job.params, job.per_cluster, net.intra_mbit, net.intra_latency_ms, 1, None,
                           o.profile, o.efficiency, o.block_size)
-    hidden = min(comm, ddp_overlap(o, wire_bytes(o.ddp_format, job.params)) * c)
-    return c + comm - hidden, comm - hidden
+    return c + comm - min(comm, ddp_overlap(o, wire_bytes(o.ddp_format, job.params)) * c)
 
 
 def predict(job: Job, net: Network, cand: Candidate, options: Optional[Options] = None) -> Prediction:
@@ -164,7 +162,7 @@ def predict(job: Job, net: Network, cand: Candidate, options: Optional[Options] 
             peak = slow_link_bytes("a2a", size, cand.workers, k) if spans else 0.0
         else:
             M = cand.workers // per_cluster
-            inner_step, _ = _inner_ddp(job, net, o, c)
+            inner_step = _inner_ddp_step(job, net, o, c)
             shard = -(-nf // per_cluster)  # member j of every cluster syncs shard j; they share the uplink
             t_f = allreduce_time(cand.format, shard, M, net.inter_mbit / per_cluster, net.inter_latency_ms, 1, "a2a",
                                  o.profile, o.efficiency, o.block_size)

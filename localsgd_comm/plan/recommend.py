@@ -184,7 +184,8 @@ def recommend(job: Job, net: Network, Hs: Sequence[int] = DEFAULT_H, formats: Se
     warnings = []
     ranked = [p for p in preds if p.feasible and p.convergence_in_range]
     allowed = [p for p in ranked if max_gap_pct is None or p.gap_pct <= max_gap_pct]
-    best = min(allowed, key=lambda p: p.time_to_ddp_loss_s)  # DDP (gap 0, in range) is always there
+    # DDP (gap 0, in range) is always there; on a tie, a gap that is a number before a bound, then fewer bytes
+    best = min(allowed, key=lambda p: (p.time_to_ddp_loss_s, p.gap_bound, p.slow_link_bytes_per_round))
     faster_out = [p for p in preds if p.feasible and not p.convergence_in_range
                   and p.time_to_ddp_loss_s < best.time_to_ddp_loss_s]
     if faster_out:
