@@ -18,8 +18,8 @@ SUITES = {
     "kernels": "fused CPU ops (compress_delta, quantize, dequantize_reduce, outer step) against the eager "
                "PyTorch composition, torch.compile and a memcpy of the same bytes. --quick: about 30-90 s",
     "collectives": "all-reduce time, wire bytes and error of gloo fp32 and the localsgd backend (none, int8, "
-                   "int4) on loopback and on shaped 1 Gbit/s and 100 Mbit/s links, 2 and 4 ranks. --quick: "
-                   "about 30 s (full: about 10 min)",
+                   "int4) on loopback and on shaped 1 Gbit/s and 100 Mbit/s links, 2 and 4 ranks; writes plan_profile.json "
+                   "(this machine's costs) for localsgd-plan --profile. --quick: about 30 s (full: about 10 min)",
     "time-to-loss": "4 workers train the tiny GPT with DDP and DiLoCo on shaped 1 Gbit/s, 100 Mbit/s and "
                     "10 Mbit/s links: wall time to DDP's loss. --quick: about 1 min on 100 Mbit/s (full: about "
                     "10 min)",
@@ -36,7 +36,8 @@ SUITES = {
                "token budgets; workers simulated in-process with the library's kernels (no network). --jobs runs at "
                "once; resumes an interrupted study. --quick: about 1-2 min (full: about 70 min with --jobs 2)",
     "all": "kernels, collectives and time-to-loss (not faults). --quick: about 2-3 min",
-    "linkcheck": "checks that the shaped links reach their rates (gloo send/recv)",
+    "linkcheck": "checks that the shaped links reach their rates (gloo send/recv); writes plan_profile.json (the "
+                 "links' efficiency) for localsgd-plan --profile",
     "cleanup": "removes network namespaces left behind by killed runs",
 }
 COLLECTIVE_NETS = ("loopback", "1gbit", "100mbit")
@@ -158,11 +159,17 @@ def main(argv=None) -> int:
             if why:
                 log(f"SKIP: {why}")
                 return 0
+            checks = []
             for rate in (1000, 100, 10):
                 with netns.ShapedNetwork(2, rate) as net:
                     r = verify_link(net, 2, mbytes=max(1.0, rate / 1000 * 32))
                 log(f"{rate} Mbit/s link: gloo send/recv {r['mbit_s']:.1f} Mbit/s "
                     f"({100 * r['mbit_s'] / rate:.0f}%)")
+                checks.append({"rate_mbit": rate, "mbit_s": r["mbit_s"]})
+            from localsgd_comm.plan.project import profile_from_linkcheck, write_profile
+            path = write_profile(os.path.join(out_dir, "plan_profile.json"),
+                                 profile_from_linkcheck(checks, report.environment()))
+            log(f"planner profile (link efficiency only): {path} (localsgd-plan --profile {path})")
         if a.what == "plan-check":
             from . import plan_check
             plan_check.run_suite(out_dir, log=log)

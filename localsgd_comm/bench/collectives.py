@@ -343,7 +343,20 @@ def run_suite(out_dir: str, quick: bool = False, log=print, only_nets: Optional[
            "speedups_vs_gloo_fp32": speedups(results)}
     name = "collectives_quick" if quick else "collectives"
     report.write_artifacts(out_dir, name, out, markdown(out), plot)
+    _write_plan_profile(out_dir, out, log)
     return out
+
+
+def _write_plan_profile(out_dir: str, out: dict, log) -> None:
+    """The planner's profile of this machine from the shaped-link points (``localsgd-plan
+    --profile <out_dir>/plan_profile.json``)."""
+    from localsgd_comm.plan.project import profile_from_collectives, write_profile
+    try:
+        path = write_profile(os.path.join(out_dir, "plan_profile.json"), profile_from_collectives(out))
+    except ValueError as e:
+        log(f"[collectives] no planner profile: {e}")
+        return
+    log(f"[collectives] planner profile: {path} (localsgd-plan --profile {path})")
 
 
 def _ratio(a, b):

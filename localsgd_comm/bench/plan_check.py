@@ -4,8 +4,10 @@ Inputs are the results of ``localsgd-bench time-to-loss`` (4 workers, each behin
 shaped link of 1 Gbit/s, 100 Mbit/s or 10 Mbit/s) and ``localsgd-bench clusters`` (2 x 2
 multi-cluster and 4 edge workers). For every run the planner (:func:`localsgd_comm.plan.predict`)
 is given what a user would give it: the parameters, tokens per step, workers and clusters, the
-link's rate and the compute time of one step (each run times 10 compute-only steps on all
-workers at once before it trains). It predicts:
+link's rate, the compute time of one step (each run times 10 compute-only steps on all
+workers at once before it trains) and the profile measured on this machine (``cpu-gloo``:
+gloo's and the localsgd backend's per-call and per-element costs and the links' efficiency,
+passed explicitly; DDP there all-reduces fp32 gradients in one bucket). It predicts:
 
 * the wall time per step (the communication model), compared with the run's measured mean;
 * the time to DDP's loss: the steps DDP needed to reach its own final (smoothed) loss, which
@@ -28,8 +30,18 @@ _TTL_METHODS = {"ddp-gloo": ("ddp", "none"), "ddp-localsgd": ("ddp", "int8"), "d
                 "diloco-int4-2x": ("diloco", "int4")}
 
 
+#: What a user of this machine passes: its measured profile, fp32 gradients for DDP (gloo), and
+#: no overlap (the tiny model's gradients fit one DDP bucket).
+OPTIONS = dict(profile="cpu-gloo", ddp_format="none", ddp_overlap=0.0)
+
+
+def options() -> "plan.Options":
+    o = dict(OPTIONS)
+    return plan.Options(profile=plan.load_profile(o.pop("profile")), **o)
+
+
 def _row(source, setting, method, r, job, net, cand, ddp_steps_to_target, measured_tt):
-    p = plan.predict(job, net, cand)
+    p = plan.predict(job, net, cand, options())
     measured_step = r["total_s"] / r["steps"]
     pred_tt = None
     if ddp_steps_to_target is not None:
@@ -60,7 +72,7 @@ def validate(ttl: Optional[dict], clusters: Optional[dict]) -> List[dict]:
             comp = sum(r["compute_s_per_rank"]) / len(r["compute_s_per_rank"])
             job = plan.Job(params=r["n_params"], tokens=float(r["steps"] * r["tokens_per_step_global"]),
                            tokens_per_step=cfg["batch"] * cfg["seq"], workers=w, clusters=w, step_time_s=comp)
-            net = plan.Network(inter_mbit=float(r["rate_mbit"]))
+            net = plan.Network(inter_mbit=float(r["rate_mbit"]))  # each worker behind its own link
             cand = plan.Candidate(method, w, 1 if method == "ddp" else cfg["sync_every"], fmt)
             t = table.get((r["net"], r["method"]), {})
             ddp = table.get((r["net"], "ddp-gloo"), {})
@@ -85,7 +97,8 @@ def markdown(out: dict) -> str:
     e = out["environment"]
     head = ("Planner vs measurements (`localsgd-bench plan-check`, from the committed time_to_loss.json and "
             f"clusters.json; {e['machine']['cpu_model']}, {e['machine']['cores']} cores, torch "
-            f"{e['versions']['torch']}, commit {str(e['git_commit'])[:10]}). Predicted time to DDP's loss = DDP's "
+            f"{e['versions']['torch']}, commit {str(e['git_commit'])[:10]}). Planner options: "
+            f"{', '.join(f'{k}={v}' for k, v in OPTIONS.items())}. Predicted time to DDP's loss = DDP's "
             "measured steps to its loss x the candidate's predicted convergence factor x its predicted step "
             "time.\n\n")
     rows = [(r["source"], r["setting"], r["method"], r["steps"], r["compute_ms"], r["measured_ms_per_step"],
