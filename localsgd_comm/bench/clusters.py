@@ -201,8 +201,10 @@ def plan_inputs(cfg: dict, r: dict, clusters: int, rate: float):
 def _predict(cfg: dict, r: dict, clusters: int, rate: float) -> dict:
     """The planner's step time for this run, from the compute time the run measured."""
     from localsgd_comm import plan
+
+    from .plan_check import options  # the measured CPU profile, fp32 DDP: as plan-check predicts
     job, net, cand = plan_inputs(cfg, r, clusters, rate)
-    p = plan.predict(job, net, cand)
+    p = plan.predict(job, net, cand, options())
     return {"step_s": p.step_s, "total_s": p.step_s * r["steps"], "comm_share": p.comm_share,
             "slow_link_bytes_total": p.slow_link_bytes_per_round * (r["steps"] // cand.H),
             "compute_s_given": job.compute_s}
