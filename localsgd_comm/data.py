@@ -25,6 +25,7 @@ _STDLIB_FILES = (
     "http/client.py", "unittest/case.py", "asyncio/base_events.py", "pydoc.py", "doctest.py",
 )
 _MAX_BYTES = 2 * 1024 * 1024
+MIN_DATA_BYTES = 4096  # the smallest --data file (see load_corpus)
 
 
 def load_corpus(path: Optional[str] = None) -> bytes:
@@ -32,8 +33,8 @@ def load_corpus(path: Optional[str] = None) -> bytes:
     if path is not None:
         with open(path, "rb") as f:
             data = f.read()
-        if len(data) < 4096:
-            raise ValueError(f"--data {path}: expected at least 4096 bytes of text, got {len(data)}")
+        if len(data) < MIN_DATA_BYTES:
+            raise ValueError(f"--data {path}: expected at least {MIN_DATA_BYTES} bytes of text, got {len(data)}")
         return data
     root = sysconfig.get_paths()["stdlib"]
     parts = []

@@ -116,8 +116,14 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        if self.data is not None and not os.path.isfile(self.data):
-            raise ValueError(f"data: expected a readable file, got {self.data!r}")
+        if self.data is not None:
+            if not os.path.isfile(self.data):
+                raise ValueError(f"data: expected a readable file, got {self.data!r}")
+            need = min_data_bytes(self.seq_len)
+            size = os.path.getsize(self.data)
+            if size < need:
+                raise ValueError(f"data: {self.data!r} has {size} bytes; a run with seq_len {self.seq_len} needs at "
+                                 f"least {need} (training and validation windows)")
         if self.device == "cuda":
             if torch.version.cuda is None:
                 raise ValueError(f"device: 'cuda' needs a CUDA build of torch; torch {torch.__version__} is a CPU "
@@ -132,6 +138,27 @@ class TrainConfig:
                                  "use backend 'localsgd' or 'gloo'")
             if self.device != "cuda":
                 raise ValueError("backend: 'nccl' carries CUDA tensors only; use device 'cuda' or backend 'localsgd'")
+
+
+def min_data_bytes(seq_len: int) -> int:
+    """The smallest --data file a run can use: load_corpus's floor, and enough bytes for one
+    training window after ByteData sets aside the validation tail (5%, at least a window)."""
+    from .data import MIN_DATA_BYTES
+    need = MIN_DATA_BYTES
+    while need - max(need // 20, seq_len + 2) < seq_len + 2:
+        need += seq_len
+    return need
+
+
+def _check_port_free(addr: str, port: int) -> None:
+    """--master-port must be bindable on --master-addr before workers start (they would fail
+    with a rendezvous traceback each)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((addr, port))
+    except OSError as e:
+        raise ValueError(f"master_port: port {port} on {addr} cannot be used ({e.strerror or e}); pass a free port "
+                         "or leave --master-port out to take one") from None
 
 
 # ---------------------------------------------------------------------------------------- worker
@@ -508,8 +535,10 @@ def _flag_error(msg: str) -> str:
     return f"{flags}: {rest}"
 
 
-def _check_out_dir(path: str) -> None:
-    """Create the output directory now, so that a bad --out fails before training, not after."""
+def _check_out_dir(path: str) -> bool:
+    """Create the output directory now, so that a bad --out fails before training, not after.
+    Returns whether it was created here (a run that ends without writing removes it again)."""
+    created = not os.path.exists(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"out: {path!r} exists and is not a directory; pass a new or existing directory")
     try:
@@ -520,6 +549,16 @@ def _check_out_dir(path: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"out: cannot write to {path!r} ({e.strerror or e}); pass a writable directory") from None
+    return created
+
+
+def _remove_if_unused(path: str, created: bool) -> None:
+    """Remove an output directory this run created and never wrote to (Ctrl-C, a failed run)."""
+    if created:
+        try:
+            os.rmdir(path)  # only succeeds when empty
+        except OSError:
+            pass
 
 
 def _start_line(cfg: TrainConfig, modes: List[str]) -> str:
@@ -554,11 +593,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             dataclasses.replace(cfg, mode=m).validate()
         if a.master_port is not None and not 0 < a.master_port < 65536:
             raise ValueError(f"master_port: expected a port in 1..65535, got {a.master_port}")
+        if a.master_port is not None and not under_torchrun:
+            _check_port_free(cfg.master_addr, a.master_port)
+        created = False
         if not under_torchrun or os.environ.get("RANK") == "0":
-            _check_out_dir(out)
+            created = _check_out_dir(out)
     except ValueError as e:
         print(f"localsgd-train: error: {_flag_error(str(e))}", file=sys.stderr)
         return 2
+    try:
+        return _run_and_report(cfg, modes, out, under_torchrun)
+    finally:
+        _remove_if_unused(out, created)
+
+
+def _run_and_report(cfg: TrainConfig, modes: List[str], out: str, under_torchrun: bool) -> int:
     try:
         if under_torchrun:
             results = worker_main(cfg, modes)

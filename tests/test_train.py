@@ -66,6 +66,27 @@ def test_cli_bad_arguments(args, msg, capsys):
     assert msg in err and "Traceback" not in err
 
 
+def test_cli_port_in_use_and_too_little_data_are_one_line_errors(tmp_path, capsys):
+    """Both used to end in 20-30-line tracebacks from inside the workers."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(TINY + ["--master-port", str(port), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert f"--master-port: port {port} on 127.0.0.1 cannot be used" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"x" * 3000)
+    assert main(TINY + ["--data", str(small), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--data: " in err and "has 3000 bytes" in err and "needs at least 4096" in err
+    assert main(TINY + ["--data", str(small), "--seq-len", "3000", "--out", str(tmp_path / "c")]) == 2
+    assert "needs at least" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abc")  # nothing created for a refused run
+
+
 def test_cli_out_that_is_a_file_fails_before_training(tmp_path, capsys):
     f = tmp_path / "taken"
     f.write_text("keep me")
@@ -129,7 +150,7 @@ def test_cli_ctrl_c_stops_cleanly_with_one_line(tmp_path):
     assert p.returncode == 130, (out, err)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and "leaked" not in err, err
     assert err.strip().splitlines()[-1].startswith("localsgd-train: interrupted")
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run").exists()  # created by the run, never written to: removed
     # no process of the group is left (multiprocessing's resource tracker exits once it sees the
     # parent's end of its pipe close; give it a moment)
     deadline = time.monotonic() + 15
