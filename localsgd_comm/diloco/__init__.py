@@ -16,11 +16,12 @@ What happens
   then run once per sync over the whole model instead of once per tensor. The anchor (and
   the outer momentum and error-feedback residual) are flat fp32 buffers on the parameters'
   device, or on ``state_device`` (e.g. ``"cpu"`` to save accelerator memory).
-* ``step()`` runs the inner optimizer. Every ``sync_every`` inner steps it syncs:
+* ``step()`` runs the inner optimizer. Every ``sync_every`` inner steps it syncs (the outer-step
+  engine, :mod:`localsgd_comm.diloco.engine`, shared with elastic DiLoCo):
   ``delta = anchor - params`` (+ residual with error feedback) is compressed in one fused
   pass (``functional.compress_delta``), averaged with the backend's compressed all-reduce
-  (``all_reduce_compressed``; ``compression="none"``: an exact fp32 sum, see ``_fp32_sum``), and the
-  outer step ``torch.optim.SGD(outer_lr, momentum=outer_momentum, nesterov)`` is applied to
+  (``all_reduce_compressed``; ``compression="none"``: an exact fp32 sum, see
+  ``collectives.exact_sum``), and the outer step ``torch.optim.SGD(outer_lr, momentum=outer_momentum, nesterov)`` is applied to
   the anchor reading the gradient straight from the reduced bytes
   (``functional.outer_nesterov_step_compressed``), which also writes ``params = anchor``.
 * ``compression="none", outer_lr=1, outer_momentum=0`` (plain model averaging) reduces the
@@ -135,8 +136,11 @@ meaningful on the owned shard (they are per-rank state, saved per rank).
 """
 from __future__ import annotations
 
-# The package by concern: optimizer.py (the DiLoCo wrapper), engine.py, buffers.py, ddp.py,
-# hierarchical.py, inner.py.
+# By concern: optimizer.py (DiLoCo: arguments, schedule, checkpoints), engine.py (pseudo-gradient,
+# error feedback, all-reduce, outer Nesterov step; shared with elastic DiLoCo), collectives.py (the
+# groups the engine reduces over, the exact fp32 sum), buffers.py (flat block-aligned buffers and
+# their segments), ddp.py (DDP under DiLoCo, the tripwire), hierarchical.py, inner.py (the inner
+# optimizer behind the wrapper, GradScaler).
 from .hierarchical import HierarchicalGroups, new_hierarchical_groups
 from .optimizer import DiLoCo
 

@@ -1,8 +1,10 @@
-"""DDP under DiLoCo (see the package docstring)."""
+"""DDP under DiLoCo (see "DDP under DiLoCo" in the package docstring): gradients local for good
+(the class swap and the local communication hook) and the tripwire that reports traffic
+DiLoCo did not send."""
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
@@ -10,16 +12,16 @@ from torch import nn
 from .. import backend as _backend
 
 
-def _unwrap_compiled(m: nn.Module) -> nn.Module:
+def unwrap_compiled(m: nn.Module) -> nn.Module:
     """The module inside ``torch.compile`` wrappers (OptimizedModule keeps it as ``_orig_mod``)."""
     while isinstance(m, nn.Module) and "_orig_mod" in m._modules and type(m).__name__ == "OptimizedModule":
         m = m._modules["_orig_mod"]
     return m
 
 
-def _find_ddp(model: nn.Module):
+def find_ddp(model: nn.Module):
     """``model`` itself, or the DDP module inside ``torch.compile(DDP(...))``; None otherwise."""
-    m = _unwrap_compiled(model)
+    m = unwrap_compiled(model)
     return m if isinstance(m, nn.parallel.DistributedDataParallel) else None
 
 
@@ -71,7 +73,7 @@ def _local_ddp_class(cls: type) -> type:
     return _LOCAL_DDP_CLASSES[cls]
 
 
-def _make_ddp_local(ddp, hook_state: Dict[str, int]) -> None:
+def make_ddp_local(ddp, hook_state: Dict[str, int]) -> None:
     """Make a DDP module's gradients local for good (see "DDP under DiLoCo")."""
     if getattr(type(ddp), "_localsgd_local_grads", False):
         raise ValueError("model: this DistributedDataParallel model is already wrapped by another DiLoCo")
@@ -90,8 +92,57 @@ def _make_ddp_local(ddp, hook_state: Dict[str, int]) -> None:
         ddp._static_graph_delay_allreduce_enqueued = True
 
 
-def _backend_bytes(group) -> Optional[int]:
-    """Bytes this rank sent on ``group`` as counted by its "localsgd" backend (None: not one)."""
-    if not _backend._localsgd_backends(group):
-        return None
-    return int(_backend.get_backend_stats(group)["bytes_sent"])
+class Tripwire:
+    """Traffic on the watched groups between two syncs that the sync itself did not send, and
+    the local hook's call count: reported once (``RuntimeWarning``), counted always."""
+
+    def __init__(self, groups, hook_state: Dict[str, int], fp32_ring_bytes: int, sync_every: int,
+                 own_bytes: int = 0):
+        self._watched = [g for g in groups if _backend.bytes_sent_on(g) is not None]
+        self._hook_state = hook_state
+        self._fp32_ring_bytes = fp32_ring_bytes  # one fp32 all-reduce of the synced parameters
+        self._sync_every = sync_every
+        self._own_bytes_mark = own_bytes
+        self._traffic_mark = self._watched_bytes()
+        self._fired = False
+
+    @property
+    def watching(self) -> bool:
+        """Whether any group keeps byte counters (only "localsgd" groups do)."""
+        return bool(self._watched)
+
+    def _watched_bytes(self) -> int:
+        return sum(_backend.bytes_sent_on(g) or 0 for g in self._watched)
+
+    def check(self, stats: Dict[str, int], next_sync: int) -> None:
+        """At the start of sync ``next_sync``: the traffic since the previous one, against
+        ``stats["bytes_sent"]`` (the syncs' own); updates ``ddp_hook_calls``/``foreign_bytes``."""
+        calls = self._hook_state["calls"]
+        if calls:
+            stats["ddp_hook_calls"] += calls
+            self._hook_state["calls"] = 0
+        foreign = 0
+        if self._watched:
+            # The interval runs from the start of the previous sync: its own traffic is in both counts.
+            now = self._watched_bytes()
+            foreign = max((now - self._traffic_mark) - (stats["bytes_sent"] - self._own_bytes_mark), 0)
+            self._traffic_mark, self._own_bytes_mark = now, stats["bytes_sent"]
+            stats["foreign_bytes"] += foreign
+        if self._fired:
+            return
+        # stacklevel 3: the warning names the caller of DiLoCo.sync() (step(), or the script)
+        if foreign >= max(self._fp32_ring_bytes // 4, 1 << 16):
+            self._fired = True
+            warnings.warn(
+                f"DiLoCo: {foreign:,} bytes crossed the process group in the {self._sync_every} inner steps before "
+                f"sync {next_sync}, besides DiLoCo's own syncs (one fp32 all-reduce of the model is "
+                f"{self._fp32_ring_bytes:,} bytes). Gradients are still being communicated: a DDP wrapper DiLoCo was "
+                "not given (pass the DDP-wrapped model itself, not model.module), or the script's own collectives. "
+                "Reported once; DiLoCo.stats['foreign_bytes'] keeps counting.", RuntimeWarning, stacklevel=3)
+        elif calls:
+            self._fired = True
+            warnings.warn(
+                f"DiLoCo: DDP's reducer ran {calls} time(s) in the inner steps before sync {next_sync} "
+                "although its gradient sync is switched off; DiLoCo's local communication hook kept the gradients "
+                "local (nothing was sent), at the cost of two gradient copies per call. Reported once.",
+                RuntimeWarning, stacklevel=3)

@@ -1,17 +1,18 @@
-"""The optimizer-facing side shared by DiLoCo and ElasticDiLoCo: argument checks, the inner optimizer's
-param groups and state."""
+"""The optimizer-facing side shared by DiLoCo and ElasticDiLoCo: argument checks, and an
+optimizer whose param groups and state are the inner optimizer's, stepping it as GradScaler
+would."""
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from .. import _ops
 
 
-def _check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback) -> None:
+def check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback) -> None:
     """The arguments DiLoCo and ElasticDiLoCo share, each with a message naming the problem."""
     if not isinstance(inner_optimizer, torch.optim.Optimizer):
         raise TypeError(f"inner_optimizer: expected a torch.optim.Optimizer, got {type(inner_optimizer).__name__}")
@@ -28,7 +29,13 @@ def _check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, com
                          " (fp32 has no quantization error to feed back)")
 
 
-class _InnerWrapper(torch.optim.Optimizer):
+def resolve_block_size(block_size: Optional[int]) -> int:
+    block_size = _ops.DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    _ops.check_block_size(block_size)
+    return block_size
+
+
+class InnerWrapper(torch.optim.Optimizer):
     """An optimizer that wraps an inner one: its param groups and state are the inner's, so lr
     schedulers and scripts that write ``param_groups[i]["lr"]`` reach the inner optimizer.
     torch.optim.Optimizer's __init__ would build param groups of its own: subclasses call
@@ -64,3 +71,32 @@ class _InnerWrapper(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _inner_step(self, closure):
+        """The inner optimizer's step; under ``GradScaler.step`` (which set ``grad_scale`` and
+        ``found_inf`` on this object) it unscales and skips exactly as GradScaler would have."""
+        inner = self.inner_optimizer
+        found_inf = self.__dict__.get("found_inf")
+        if found_inf is None:
+            return inner.step(closure) if closure is not None else inner.step()
+        grad_scale = self.__dict__.get("grad_scale")  # None: the script already called scaler.unscale_(opt)
+        if getattr(inner, "_step_supports_amp_scaling", False):  # e.g. fused Adam: it unscales and skips itself
+            inner.grad_scale, inner.found_inf = grad_scale, found_inf
+            try:
+                return inner.step()
+            finally:
+                del inner.grad_scale, inner.found_inf
+        if float(found_inf.sum().item()) != 0.0:
+            return None  # inf/NaN in this rank's gradients: no inner update (the step still counts)
+        if grad_scale is not None:
+            # GradScaler.unscale_'s arithmetic (fp64 reciprocal rounded to fp32, one fused pass).
+            inv = grad_scale.double().reciprocal().float()
+            by_device: Dict[torch.device, List[torch.Tensor]] = {}
+            for g in inner.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        by_device.setdefault(p.grad.device, []).append(p.grad)
+            for dev, grads in by_device.items():
+                dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, dummy, inv.to(dev))
+        return inner.step()

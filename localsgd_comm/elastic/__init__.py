@@ -31,6 +31,10 @@ a joiner, before the all-reduce).
 """
 from __future__ import annotations
 
-# The package by concern: wrapper.py (ElasticDiLoCo), store.py (the coordinator's store), group.py.
-from .store import CoordinatorUnreachable, connect, job_round, parse_address  # noqa: F401
-from .wrapper import ElasticDiLoCo  # noqa: F401
+# By concern: wrapper.py (ElasticDiLoCo: the optimizer, DiLoCo's engine in rounds, replicas of several
+# processes), manager.py (membership, commit votes, joins and state transfer, fault injection),
+# store.py (the coordinator's store and the heartbeat).
+from .store import CoordinatorUnreachable, connect, job_round, parse_address
+from .wrapper import ElasticDiLoCo
+
+__all__ = ["CoordinatorUnreachable", "ElasticDiLoCo", "connect", "job_round", "parse_address"]

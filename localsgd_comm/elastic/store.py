@@ -1,4 +1,5 @@
-"""The coordinator's store: address, connection, failures, heartbeats."""
+"""The coordinator's store: its address, the connection, failures turned into one clear error, and
+the heartbeat thread."""
 from __future__ import annotations
 
 import atexit
@@ -20,14 +21,14 @@ def parse_address(addr: str):
     return host, int(port)
 
 
-def _namespace(run_id: str) -> str:
+def namespace(run_id: str) -> str:
     return f"localsgd/elastic/{run_id}"
 
 
 def job_round(store, run_id: str = "run") -> int:
     """The outer round a job's members are at (-1 before the first), read from the coordinator's
     store: for launchers and tests that act when a job reaches a round."""
-    key = f"{_namespace(run_id)}/cursor"
+    key = f"{namespace(run_id)}/cursor"
     return int(store.get(key).decode().split(":")[0]) if store.check([key]) else -1
 
 
@@ -43,7 +44,7 @@ def connect(coordinator: str, timeout_s: float = 30.0) -> "dist.TCPStore":
             "one with `localsgd-coordinator --port PORT` on a machine every worker can reach") from exc
 
 
-class _Store:
+class CoordinatorStore:
     """The coordinator's store with every failure turned into CoordinatorUnreachable."""
 
     def __init__(self, store, addr: str):
@@ -74,7 +75,7 @@ class _Store:
         return self._do("compare_set", self.raw.compare_set, key, "", desired).decode()
 
 
-_live_heartbeats: List["_Heartbeat"] = []
+_live_heartbeats: List["Heartbeat"] = []
 
 
 @atexit.register
@@ -88,7 +89,7 @@ def _stop_heartbeats() -> None:
         hb.join(timeout=5.0)
 
 
-class _Heartbeat(threading.Thread):
+class Heartbeat(threading.Thread):
     """Increments this worker's counter every ``period`` seconds on a store connection of its
     own (the training thread's connection may be busy in a long wait)."""
 
