@@ -14,9 +14,13 @@ momentum and residual) and a :class:`~.collectives.Reducer` (a group):
 
 A Reduction is independent of every other: a plain sync starts, waits and applies one; the
 delayed outer step (``DiLoCo(overlap=True)``) keeps one in flight across a round and applies
-it at the next sync; a streaming mode keeps one per fragment in flight. A Reduction in flight
-is saved (:meth:`Reduction.state`) and restored (:meth:`Reduction.from_state`) with
-checkpoints. What to do when a reduce is not finite (skip, raise, redo the round) is the
+it at the next sync; a streaming mode keeps one per fragment in flight (a fragment is a list
+of segments; ``apply(write_params=False)`` leaves the merge into the live parameters to it).
+A Reduction in flight is saved (:meth:`Reduction.state`) and restored
+(:meth:`Reduction.from_state`) with checkpoints. Which segments is the mode's choice: whole
+buffers (plain), a rank's shards of them (hierarchical), fragments (streaming), the local
+shards of a sharded model, reduced over its replicate group (a segment type whose parameters
+are those shards). What to do when a reduce is not finite (skip, raise, redo the round) is the
 caller's policy; the engine gives the mechanisms (:meth:`OuterEngine.is_finite`,
 :meth:`OuterEngine.restore_residuals`).
 """
