@@ -5,7 +5,7 @@ for the block-wise int8 quantize / compress_delta, ElementwiseKernels for the re
 int8 cases. CuPy is a benchmark baseline only, never a dependency of the package.
 
 The cases, their byte counts (bytes read + bytes written) and the eager compositions are those
-of the CPU benchmark (``benchmarks/bench_ops.py``); inputs are made on the GPU. A time is the
+of the CPU benchmark (``localsgd_comm/bench/ops.py``); inputs are made on the GPU. A time is the
 median over 7 repeats of (10 back-to-back calls between two CUDA events) / 10, after 3 warm-up
 calls (the first calls of a Triton kernel compile it). Run by ``tools/gpu_check.sh``::
 
@@ -23,11 +23,12 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import bench_ops  # noqa: E402  (cases, inputs, byte counts, eager compositions)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
 
 import localsgd_comm  # noqa: E402
+from localsgd_comm.bench import ops as bench_ops  # noqa: E402  (cases, inputs, byte counts, eager compositions)
 from localsgd_comm.kernels import cuda as cuda_impl  # noqa: E402
 
 B = bench_ops.B

@@ -551,6 +551,43 @@ def _shut_down_at_exit() -> None:
             pass
 
 
+# ---- for the DiLoCo engine and elastic DiLoCo (package-internal; not in __all__) ----------------
+def localsgd_backend_of(group, device: torch.device):
+    """The C++ backend serving ``device`` in ``group`` when it is a "localsgd" group, else None."""
+    return _localsgd_backend(group, device)
+
+
+def bytes_sent_on(group) -> Optional[int]:
+    """Bytes this rank sent on ``group`` as counted by its "localsgd" backend (None: not one)."""
+    if not _localsgd_backends(group):
+        return None
+    return int(get_backend_stats(group)["bytes_sent"])
+
+
+def format_code(fmt: str) -> int:
+    """The wire format's code in the C++ backend's calls."""
+    return _FORMAT_CODES[fmt]
+
+
+def detached_backend(store, rank: int, size: int, timeout, opts: "BackendOptions"):
+    """A localsgd backend outside torch's group registry (elastic DiLoCo's per-attempt groups),
+    after the init agreement on ``store``; the exit handler reaches it until
+    :func:`release_detached_backend`."""
+    b = _make_backend(store, rank, size, timeout, opts)
+    _unregistered_backends.append(b)
+    return b
+
+
+def release_detached_backend(b) -> None:
+    """Shut a detached backend down (abort it when it failed) and forget it."""
+    try:
+        b.abort() if b.failure() else b.shutdown()
+    except Exception:  # noqa: BLE001 - a failed group tears down as it can
+        pass
+    if b in _unregistered_backends:
+        _unregistered_backends.remove(b)
+
+
 def _register() -> None:
     if BACKEND_NAME.upper() in dist.Backend._plugins:
         return

@@ -3,5 +3,5 @@
 Modules: ``cli`` (entry point), ``netns`` (shaped links: namespaces, veth, tc tbf),
 ``launch`` (one process per rank, optionally inside a namespace), ``collectives``
 (all-reduce: gloo fp32 vs the localsgd backend), ``time_to_loss`` (DDP vs DiLoCo training),
-``kernels`` (runs benchmarks/bench_ops.py), ``report`` (metadata, JSON, tables, plots).
+``kernels`` (runs ``ops``, the CPU op microbenchmarks), ``report`` (metadata, JSON, tables, plots).
 """

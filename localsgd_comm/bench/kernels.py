@@ -1,8 +1,6 @@
-"""``localsgd-bench kernels``: runs the CPU op microbenchmarks of benchmarks/bench_ops.py (C++ op
-vs eager composition vs torch.compile vs a memcpy baseline) in a child process.
-
-The script lives in the source tree, not in the installed package: from an installed copy
-this reports that the checkout is needed instead of failing obscurely.
+"""``localsgd-bench kernels``: runs the CPU op microbenchmarks of :mod:`localsgd_comm.bench.ops` (C++
+op vs eager composition vs torch.compile vs a memcpy baseline) in a child process, so that a
+crash or a hang of one case cannot take the CLI with it. Works from an installed package too.
 """
 from __future__ import annotations
 
@@ -10,30 +8,25 @@ import json
 import os
 import subprocess
 import sys
-from typing import Optional
+from typing import Optional, Sequence
+
+import localsgd_comm
 
 from . import report
 
 
-def script_path() -> Optional[str]:
-    root = report.repo_checkout()
-    if root is None:
-        return None
-    p = os.path.join(root, "benchmarks", "bench_ops.py")
-    return p if os.path.isfile(p) else None
-
-
-def run_suite(out_dir: str, quick: bool = False, log=print, timeout_s: float = 3600) -> Optional[dict]:
-    script = script_path()
-    if script is None:
-        log("[kernels] SKIP: the kernel microbenchmarks are benchmarks/bench_ops.py in the "
-            "localsgd-comm source tree; run localsgd-bench from a checkout to include them")
-        return None
+def run_suite(out_dir: str, quick: bool = False, log=print, timeout_s: float = 3600,
+              extra_args: Sequence[str] = ()) -> Optional[dict]:
+    """``extra_args``: more options of ``python -m localsgd_comm.bench.ops`` (e.g. ``--sizes``)."""
     name = "kernels_quick" if quick else "kernels"
     out = os.path.join(out_dir, name + ".json")
-    cmd = [sys.executable, script, "--out", out] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", "localsgd_comm.bench.ops", "--out", out] + (["--quick"] if quick else [])
+    cmd += list(extra_args)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    log(f"[kernels] {' '.join(os.path.basename(c) if c == script else c for c in cmd[1:])} "
+    # the child runs the package this process runs (a checkout that is not installed, too)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(localsgd_comm.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    log(f"[kernels] {' '.join(cmd[1:])} "
         f"({'about 30-90 s' if quick else 'about 20-40 min'} on 2 cores; one line per case as it finishes)")
     load0 = report.load_snapshot()
     # Streamed line by line: the suite runs for minutes and must show that it is alive.

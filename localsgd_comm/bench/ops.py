@@ -8,11 +8,12 @@ elements >= 4x the eager composition and >= 70% of memcpy bandwidth.
 
 Two entry points:
 
-* pytest-benchmark: ``pytest benchmarks/bench_ops.py`` (``LOCALSGD_BENCH_QUICK=1`` limits the
-  sizes to 1M-4M elements; ``LOCALSGD_BENCH_THREADS`` sets intra-op threads, default 1).
-* script: ``python benchmarks/bench_ops.py [--quick] [--threads 1,2] [--out FILE]`` writes a
+* pytest-benchmark: ``pytest localsgd_comm/bench/ops.py`` in a checkout (``LOCALSGD_BENCH_QUICK=1``
+  limits the sizes to 1M-4M elements; ``LOCALSGD_BENCH_THREADS`` sets intra-op threads, default 1).
+* script: ``python -m localsgd_comm.bench.ops [--quick] [--threads 1,2] [--out FILE]`` writes a
   JSON record (machine, versions, commit, every case, ratios, targets) and prints a table;
-  ``run()`` is the same as a function for the ``localsgd-bench`` CLI.
+  ``localsgd-bench kernels`` runs it in a child process, from a checkout or an installed package.
+  ``run()`` is the same as a function.
 """
 from __future__ import annotations
 
@@ -31,11 +32,8 @@ from typing import Callable, Optional
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, ROOT)
-
-import localsgd_comm  # noqa: E402
+import localsgd_comm
+from localsgd_comm.bench import report
 
 OPS = torch.ops.localsgd_comm
 B = localsgd_comm.DEFAULT_BLOCK_SIZE
@@ -261,10 +259,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _git_commit() -> str:
+    root = report.repo_checkout()  # None from an installed package: no commit to name
+    if root is None:
+        return "unknown"
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "") if sha else "unknown"
     except (OSError, subprocess.SubprocessError):

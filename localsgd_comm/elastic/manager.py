@@ -1,0 +1,415 @@
+"""Membership and commit of elastic DiLoCo's outer rounds, apart from the algorithm.
+
+:class:`RoundManager` runs the protocol of docs/elastic.md through the coordinator's store:
+founding the job, the quorum of every round attempt, liveness by heartbeat, the commit vote
+(commit, or redo the round without the dead), joins at round boundaries and the state transfer
+to joiners. What a round computes is the caller's: :meth:`RoundManager.run_round` takes the
+attempt (given a group over the round's trainers), what to do on commit and what to undo on a
+redo, and the state transfer moves whatever tensors the caller names. The engine's reduce is
+one such attempt; a fragment of a streaming sync would be another.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from datetime import timedelta
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import backend as _backend
+from ..diloco.collectives import BackendReducer
+from .store import CoordinatorStore, CoordinatorUnreachable, Heartbeat, connect, namespace
+
+log = logging.getLogger("localsgd_comm.elastic")
+
+PHASES = ("inner", "compress", "allreduce", "commit", "join")
+
+
+class FaultInjection:
+    """``LOCALSGD_ELASTIC_KILL=<worker_id>[/<replica rank>]:<round>:<phase>``: this process
+    SIGKILLs itself in that round at that phase (``join``: in the first round from ``round`` on
+    that takes a joiner in). Called as a probe with the phase reached."""
+
+    def __init__(self, spec: str, worker_id: str, replica_rank: int, round_fn: Callable[[], Any]):
+        self.kill = None
+        self._round = round_fn
+        if not spec:
+            return
+        parts = spec.split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in PHASES:
+            raise ValueError(f"LOCALSGD_ELASTIC_KILL: expected '<worker_id>:<round>:<phase>' with a phase of "
+                             f"{PHASES}, got {spec!r}")
+        wid, _, rank = parts[0].partition("/")
+        if wid == worker_id and int(rank or 0) == replica_rank:
+            self.kill = (parts[0], int(parts[1]), parts[2])
+
+    def armed(self, phase: str) -> bool:
+        return self.kill is not None and self.kill[2] == phase
+
+    def __call__(self, phase: str) -> None:
+        if not self.armed(phase):
+            return
+        if phase == "allreduce":
+            time.sleep(0.001)  # the header is out and the worker thread is moving data
+        r = self._round()
+        if self.kill[1] == r or (phase == "join" and r >= self.kill[1]):
+            log.info("localsgd elastic %s: fault injection: SIGKILL in round %d at %s", self.kill[0], r, phase)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class MemberGroup:
+    """A localsgd backend over the members of one attempt (gloo underneath), outside torch's
+    group registry."""
+
+    def __init__(self, store, prefix: str, members: List[str], me: str, timeout_s: float, fmt: str, block: int):
+        self.members = list(members)
+        self.rank, self.size = self.members.index(me), len(self.members)
+        opts = _backend.BackendOptions(format=fmt, block_size=block, threshold_bytes=0, cuda_inner="gloo",
+                                       check_calls=True).resolved()
+        self.backend = _backend.detached_backend(dist.PrefixStore(prefix, store), self.rank, self.size,
+                                                 timedelta(seconds=timeout_s), opts)
+
+    def reducer(self) -> BackendReducer:
+        return BackendReducer(self.backend, self.size)
+
+    def close(self) -> None:
+        b, self.backend = self.backend, None
+        if b is not None:
+            _backend.release_detached_backend(b)
+
+
+class RoundManager:
+    """The calling worker's view of the job: members, round, and the protocol that changes them.
+
+    The state callbacks: ``state_tensors()`` lists the tensors a joiner receives (the same shapes
+    on every worker), ``local_step()`` the step counter sent along, ``on_state(local_step)`` is
+    called on a worker whose state was just replaced by a transfer. ``stats`` and ``events`` are
+    shared with the caller. ``connected=False``: a rank of a multi-process worker other than its
+    leader, which takes no part in the protocol (its leader sets ``round`` and ``members``)."""
+
+    def __init__(self, *, coordinator: str, worker_id: str, run_id: str, replica_rank: int, compression: str,
+                 block_size: int, min_workers: int, initial_workers: int, join_timeout_s: float,
+                 quorum_timeout_s: float, timeout_s: float, dead_after_s: float, heartbeat_s: float,
+                 stats: Dict[str, Any], events: List[Dict[str, Any]],
+                 state_tensors: Callable[[], List[torch.Tensor]], local_step: Callable[[], int],
+                 on_state: Callable[[int], None], connected: bool = True):
+        self.coordinator, self.worker_id, self.ns = coordinator, worker_id, namespace(run_id)
+        self.compression, self.block_size = compression, block_size
+        self.min_workers, self.initial_workers = min_workers, initial_workers
+        self.join_timeout_s, self.quorum_timeout_s, self.timeout_s = join_timeout_s, quorum_timeout_s, timeout_s
+        self.dead_after_s = dead_after_s
+        #: attempts of one round before a worker gives up (each failed attempt drops at least one
+        #: dead member, so only a persistent local failure gets this far)
+        self.max_attempts = 8
+        self.stats, self.events = stats, events
+        self._state_tensors, self._local_step, self._on_state = state_tensors, local_step, on_state
+        self.round = 0
+        self.members: List[str] = []
+        self.me = f"{worker_id}/{replica_rank}"
+        self.faults = FaultInjection(os.environ.get("LOCALSGD_ELASTIC_KILL", ""), worker_id, replica_rank,
+                                     lambda: self.round)
+        self._group: Optional[MemberGroup] = None
+        self._heartbeat: Optional[Heartbeat] = None
+        if not connected:
+            return
+        self._store = CoordinatorStore(connect(coordinator, timeout_s), coordinator)
+        inc = self._store.add(f"{self.ns}/incarnation/{worker_id}", 1)
+        self.me = f"{worker_id}#{inc}"
+        self._heartbeat = Heartbeat(coordinator, f"{self.ns}/hb/{self.me}", heartbeat_s, timeout_s)
+        self._heartbeat.start()
+        self._seen_hb: Dict[str, tuple] = {}  # member -> (last counter, when it last moved)
+        self._joiner_cursor = 0
+        self._known_joiners: List[str] = []
+
+    def close(self) -> None:
+        """Leave the job: stop the heartbeat (peers see this worker as gone) and free the group."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop.set()
+            self._heartbeat.join(timeout=5.0)
+        self._drop_group()
+
+    # ------------------------------------------------------------------ store helpers
+    def _key(self, r, a, *rest) -> str:
+        return "/".join([self.ns, f"r{r}", f"a{a}", *map(str, rest)])
+
+    def _alive(self, member: str) -> bool:
+        if member == self.me:
+            return True
+        v = self._store.get(f"{self.ns}/hb/{member}")
+        now = time.monotonic()
+        count = -1 if v is None else int(v)
+        last = self._seen_hb.get(member)
+        if last is None or count != last[0]:
+            self._seen_hb[member] = (count, now)
+            return True
+        return now - last[1] < self.dead_after_s
+
+    def _check_heartbeat(self) -> None:
+        if self._heartbeat.error is not None:
+            raise CoordinatorUnreachable(f"localsgd elastic: the heartbeat to the coordinator store at "
+                                         f"{self.coordinator} failed ({self._heartbeat.error})")
+
+    def _new_joiners(self) -> None:
+        n = int(self._store.add(f"{self.ns}/joiners/n", 0))
+        while self._joiner_cursor < n:
+            self._joiner_cursor += 1
+            v = self._store.get(f"{self.ns}/joiners/{self._joiner_cursor}")
+            if v is not None:
+                self._known_joiners.append(v)
+
+    def event(self, kind: str, **kw) -> None:
+        ev = {"kind": kind, "round": self.round, "time": time.time(), **kw}
+        self.events.append(ev)
+        log.info("localsgd elastic %s: %s %s", self.me, kind, json.dumps({k: v for k, v in kw.items()}))
+
+    # ------------------------------------------------------------------ membership
+    def start(self) -> None:
+        """Found the job with the workers present at its start, or join a running one."""
+        if self._store.get(f"{self.ns}/started") is None:
+            q = self._quorum("init", 0, joining=False, expected_fn=lambda: set())
+            if q is not None and self.me in [m["key"] for m in q]:
+                members = [m["key"] for m in q]
+                self._store.set(f"{self.ns}/started", "1")
+                self._transfer("init", 0, members, members[0], members)
+                self.members = members
+                self.event("founded", members=members)
+                return
+        self._join()
+
+    def _join(self) -> None:
+        """Announce this worker, then take part in round quorums as a joiner until one includes
+        it and a member sent it the state."""
+        t0 = time.monotonic()
+        i = self._store.add(f"{self.ns}/joiners/n", 1)
+        self._store.set(f"{self.ns}/joiners/{i}", self.me)
+        tried = None
+        deadline = time.monotonic() + self.quorum_timeout_s
+        while True:
+            self._check_heartbeat()
+            cur = self._store.get(f"{self.ns}/cursor")
+            if cur is None or cur == tried:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"localsgd elastic {self.me}: no round took this worker in within "
+                                       f"quorum_timeout_s={self.quorum_timeout_s:g} s (are other workers running?)")
+                time.sleep(0.02)
+                continue
+            tried = cur
+            r, a = (int(x) for x in cur.split(":"))
+            q = self._quorum(r, a, joining=True, expected_fn=None)
+            if q is None:
+                continue  # decided without us: the next round
+            keys = [m["key"] for m in q]
+            trainers = [m["key"] for m in q if not m["joining"]]
+            joiners = [m["key"] for m in q if m["joining"]]
+            outcome = self._await_outcome(r, a, trainers)
+            if outcome != "commit":
+                continue  # the round is redone; arrive at its next attempt
+            try:
+                self.round = r
+                self._transfer(r, a, [trainers[0]] + joiners, trainers[0], keys)
+            except Exception as exc:  # noqa: BLE001 - the donor died: try the next round
+                log.warning("localsgd elastic %s: state transfer in round %d failed (%s); trying the next round",
+                            self.me, r, exc)
+                continue
+            self.members = keys
+            self.stats["joined"] += 1
+            self.event("joined", members=keys, wait_s=time.monotonic() - t0)
+            return
+
+    def _quorum(self, r, a, joining: bool, expected_fn):
+        """Arrive at round r attempt a and return the agreed members ([{key, joining}], in order),
+        or None when they were decided without this worker."""
+        self._check_heartbeat()
+        k = self._key(r, a, "members")
+        i = self._store.add(self._key(r, a, "n"), 1)
+        self._store.set(self._key(r, a, "arr", i), json.dumps({"key": self.me, "joining": joining}))
+        t0 = time.monotonic()
+        arrived: Dict[str, bool] = {}
+        read = 0
+        while True:
+            v = self._store.get(k)
+            if v is not None:
+                q = json.loads(v)
+                return q if self.me in [m["key"] for m in q] else None
+            n = int(self._store.add(self._key(r, a, "n"), 0))
+            while read < n:
+                read += 1
+                m = self._store.get(self._key(r, a, "arr", read))
+                if m is not None:
+                    m = json.loads(m)
+                    arrived[m["key"]] = m["joining"]
+                else:
+                    read -= 1  # counted but not written yet
+                    break
+            if expected_fn is not None:
+                live = {m for m in expected_fn() if self._alive(m)}
+                waited = time.monotonic() - t0
+                # joiners do not count towards min_workers: they did not train this round
+                need = self.initial_workers if r == "init" else self.min_workers
+                enough = sum(1 for j in arrived.values() if not j) >= need
+                if enough and (live <= set(arrived) or waited >= self.join_timeout_s):
+                    order = sorted(arrived, key=lambda x: (arrived[x], x))  # trainers first, by name
+                    proposal = json.dumps([{"key": x, "joining": arrived[x]} for x in order])
+                    q = json.loads(self._store.compare_set(k, proposal))
+                    return q if self.me in [m["key"] for m in q] else None
+                if waited >= self.quorum_timeout_s:
+                    what = "initial_workers" if r == "init" else "min_workers"
+                    raise RuntimeError(
+                        f"localsgd elastic {self.me}: round {r}: {len(arrived)} worker(s) arrived, fewer than "
+                        f"{what}={need}, within quorum_timeout_s={self.quorum_timeout_s:g} s")
+            elif time.monotonic() - t0 > self.quorum_timeout_s:
+                return None
+            self._check_heartbeat()
+            time.sleep(0.005 if len(arrived) else 0.02)
+
+    def _expected(self) -> set:
+        self._new_joiners()
+        return set(self.members) | {j for j in self._known_joiners if j not in self.members}
+
+    # ------------------------------------------------------------------ the round
+    def run_round(self, attempt: Callable[[BackendReducer], Any], commit: Callable[[Any, int], None],
+                  abandon: Callable[[Any], None]):
+        """One outer round with the live workers. For every attempt: the quorum, then
+        ``attempt(reducer)`` over the attempt's trainers (an exception is a failed attempt), the
+        vote, and on a commit ``commit(result, number of trainers)``; on a redo ``abandon(result)``
+        (None when the attempt failed) and the next attempt without the dead. Returns
+        ``(result, number of trainers)`` as committed, or ``(None, 0)`` when this worker was left
+        out of the round and joined again (its state was replaced by a transfer)."""
+        r, a = self.round, 0
+        t_fault, t_round = None, time.monotonic()
+        reported: set = set()
+        while True:
+            self.stats["attempts"] += 1
+            self._store.set(f"{self.ns}/cursor", f"{r}:{a}")
+            q = self._quorum(r, a, joining=False, expected_fn=self._expected)
+            if q is None:
+                # Decided without this worker (it arrived after the join deadline): its round is lost;
+                # it comes back as a joiner and receives the state after the round.
+                return self._rejoin(attempt=a)
+            keys = [m["key"] for m in q]
+            trainers = [m["key"] for m in q if not m["joining"]]
+            joiners = [m["key"] for m in q if m["joining"]]
+            gone = [m for m in self.members if m not in keys and m not in reported]
+            if gone:
+                reported.update(gone)
+                self.stats["left"] += len(gone)
+                self.event("left", who=gone, attempt=a)
+                t_fault = t_round
+            if joiners:
+                self.faults("join")
+            status, result = "ok", None
+            try:
+                result = attempt(self._group_for(r, a, trainers).reducer())
+            except Exception as exc:  # noqa: BLE001 - a member died or hung: vote for a redo
+                status = f"failed: {exc}"
+                log.warning("localsgd elastic %s: round %d attempt %d: all-reduce failed (%s)", self.me, r, a, exc)
+                if a + 1 >= self.max_attempts:
+                    # not a membership change: the same failure again and again (a bug, a bad link)
+                    self._store.set(self._key(r, a, "vote", self.me), status)
+                    raise RuntimeError(f"localsgd elastic {self.me}: round {r} failed {self.max_attempts} times in a "
+                                       f"row; the last error: {exc}") from exc
+            self.faults("commit")
+            self._store.set(self._key(r, a, "vote", self.me), status)
+            outcome = self._await_outcome(r, a, trainers)
+            if outcome == "commit" and status == "ok":
+                commit(result, len(trainers))
+                break
+            if outcome == "commit":
+                # The others committed a result this worker does not hold: it cannot go on as a member.
+                return self._rejoin(attempt=a, why="all-reduce failed here, committed elsewhere")
+            abandon(result)
+            self._drop_group()
+            self.stats["redone_rounds"] += 1
+            self.event("redo", attempt=a)
+            t_fault = t_round
+            a += 1
+        if joiners:
+            if self.me == trainers[0]:
+                try:
+                    self._transfer(r, a, [trainers[0]] + joiners, trainers[0], keys)
+                except Exception as exc:  # noqa: BLE001 - a joiner died mid transfer: it retries later
+                    log.warning("localsgd elastic %s: state transfer to %s failed (%s)", self.me, joiners, exc)
+            self.stats["joined"] += len(joiners)
+            self.event("joined", who=joiners)
+        if self.members and keys != self.members:
+            self.event("members", members=keys)
+        if t_fault is not None:
+            # the whole round's sync, failure detection and redo included
+            took = time.monotonic() - t_fault
+            self.stats["recovery_s"] += took
+            self.event("recovered", seconds=took, members=keys)
+        self.members = keys
+        self.round = r + 1
+        self.stats["rounds"] += 1
+        return result, len(trainers)
+
+    def _rejoin(self, **event):
+        self.stats["left_out"] += 1
+        self.event("left_out", **event)
+        self._drop_group()
+        self._join()
+        return None, 0
+
+    def _await_outcome(self, r, a, trainers: List[str]) -> str:
+        """Every member's vote, or a dead or silent member: one outcome for all (compare_set)."""
+        k = self._key(r, a, "outcome")
+        t0 = time.monotonic()
+        while True:
+            v = self._store.get(k)
+            if v is not None:
+                return v
+            votes = {t: self._store.get(self._key(r, a, "vote", t)) for t in trainers}
+            proposal = None
+            if any(v is not None and v != "ok" for v in votes.values()):
+                proposal = "redo"
+            elif all(v == "ok" for v in votes.values()):
+                proposal = "commit"
+            elif any(v is None and not self._alive(t) for t, v in votes.items()):
+                proposal = "redo"
+            elif time.monotonic() - t0 > self.timeout_s:
+                proposal = "redo"
+            if proposal is not None:
+                return self._store.compare_set(k, proposal)
+            self._check_heartbeat()
+            time.sleep(0.005)
+
+    def _drop_group(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
+
+    def _group_for(self, r, a, members: List[str]) -> MemberGroup:
+        if self._group is not None and self._group.members == members and not self._group.backend.failure():
+            return self._group
+        self._drop_group()
+        self._group = MemberGroup(self._store.raw, self._key(r, a, "pg") + "/", members, self.me, self.timeout_s,
+                                  self.compression, self.block_size)
+        return self._group
+
+    # ------------------------------------------------------------------ state transfer
+    def _transfer(self, r, a, group: List[str], donor: str, members: List[str]) -> None:
+        """The donor broadcasts the state tensors and counters to the rest of ``group``."""
+        if len(group) == 1:
+            return
+        g = MemberGroup(self._store.raw, self._key(r, a, "xfer") + "/", group, self.me, self.timeout_s, "none",
+                        self.block_size)
+        try:
+            root = group.index(donor)
+            counters = torch.tensor([self.round + (0 if r == "init" else 1), self._local_step()], dtype=torch.int64)
+            nbytes = 0
+            for t in [counters] + self._state_tensors():
+                g.backend.broadcast(t, root).wait()
+                nbytes += t.numel() * t.element_size()
+            if self.me == donor:
+                self.stats["join_bytes_sent"] += nbytes * (len(group) - 1)
+            else:
+                self.stats["join_bytes_received"] += nbytes
+                self.round = int(counters[0])
+                self._on_state(int(counters[1]))
+        finally:
+            g.close()

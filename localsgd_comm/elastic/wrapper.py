@@ -1,0 +1,286 @@
+"""``ElasticDiLoCo``: DiLoCo's outer step (the engine of :mod:`localsgd_comm.diloco.engine`) in
+rounds whose members the :class:`~.manager.RoundManager` agrees on; see the package docstring."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..diloco.buffers import FLOAT_DTYPES, build_buffers, unique_parameters
+from ..diloco.ddp import find_ddp, unwrap_compiled
+from ..diloco.engine import OuterConfig, OuterEngine, Reduction
+from ..diloco.inner import InnerWrapper, check_outer_args, resolve_block_size
+from .manager import RoundManager
+
+
+class ElasticDiLoCo(InnerWrapper):
+    """DiLoCo whose workers may die and join at any outer round (see the ``localsgd_comm.elastic`` docstring).
+
+    Args:
+        model: an ``nn.Module`` (one process per worker; DDP inside a worker is not supported).
+        inner_optimizer: an optimizer over the model's parameters.
+        coordinator: ``"host:port"`` of the coordinator's store (``localsgd-coordinator``).
+        worker_id: this worker's name, unique among live workers; a restarted worker may reuse
+            its name (each start is a new incarnation ``id#n``).
+        sync_every: inner steps per outer round (H).
+        outer_lr, outer_momentum, nesterov, compression, block_size, error_feedback: as DiLoCo.
+        min_workers: the fewest members a round may have; below it a worker waits up to
+            ``quorum_timeout_s`` for more, then raises.
+        initial_workers: how many workers found the job (default ``min_workers``); the first
+            ones to start wait for them, later ones join at the next round.
+        join_timeout_s: how long a round waits for expected members (the previous round's and
+            announced joiners, while alive) before going on without the missing ones.
+        timeout_s: bound of every collective and of the commit vote (a hung member).
+        dead_after_s: a worker whose heartbeat has not moved for this long is dead.
+        heartbeat_s: heartbeat period.
+        run_id: namespace in the store (several jobs may share one coordinator).
+        replica_group: for a worker that is a cluster of processes (DDP inside, over a fast
+            link): the group of its processes. Its rank 0 takes part in the rounds and hands
+            each outcome to the others (the reduced bytes, or the whole state after a join); a
+            replica whose process dies fails as a whole (its DDP or the hand-over raises) and
+            comes back as a whole.
+    """
+
+    _step_supports_amp_scaling = False
+
+    def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, coordinator: str,
+                 worker_id: str, sync_every: int, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                 nesterov: bool = True, compression: str = "int8", block_size: Optional[int] = None,
+                 error_feedback: bool = False, min_workers: int = 1, join_timeout_s: float = 10.0,
+                 quorum_timeout_s: float = 300.0, timeout_s: float = 30.0, dead_after_s: float = 3.0,
+                 heartbeat_s: float = 0.5, run_id: str = "run", initial_workers: Optional[int] = None,
+                 replica_group=None, overlap: bool = False):
+        if overlap:
+            raise ValueError("ElasticDiLoCo: overlap=True is not supported: the delayed outer step keeps a reduce in "
+                             "flight across the round boundary, which a membership change would have to cancel half "
+                             "way (use DiLoCo(overlap=True) for a fixed set of workers)")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        ddp = find_ddp(model)
+        if replica_group is None and ddp is not None:
+            raise ValueError("ElasticDiLoCo: got a DistributedDataParallel model but no replica_group: a worker that "
+                             "is a cluster of processes passes its DDP group as replica_group (its rank 0 takes part "
+                             "in the rounds for all of them)")
+        if replica_group is not None:
+            if not dist.is_initialized():
+                raise RuntimeError("ElasticDiLoCo: replica_group given but torch.distributed is not initialized")
+            if ddp is not None and dist.get_world_size(ddp.process_group) != dist.get_world_size(replica_group):
+                raise ValueError("ElasticDiLoCo: expected DDP over replica_group (size "
+                                 f"{dist.get_world_size(replica_group)}), got a DDP group of size "
+                                 f"{dist.get_world_size(ddp.process_group)}")
+        check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
+        if not isinstance(worker_id, str) or not worker_id or any(c in worker_id for c in "#/ "):
+            raise ValueError(f"worker_id: expected a non-empty name without '#', '/' or spaces, got {worker_id!r}")
+        if isinstance(min_workers, bool) or not isinstance(min_workers, int) or min_workers < 1:
+            raise ValueError(f"min_workers: expected an integer >= 1, got {min_workers!r}")
+        initial_workers = min_workers if initial_workers is None else initial_workers
+        if isinstance(initial_workers, bool) or not isinstance(initial_workers, int) or initial_workers < min_workers:
+            raise ValueError(f"initial_workers: expected an integer >= min_workers ({min_workers}), got "
+                             f"{initial_workers!r}")
+        for name, v in (("join_timeout_s", join_timeout_s), ("quorum_timeout_s", quorum_timeout_s),
+                        ("timeout_s", timeout_s), ("dead_after_s", dead_after_s), ("heartbeat_s", heartbeat_s)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}: expected a number of seconds > 0, got {v!r}")
+        if heartbeat_s * 2 > dead_after_s:
+            raise ValueError(f"heartbeat_s: expected at most half of dead_after_s ({dead_after_s}), got {heartbeat_s}")
+        block_size = resolve_block_size(block_size)
+
+        self.model = model
+        self._wrap(inner_optimizer)
+        self.sync_every, self.outer_lr, self.outer_momentum = sync_every, float(outer_lr), float(outer_momentum)
+        self.nesterov, self.compression, self.block_size = bool(nesterov), compression, block_size
+        self.error_feedback, self.min_workers, self.initial_workers = bool(error_feedback), min_workers, initial_workers
+        self.join_timeout_s, self.quorum_timeout_s, self.timeout_s = join_timeout_s, quorum_timeout_s, timeout_s
+        self.dead_after_s, self.heartbeat_s = dead_after_s, heartbeat_s
+        self.coordinator, self.worker_id = coordinator, worker_id
+
+        module = ddp.module if ddp is not None else unwrap_compiled(model)
+        params = [p for p in unique_parameters(module) if p.requires_grad]
+        if not params:
+            raise ValueError("model: expected at least one parameter with requires_grad=True, got none")
+        for p in params:
+            if p.dtype not in FLOAT_DTYPES or p.is_sparse or p.device.type != "cpu":
+                raise TypeError(f"parameters: expected dense float CPU parameters, got {p.dtype} on {p.device}")
+        self._buffers = [b for b in module.buffers()]
+        align = block_size if compression != "none" else 1
+        self._flats = build_buffers(params, state_device=None, momentum=self.outer_momentum != 0.0,
+                                    residual=self.error_feedback, align=align)
+        self._segments = [f.segment() for f in self._flats]
+        self._engine = OuterEngine(OuterConfig(compression, block_size, self.outer_lr, self.outer_momentum,
+                                               self.nesterov))
+
+        self.stats: Dict[str, Any] = {"rounds": 0, "attempts": 0, "redone_rounds": 0, "left": 0, "joined": 0,
+                                      "left_out": 0, "recovery_s": 0.0, "bytes_sent": 0, "join_bytes_sent": 0,
+                                      "join_bytes_received": 0}
+        self.events: List[Dict[str, Any]] = []
+        self._local_step = 0
+        self._replica = replica_group
+        self._leader = replica_group is None or dist.get_rank(replica_group) == 0
+        self._leader_rank = 0 if replica_group is None else dist.get_global_rank(replica_group, 0)
+        replica_rank = 0 if replica_group is None else dist.get_rank(replica_group)
+        self._index = 0
+        self._manager = RoundManager(
+            coordinator=coordinator, worker_id=worker_id, run_id=run_id, replica_rank=replica_rank,
+            compression=compression, block_size=block_size, min_workers=min_workers, initial_workers=initial_workers,
+            join_timeout_s=join_timeout_s, quorum_timeout_s=quorum_timeout_s, timeout_s=timeout_s,
+            dead_after_s=dead_after_s, heartbeat_s=heartbeat_s, stats=self.stats, events=self.events,
+            state_tensors=self._state_tensors, local_step=lambda: self._local_step, on_state=self._took_state,
+            connected=self._leader)
+        self.ns = self._manager.ns
+        if not self._leader:
+            self._receive()  # the leader founds or joins the job, then hands the state over
+            return
+        try:
+            self._manager.start()
+            if self._replica is not None:
+                self._share(None, 0)
+        except BaseException:
+            self.close()  # the heartbeat stops: the others see this worker gone
+            raise
+
+    # ------------------------------------------------------------------ public API
+    def step(self, closure=None):
+        """One inner step; every ``sync_every`` steps an outer round with the live workers."""
+        loss = self._inner_step(closure)
+        self._local_step += 1
+        pos = self._local_step % self.sync_every
+        faults = self._manager.faults
+        if faults.armed("inner") and pos == max(self.sync_every // 2, 1) % self.sync_every:
+            faults("inner")
+        if pos == 0:
+            self.sync()
+        return loss
+
+    @property
+    def local_step(self) -> int:
+        """Inner steps of the job so far (a joiner continues the count it receives)."""
+        return self._local_step
+
+    @property
+    def round(self) -> int:
+        """Outer rounds committed so far."""
+        return self._manager.round
+
+    @property
+    def members(self) -> List[str]:
+        """The members (``id#incarnation``) of the last round."""
+        return list(self._manager.members)
+
+    @property
+    def me(self) -> str:
+        """This worker's key: ``id#incarnation`` (``id/rank`` on a replica's other ranks)."""
+        return self._manager.me
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts of one round before a worker gives up (each failed attempt drops at least one
+        dead member, so only a persistent local failure gets this far)."""
+        return self._manager.max_attempts
+
+    @max_attempts.setter
+    def max_attempts(self, n: int) -> None:
+        self._manager.max_attempts = n
+
+    @property
+    def worker_index(self) -> int:
+        """This worker's index among the last round's members (e.g. to pick a data shard)."""
+        if not self._leader:
+            return self._index  # the leader's, received with every round
+        members = self._manager.members
+        return members.index(self.me) if self.me in members else 0
+
+    def anchors(self) -> List[torch.Tensor]:
+        return [f.packed(f.anchor) for f in self._flats]
+
+    def close(self) -> None:
+        """Leave the job: stop the heartbeat (peers see this worker as gone) and free the group."""
+        self._manager.close()
+
+    # ------------------------------------------------------------------ the round
+    def sync(self) -> None:
+        """One outer round with the live workers (``step`` calls this every ``sync_every`` steps).
+        In a replica of several processes the leader takes part in the round and then hands its
+        outcome to the replica's other ranks (``replica_group``)."""
+        if not self._leader:
+            self._receive()
+            return
+        red, p = self._manager.run_round(self._attempt, self._commit, self._abandon)
+        if self._replica is not None:
+            self._share(red, p)
+
+    def _attempt(self, reducer) -> Reduction:
+        """Compress every buffer's pseudo-gradient and all-reduce it over the round's trainers. A
+        redo starts from the same residual (kept here): anchor and parameters are unchanged until
+        the commit."""
+        red = self._engine.start(self._segments, reducer, keep_backup=True, probe=self._manager.faults)
+        self.stats["bytes_sent"] += red.bytes_sent
+        return red
+
+    def _commit(self, red: Reduction, p: int) -> None:
+        self._engine.apply(red)
+
+    def _abandon(self, red: Optional[Reduction]) -> None:
+        if red is not None:
+            self._engine.restore_residuals(red)
+
+    # ------------------------------------------------------------------ replicas of several processes
+    def _ctrl(self, kind: int, p: int) -> torch.Tensor:
+        m = self._manager
+        return torch.tensor([kind, m.round, self._local_step, p, self.worker_index,
+                             len(json.dumps(m.members).encode())], dtype=torch.int64)
+
+    def _rbcast(self, t: torch.Tensor) -> None:
+        dist.broadcast(t, src=self._leader_rank, group=self._replica)
+
+    def _share(self, red: Optional[Reduction], p: int) -> None:
+        """Leader: the round's outcome to the replica's other ranks, over the fast intra link: the
+        reduced bytes the leader applied (1 byte per parameter for int8), or the whole state
+        (``red`` None: this worker's state was replaced)."""
+        self._rbcast(self._ctrl(0 if red is not None else 1, p))
+        self._rbcast(torch.frombuffer(bytearray(json.dumps(self._manager.members).encode()), dtype=torch.uint8))
+        for t in red.tensors() if red is not None else self._state_tensors():
+            self._rbcast(t)
+
+    def _receive(self) -> None:
+        """A replica's other rank: the outcome its leader broadcasts. If the leader died, the
+        broadcast fails and this rank raises: the replica goes down as one and rejoins as one."""
+        ctrl = self._ctrl(0, 0)
+        self._rbcast(ctrl)
+        kind, rnd, self._local_step, p, self._index, n = (int(x) for x in ctrl)
+        self._manager.round = rnd
+        members = torch.empty(n, dtype=torch.uint8)
+        self._rbcast(members)
+        self._manager.members = json.loads(bytes(members.tolist()).decode())  # the leader's view of the job
+        if kind == 0:
+            red = self._engine.received(self._segments, p)
+            for t in red.tensors():
+                self._rbcast(t)
+            self._engine.apply(red)
+        else:
+            for t in self._state_tensors():
+                self._rbcast(t)
+            self._took_state(self._local_step, zero_residual=False)
+
+    # ------------------------------------------------------------------ state transfer
+    def _state_tensors(self) -> List[torch.Tensor]:
+        """What a joiner receives: anchor and momentum of every buffer, and the module buffers."""
+        out = []
+        for f in self._flats:
+            out.append(f.anchor)
+            if f.momentum is not None:
+                out.append(f.momentum)
+        return out + [b.data for b in self._buffers]
+
+    def _took_state(self, local_step: int, zero_residual: bool = True) -> None:
+        """This worker's state was replaced: params = anchor (it starts the round like everyone),
+        a zero residual and a fresh inner state (docs/elastic.md)."""
+        self._local_step = local_step
+        for f in self._flats:
+            f.write_params(f.anchor)
+            if zero_residual and f.residual is not None:
+                f.residual.zero_()
+        self.inner_optimizer.state.clear()
