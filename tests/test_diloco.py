@@ -559,3 +559,30 @@ def test_hierarchical_step_with_closure_averages_the_closures_gradients():
     previous step's, and members diverged)."""
     out = run_workers(_hier_closure_worker, 2, timeout=TIMEOUT)
     assert torch.equal(out[0], out[1])
+
+
+# ---- outer state on another device than a group can carry ---------------------------------------
+def _staged_worker(rank, world, staged):
+    """state_device='cpu' over a group that (pretends it) cannot carry CPU tensors: the sync's
+    collectives go through copies on the stage device and back (on a GPU: the parameters' device
+    for an NCCL group). Here the stage device is the CPU too, so the bytes must not change."""
+    from localsgd_comm.diloco import collectives
+    out = {}
+    for comp, ef in (("int8", True), ("none", False)):
+        m = make_model()
+        opt = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=3, compression=comp,
+                     error_feedback=ef, state_device="cpu")
+        if staged:
+            opt._reducer.stage_device = torch.device("cpu")
+            collectives.carries = lambda group, device: False  # noqa: E731  (this process only)
+        train_steps(m, opt, rank, 0, 9)
+        out[comp] = flat_params(m)
+    return out
+
+
+def test_outer_state_travels_through_the_stage_device_when_the_group_cannot_carry_it():
+    plain = run_workers(_staged_worker, 2, False, backend="localsgd", timeout=TIMEOUT)
+    staged = run_workers(_staged_worker, 2, True, backend="localsgd", timeout=TIMEOUT)
+    for comp in ("int8", "none"):
+        assert torch.equal(plain[0][comp], plain[1][comp])
+        assert torch.equal(staged[0][comp], plain[0][comp]), comp

@@ -255,3 +255,16 @@ def test_bad_options_are_refused_with_clear_errors():
     with pytest.raises(localsgd_comm.CoordinatorUnreachable, match="no coordinator store answers"):
         localsgd_comm.ElasticDiLoCo(m, opt, coordinator=f"127.0.0.1:{_free_port()}", worker_id="w0", sync_every=4,
                                     timeout_s=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+def test_cuda_workers_survive_a_death_mid_allreduce_and_finish_identical(job_factory):
+    """Workers whose parameters are on a GPU (outer state in host memory, rounds over gloo)."""
+    job = job_factory(**{"initial-workers": 3, "device": "cuda"})
+    for w in ("w0", "w1", "w2"):
+        job.start(w, kill="w1:2:allreduce")
+    codes = job.wait()
+    assert codes["w1"] == -9 and codes["w0"] == 0 and codes["w2"] == 0, (codes, job.log("w0"))
+    res = _survivors_identical(job, ["w0", "w2"], 6)
+    assert res["w0"]["stats"]["redone_rounds"] == 1

@@ -141,3 +141,31 @@ def test_a_wait_from_another_stream_is_ordered_after_the_collective():
         assert torch.equal(y.cpu(), ref)
     finally:
         dist.destroy_process_group()
+
+
+def test_diloco_with_outer_state_on_the_cpu_over_an_nccl_group():
+    """state_device="cpu" keeps anchor, momentum and residual in host memory; an NCCL group cannot
+    carry CPU tensors, so the sync's collectives travel through the parameters' device."""
+    if not dist.is_nccl_available():
+        pytest.skip("no NCCL in this torch")
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        from localsgd_comm.model import GPT, config_for
+        for compression in ("int8", "none"):
+            torch.manual_seed(0)
+            model = GPT(config_for("tiny", 64)).cuda()
+            opt = localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=1e-3), sync_every=2,
+                                       compression=compression, error_feedback=compression != "none",
+                                       state_device="cpu")
+            x = torch.randint(0, 256, (4, 64), device="cuda")
+            for _ in range(4):
+                model(x, x).backward()
+                opt.step()
+                opt.zero_grad()
+            assert opt.stats["syncs"] == 2
+            anchors = opt.anchors()
+            assert all(a.device.type == "cpu" for a in anchors)
+            flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])
+            assert torch.equal(flat, torch.cat(anchors).to(flat.dtype)), compression  # params = anchor after a sync
+    finally:
+        dist.destroy_process_group()

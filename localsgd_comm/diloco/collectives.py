@@ -21,6 +21,28 @@ from .. import backend as _backend
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def carries(group, device: torch.device) -> bool:
+    """Whether ``group`` has a backend for tensors on ``device`` (an NCCL group has none for CPU
+    tensors: outer state kept on the CPU must then travel through the parameters' device)."""
+    pg = group if group is not None else dist.group.WORLD
+    try:
+        pg._get_backend(torch.device(device.type))
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+def staged_broadcast(t: torch.Tensor, src: int, group, stage: Optional[torch.device]) -> None:
+    """``dist.broadcast`` of ``t``, through a copy on ``stage`` when ``group`` cannot carry
+    ``t``'s device (CPU state over an NCCL group)."""
+    if stage is None or carries(group, t.device):
+        dist.broadcast(t, src=src, group=group)
+        return
+    tmp = t.to(stage)
+    dist.broadcast(tmp, src=src, group=group)
+    t.copy_(tmp)
+
+
 class Reducer:
     """The collectives the engine uses, on one group of ``size`` ranks."""
 
@@ -46,27 +68,61 @@ class Reducer:
 
 
 class GroupReducer(Reducer):
-    """A ``torch.distributed`` process group (any backend)."""
+    """A ``torch.distributed`` process group (any backend). ``stage_device``: where tensors the
+    group cannot carry travel (the parameters' device, for outer state kept on the CPU with an
+    NCCL group); each call copies them there and back when it completes."""
 
-    def __init__(self, group):
+    def __init__(self, group, stage_device: Optional[torch.device] = None):
         self.group = group
         self.size = dist.get_world_size(group)
+        self.stage_device = stage_device
+
+    def _stage(self, *tensors: torch.Tensor):
+        """-> the tensors to send (copies on the stage device where needed) and a function that
+        copies the results back."""
+        if self.stage_device is None or carries(self.group, tensors[0].device):
+            return tensors, (lambda: None)
+        moved = tuple(t.to(self.stage_device) for t in tensors)
+
+        def back():
+            for t, m in zip(tensors, moved):
+                t.copy_(m)
+        return moved, back
+
+    def _after(self, work, back):
+        if work is None:
+            back()
+            return None
+
+        def finish():
+            work.wait()
+            back()
+        return Deferred(finish)
 
     def composes_sum(self, device):
-        return _backend.localsgd_backend_of(self.group, device) is not None
+        return _backend.localsgd_backend_of(self.group, self._device(device)) is not None
+
+    def _device(self, device):
+        return device if self.stage_device is None or carries(self.group, device) else self.stage_device
 
     def all_reduce_compressed(self, payload, scales, numel, fmt, block_size, seed):
-        return _backend.all_reduce_compressed(payload, scales, numel, fmt, block_size, group=self.group,
+        (payload_, scales_), back = self._stage(payload, scales)
+        work = _backend.all_reduce_compressed(payload_, scales_, numel, fmt, block_size, group=self.group,
                                               op=dist.ReduceOp.AVG, async_op=True, seed=seed)
+        return self._after(work, back)
 
     def all_reduce_sum(self, buf):
-        return dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        (buf_,), back = self._stage(buf)
+        return self._after(dist.all_reduce(buf_, op=dist.ReduceOp.SUM, group=self.group, async_op=True), back)
 
     def all_to_all(self, out, inp):
-        return dist.all_to_all_single(out, inp, group=self.group, async_op=True)
+        (out_, inp_), back = self._stage(out, inp)
+        return self._after(dist.all_to_all_single(out_, inp_, group=self.group, async_op=True), back)
 
     def all_gather(self, out, inp):
-        _all_gather(out, inp, group=self.group)
+        (out_, inp_), back = self._stage(out, inp)
+        _all_gather(out_, inp_, group=self.group)
+        back()
 
 
 class BackendReducer(Reducer):

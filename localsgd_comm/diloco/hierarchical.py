@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .buffers import FlatBuffer, Segment
+from .collectives import carries
 
 
 
@@ -105,7 +106,9 @@ class HierarchicalSync:
 
     def agree_finite(self, finite: bool) -> bool:
         """Members of a cluster hold different shards: one decision for all (4 bytes, fast link)."""
-        bad = torch.tensor([0.0 if finite else 1.0], device=self.buffers[0].state_device)
+        f = self.buffers[0]
+        dev = f.state_device if carries(self.h.intra, f.state_device) else f.device
+        bad = torch.tensor([0.0 if finite else 1.0], device=dev)
         dist.all_reduce(bad, op=dist.ReduceOp.SUM, group=self.h.intra)
         return bool(bad.item() == 0.0)
 
@@ -113,7 +116,10 @@ class HierarchicalSync:
         """The updated anchor shards all-gathered in fp32 inside the cluster; params <- anchor."""
         h = self.h
         for f, seg, L in zip(self.buffers, self.segments, self.shard_len):
-            mine = torch.zeros(L, dtype=torch.float32, device=f.state_device)
+            # on the state device, or on the parameters' when the intra group cannot carry it
+            # (CPU state with an NCCL cluster)
+            dev = f.state_device if carries(h.intra, f.state_device) else f.device
+            mine = torch.zeros(L, dtype=torch.float32, device=dev)
             mine[:seg.numel].copy_(seg.anchor)
             parts = [torch.empty_like(mine) for _ in range(h.cluster_size)]
             dist.all_gather(parts, mine, group=h.intra)

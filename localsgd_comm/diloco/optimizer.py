@@ -130,6 +130,9 @@ class DiLoCo(InnerWrapper):
         align = self.block_size if self.compression != "none" else 1
         self._flats = build_buffers(trainable, state_device=state_device, momentum=self.outer_momentum != 0.0,
                                     residual=self.error_feedback, align=align)
+        # Outer state on another device than the parameters (state_device="cpu"): a group that
+        # cannot carry it (NCCL) gets it through the parameters' device.
+        self._reducer.stage_device = next((f.device for f in self._flats if f.device != f.state_device), None)
         names = {}
         for name, p in module.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), name)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..diloco.buffers import FLOAT_DTYPES, build_buffers, unique_parameters
+from ..diloco.collectives import staged_broadcast
 from ..diloco.ddp import find_ddp, unwrap_compiled
 from ..diloco.engine import OuterConfig, OuterEngine, Reduction
 from ..diloco.inner import InnerWrapper, check_outer_args, resolve_block_size
@@ -103,12 +104,17 @@ class ElasticDiLoCo(InnerWrapper):
         if not params:
             raise ValueError("model: expected at least one parameter with requires_grad=True, got none")
         for p in params:
-            if p.dtype not in FLOAT_DTYPES or p.is_sparse or p.device.type != "cpu":
-                raise TypeError(f"parameters: expected dense float CPU parameters, got {p.dtype} on {p.device}")
+            if p.dtype not in FLOAT_DTYPES or p.is_sparse or p.device.type not in ("cpu", "cuda"):
+                raise TypeError(f"parameters: expected dense float CPU or CUDA parameters, got {p.dtype} on {p.device}")
         self._buffers = [b for b in module.buffers()]
         align = block_size if compression != "none" else 1
-        self._flats = build_buffers(params, state_device=None, momentum=self.outer_momentum != 0.0,
+        # The outer state lives in host memory whatever the parameters' device: a round's group is
+        # made per membership over TCP (gloo), and its collectives, the state transfer to joiners
+        # and the hand-over inside a replica then all run on CPU tensors (one copy of the model
+        # each way per sync on a GPU worker).
+        self._flats = build_buffers(params, state_device="cpu", momentum=self.outer_momentum != 0.0,
                                     residual=self.error_feedback, align=align)
+        self._stage = next((f.device for f in self._flats if f.device.type == "cuda"), None)
         self._segments = [f.segment() for f in self._flats]
         self._engine = OuterEngine(OuterConfig(compression, block_size, self.outer_lr, self.outer_momentum,
                                                self.nesterov))
@@ -234,7 +240,7 @@ class ElasticDiLoCo(InnerWrapper):
                              len(json.dumps(m.members).encode())], dtype=torch.int64)
 
     def _rbcast(self, t: torch.Tensor) -> None:
-        dist.broadcast(t, src=self._leader_rank, group=self._replica)
+        staged_broadcast(t, self._leader_rank, self._replica, self._stage)
 
     def _share(self, red: Optional[Reduction], p: int) -> None:
         """Leader: the round's outcome to the replica's other ranks, over the fast intra link: the
@@ -273,7 +279,7 @@ class ElasticDiLoCo(InnerWrapper):
             out.append(f.anchor)
             if f.momentum is not None:
                 out.append(f.momentum)
-        return out + [b.data for b in self._buffers]
+        return out + [b.data for b in self._buffers]  # module buffers stay where they are (gloo takes CUDA tensors)
 
     def _took_state(self, local_step: int, zero_residual: bool = True) -> None:
         """This worker's state was replaced: params = anchor (it starts the round like everyone),

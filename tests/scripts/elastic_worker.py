@@ -48,6 +48,7 @@ def main() -> int:
     ap.add_argument("--replica-size", type=int, default=1, help="processes of this worker (DDP inside)")
     ap.add_argument("--replica-rank", type=int, default=0)
     ap.add_argument("--replica-port", type=int, default=0, help="the replica's own rendezvous port")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (every worker on GPU 0)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -63,8 +64,9 @@ def main() -> int:
 
 def train(a, localsgd_comm) -> int:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
-    target = torch.randn(32, 8, generator=torch.Generator().manual_seed(123))
+    dev = torch.device(a.device)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8)).to(dev)
+    target = torch.randn(32, 8, generator=torch.Generator().manual_seed(123)).to(dev)
     replica = None
     wrapped = model
     if a.replica_size > 1:
@@ -91,7 +93,7 @@ def train(a, localsgd_comm) -> int:
     while more():
         seed = int(hashlib.sha256(f"{a.id}/{a.replica_rank}:{opt.local_step}".encode()).hexdigest()[:8], 16)
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(16, 32, generator=g)
+        x = torch.randn(16, 32, generator=g).to(dev)
         loss = ((wrapped(x) - x @ target) ** 2).mean()
         loss.backward()
         opt.step()
@@ -99,7 +101,7 @@ def train(a, localsgd_comm) -> int:
         if a.step_sleep:
             time.sleep(a.step_sleep)
     with torch.no_grad():  # on a fixed batch: the same value on every member (identical parameters)
-        x = torch.randn(64, 32, generator=torch.Generator().manual_seed(7))
+        x = torch.randn(64, 32, generator=torch.Generator().manual_seed(7)).to(dev)
         loss = ((model(x) - x @ target) ** 2).mean()
     moms = [f.momentum for f in opt._flats if f.momentum is not None]
     out = {"id": a.id, "me": opt.me, "round": opt.round, "local_step": opt.local_step, "members": opt.members,
