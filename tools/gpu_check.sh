@@ -20,6 +20,8 @@
 #              (python -m localsgd_comm.bench.gpu_train)
 #   bench      every fused op as % of a measured D2D copy: native, Triton, CuPy, eager PyTorch
 #              (benchmarks/bench_ops_gpu.py)
+#   triton_only  rebuilt without the CUDA kernels (a machine without nvcc): the backend with CUDA
+#              tensors and DiLoCo on the GPU through the Triton ops
 # Output (at most 8 files): gpu_check.log (the summary: every step's command, tail, exit and
 # time), build.log, ops.log, backend.log, train.log, bench.log, gpu_train.json, gpu_ops.json, in
 # $OUT (the device tool's output folder) or --out DIR, else benchmarks/results/gpu/. Logs are
@@ -118,9 +120,17 @@ step errors 60 - $PY tools/gpu_error_check.py
 XDIST=""
 $PY -c 'import xdist' 2>/dev/null && XDIST="-n 8"
 step ops 150 ops.log $PY -m pytest tests/test_cuda.py -m gpu -q -p no:cacheprovider $XDIST
-step backend 100 backend.log $PY -m pytest tests/test_gpu_backend.py -q -p no:cacheprovider
+step backend 130 backend.log $PY -m pytest tests/test_gpu_backend.py tests/test_elastic.py -m gpu -q -p no:cacheprovider
 step train 100 train.log $PY -m localsgd_comm.bench.gpu_train --out "$OUT_DIR/gpu_train.json"
 step bench 130 bench.log $PY benchmarks/bench_ops_gpu.py --out "$OUT_DIR/gpu_ops.json"
+
+# Last, since it replaces the build: a Triton-only install (the extension without CUDA kernels,
+# as a machine without nvcc gets) must still serve CUDA tensors: the backend with CUDA tensors and
+# DiLoCo on the GPU, the ops through Triton.
+step build_triton_only 120 build.log env $COMPILERS LOCALSGD_COMM_CUDA=0 MAX_JOBS="$(nproc)" \
+  $PY -m pip install --no-build-isolation --no-deps -e .
+step triton_only 120 backend.log env LOCALSGD_COMM_CUDA_IMPL=triton $PY -m pytest tests/test_gpu_backend.py -q \
+  -p no:cacheprovider -k "two_ranks or diloco or cpu_over_an_nccl"
 
 if [ "$DRY" = 1 ]; then
   say "gpu_check: dry run, nothing ran"
