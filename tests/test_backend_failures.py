@@ -271,3 +271,64 @@ def test_call_headers_are_numbered_counted_and_can_be_turned_off():
         assert header_bytes >= 3 * 2 * 64  # 64 bytes to each of 2 peers per collective
     for seq, header_bytes, finite in run_ranks(_w_headers, 2, False, backend=None, timeout=90):
         assert seq == 3 and header_bytes == 0 and finite
+
+
+def _w_counter_wrap(rank, p, has_hook):
+    """Groups whose counters start near their wrap points against a group whose counters start
+    at zero: the same collectives must give bitwise the same results."""
+    dist.init_process_group("localsgd", pg_options=BackendOptions(threshold_bytes=0), timeout=timedelta(seconds=60))
+    ref = dist.new_group(backend="localsgd", pg_options=BackendOptions(threshold_bytes=0))
+    # Two collectives per round (seq += 2), one pipelined call (tag counter += 1): in the first
+    # group round 4's all-reduce has seq 0 (wrapped) and tag counter 224, where the call headers'
+    # old range overlapped phase B's; the second group's tag counter wraps 255 -> 0.
+    starts = [((1 << 24) - 8, 220), ((1 << 19) - 3, 252)]
+    groups = [dist.new_group(backend="localsgd", pg_options=BackendOptions(threshold_bytes=0)) for _ in starts]
+    for g, (seq, call) in zip(groups, starts):
+        g._get_backend(torch.device("cpu"))._set_counters_for_test(seq, call)
+    mismatches = []
+    for g, (seq0, _) in zip(groups, starts):
+        for k in range(10):
+            gen = torch.Generator().manual_seed(1000 * k + rank)
+            n = [4099, 300_000, 70_000][k % 3]  # one short record, several pieces, one piece
+            x = torch.randn(n, generator=gen)
+            y = x.clone()
+            dist.all_reduce(x, group=g)
+            dist.all_reduce(y, group=ref)
+            b = torch.full((5,), float(rank + k))
+            c = b.clone()
+            dist.broadcast(b, src=k % p, group=g)  # a pass-through: only the sequence number moves
+            dist.broadcast(c, src=k % p, group=ref)
+            if not (torch.equal(x, y) and torch.equal(b, c)):
+                mismatches.append((seq0, k))
+    seqs = [g._get_backend(torch.device("cpu"))._get_sequence_number_for_group() for g in groups]
+    dist.destroy_process_group()
+    return mismatches, seqs
+
+
+def test_a_group_runs_past_the_wrap_of_every_tag_counter_without_corruption():
+    """Call headers (seq mod 2^24) and the pipelined calls' tags (call mod 256) each wrap; the
+    tag families have disjoint ranges (static_asserts in the backend), so no message of one
+    family can be taken by a receive of another. Before, the headers' range lay inside phase
+    B's: with the counters started at seq 2^24-8 and call 220, the fifth all-reduce's phase-B scales
+    matched the pre-posted header receive of the next call (an error or a corrupted result)."""
+    res = run_ranks(_w_counter_wrap, 2, True, backend=None, timeout=120)
+    for mismatches, seqs in res:
+        assert mismatches == [], mismatches
+        assert seqs == [(1 << 24) - 8 + 20, (1 << 19) - 3 + 20], seqs
+
+
+def _w_counters_late(rank, p):
+    dist.init_process_group("localsgd", timeout=timedelta(seconds=30))
+    dist.barrier()
+    try:
+        dist.group.WORLD._get_backend(torch.device("cpu"))._set_counters_for_test(5, 5)
+        msg = "no error"
+    except RuntimeError as exc:
+        msg = str(exc)
+    dist.destroy_process_group()
+    return msg
+
+
+def test_the_counter_hook_is_refused_after_the_first_collective():
+    for msg in run_ranks(_w_counters_late, 2, backend=None, timeout=60):
+        assert "only be set before the group's first collective" in msg, msg

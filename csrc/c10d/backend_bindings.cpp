@@ -53,6 +53,9 @@ void init_c10d_bindings(pybind11::module& m) {
              return d;
            })
       .def("reset_stats", &LocalSGDBackend::reset_stats)
+      .def("_set_counters_for_test", &LocalSGDBackend::set_counters_for_test, py::arg("seq"), py::arg("tag_call"),
+           "Test hook: start the call sequence number and the pipelined calls' tag counter at the given values "
+           "(to run a group past their wrap points without 16M collectives). Only before the first collective.")
       .def("failure", &LocalSGDBackend::failure,
            "The group's first error, or '' while it is healthy (after an error every call fails with it).")
       .def("exit_shutdown", &LocalSGDBackend::exit_shutdown, py::arg("grace_ms"),

@@ -27,6 +27,8 @@
 #include "localsgd_backend.h"
 
 #include <algorithm>
+#include <chrono>
+#include <limits>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -124,8 +126,11 @@ class PostedWorks {
   void wait(size_t i) {
     Entry& e = works_[i];
     if (!e.work) return;
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(call_->deadline -
-                                                                            std::chrono::steady_clock::now());
+    // Rounded up, never down: the inner wait must not end before our deadline, or a peer that
+    // never comes would be reported as the inner group's error ("Timed out waiting 2999ms")
+    // instead of this call's timeout, depending on how the millisecond fell (seen under load).
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(call_->deadline -
+                                                                   std::chrono::steady_clock::now());
     const char* dir = e.send ? "sending to" : "receiving from";
     TORCH_CHECK(left.count() > 0, "localsgd ", call_->spec.what, " (collective #", call_->seq, "): timed out after ",
                 call_->timeout.count(), " ms ", dir, " rank ", e.peer,
@@ -190,7 +195,8 @@ namespace {
 // the exchange overlaps the hand-off to the worker (and, for CUDA tensors, never touches the GPU).
 constexpr int64_t kHeaderWords = 8;
 constexpr int64_t kHeaderMagic = 0x4C534732;  // "LSG2"
-constexpr int kHeaderTag = 0x4F000000;        // + (seq mod 2^24)
+constexpr int kHeaderTag = 0x50000000;        // + (seq mod 2^24); above both phases' ranges
+constexpr int64_t kHeaderSeqMask = 0xFFFFFF;
 constexpr int64_t kKindCompressed = 1000;     // all_reduce_compressed
 
 std::string kind_name(int64_t k) {
@@ -276,10 +282,21 @@ CallSpec spec_for(const char* what, c10d::OpType kind, const std::vector<at::Ten
 // longer than the receive posted for it.
 constexpr int kPhaseTag[2] = {0x40000000, 0x48000000};
 constexpr int kCallTagShift = 19;
+constexpr int64_t kCallTagMask = 0xFF;
 constexpr int64_t kMaxPieces = int64_t{1} << (kCallTagShift - 1);
 int phase_tag(int phase, uint64_t call_id, int64_t j, int m) {
-  return kPhaseTag[phase] + static_cast<int>((call_id & 0xFF) << kCallTagShift) + static_cast<int>(2 * j + m);
+  return kPhaseTag[phase] + static_cast<int>((call_id & kCallTagMask) << kCallTagShift) + static_cast<int>(2 * j + m);
 }
+// Every tag family has a range of its own: user tags below phase A, phase A below phase B, phase
+// B below the call headers, the headers below INT_MAX. (The headers once sat inside phase B's
+// range: after about 500K collectives a piece of call 224-255 mod 256 could match a pre-posted
+// header receive.)
+constexpr int64_t kPhaseTagSpan = (kCallTagMask << kCallTagShift) + 2 * kMaxPieces;  // tags per phase
+static_assert(kPhaseTag[0] + kPhaseTagSpan <= kPhaseTag[1], "phase A's tags overlap phase B's");
+static_assert(kPhaseTag[1] + kPhaseTagSpan <= kHeaderTag, "phase B's tags overlap the call headers'");
+static_assert(int64_t{kHeaderTag} + kHeaderSeqMask <= int64_t{std::numeric_limits<int>::max()},
+              "the call headers' tags overflow int");
+static_assert(2 * kMaxPieces <= (int64_t{1} << kCallTagShift), "a call's pieces overlap the next call's tags");
 constexpr int64_t kPieceBytes = 1 << 20;     // payload bytes per piece, at most ...
 constexpr int64_t kMinPieceBytes = 1 << 16;  // ... and at least (unless the record is smaller)
 
@@ -856,6 +873,15 @@ uint64_t LocalSGDBackend::getSequenceNumberForGroup() {
   return next_seq_;
 }
 
+void LocalSGDBackend::set_counters_for_test(uint64_t seq, uint64_t tag_call) {
+  std::lock_guard<std::mutex> lk(mu_);
+  TORCH_CHECK(next_seq_ == 0 && preposted_.empty() && queue_.empty(),
+              "localsgd: the counters can only be set before the group's first collective (", next_seq_,
+              " made so far)");
+  next_seq_ = seq;
+  next_tag_call_ = tag_call;  // the worker reads it only for a task queued after this, under mu_
+}
+
 void LocalSGDBackend::setTimeout(std::chrono::milliseconds timeout) {
   TORCH_CHECK(timeout.count() > 0, "localsgd: timeout must be > 0 ms, got ", timeout.count());
   {
@@ -875,7 +901,7 @@ std::shared_ptr<Call> LocalSGDBackend::new_call(uint64_t seq) {
   if (!check_calls_ || p == 1) return call;
   call->rows = at::empty({p, kHeaderWords}, at::TensorOptions().dtype(at::kLong));
   call->header = std::make_shared<PostedWorks>(state_.get(), *call);
-  const int tag = kHeaderTag + static_cast<int>(seq & 0xFFFFFF);
+  const int tag = kHeaderTag + static_cast<int>(seq & kHeaderSeqMask);
   for (int64_t r = 0; r < p; ++r) {
     if (r == me) continue;
     std::vector<at::Tensor> t{call->rows[r]};
@@ -890,7 +916,7 @@ void LocalSGDBackend::post_header(Call& call) {
   call.mine = {kHeaderMagic, static_cast<int64_t>(call.seq), c.kind, c.format, c.op, c.dtype, c.numel, c.extra};
   if (!call.header) return;
   std::memcpy(call.rows[me].data_ptr<int64_t>(), call.mine.data(), kHeaderWords * sizeof(int64_t));
-  const int tag = kHeaderTag + static_cast<int>(call.seq & 0xFFFFFF);
+  const int tag = kHeaderTag + static_cast<int>(call.seq & kHeaderSeqMask);
   for (int64_t r = 0; r < p; ++r) {
     if (r == me) continue;
     std::vector<at::Tensor> t{call.rows[me]};

@@ -231,6 +231,9 @@ class LocalSGDBackend : public c10d::Backend {
   // ---- statistics (queried by localsgd_comm.get_backend_stats) ----
   BackendStats stats() const;
   void reset_stats();
+  // Test hook: start the call sequence number and the tag counter of the pipelined calls near
+  // their wrap points (seq mod 2^24, call mod 256). Only before the first collective.
+  void set_counters_for_test(uint64_t seq, uint64_t tag_call);
   Format format() const { return format_; }
   int64_t block_size() const { return block_; }
   int64_t threshold_bytes() const { return threshold_; }
