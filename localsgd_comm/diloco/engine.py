@@ -163,9 +163,11 @@ class OuterEngine:
             payload, scales = F.compress_delta(seg.anchor, params, res, c.compression, c.block_size, seed=seed)
             if probe is not None:
                 probe("compress")
-            if res is not None and not kept and not F.is_finite(scales):
+            if res is not None and not kept:
                 # No backup to restore (the delayed step decides one sync later, after the residual
                 # moved on): drop the non-finite entries, or a NaN residual poisons every later sync.
+                # Unconditional (a no-op where every block was finite: a finite block leaves a finite
+                # residual) so that no host sync waits here for the scales on a GPU.
                 res.masked_fill_(~torch.isfinite(res), 0.0)
             work = reducer.all_reduce_compressed(payload, scales, seg.numel, c.compression, c.block_size, wire_seed)
             if probe is not None:
@@ -196,15 +198,14 @@ class OuterEngine:
     def is_finite(red: Reduction) -> bool:
         """Whether the (awaited) result holds only finite values: the same answer on every rank
         of the group, which all hold the same bytes."""
-        ok = True
-        for it in red.items:
-            if it is None:
-                continue
-            if it[0] in ("none", "avg"):
-                ok = ok and bool(torch.isfinite(it[1]).all())
-            else:
-                ok = ok and F.is_finite(it[2])
-        return ok
+        flags = [torch.isfinite(it[1] if it[0] in ("none", "avg") else it[2]).all()
+                 for it in red.items if it is not None]
+        if not flags:
+            return True
+        # one host sync for all segments (on a GPU each bool() would wait for the device)
+        if len({f.device for f in flags}) > 1:
+            return all(bool(f) for f in flags)
+        return bool(torch.stack(flags).all()) if len(flags) > 1 else bool(flags[0])
 
     def apply(self, red: Reduction, *, write_params: bool = True) -> None:
         """The outer step of every segment from the (awaited) result; ``params <- anchor`` unless
