@@ -13,6 +13,10 @@ from launch_script import REPO  # noqa: E402
 
 from localsgd_comm.bench.launch import free_port  # noqa: E402
 
+# Long multi-process suite: run by CI and `pytest -m slow`, left out of the README's quick command.
+pytestmark = pytest.mark.slow
+
+
 SCRIPT = os.path.join(REPO, "tests", "scripts", "exit_modes.py")
 # per mode; every round is 2 fresh interpreters (~1.5 s). Before the exit handler of
 # localsgd_comm.backend, in_flight aborted in about half of the rounds and no_destroy in about a

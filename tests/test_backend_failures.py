@@ -241,6 +241,7 @@ def _w_call_timeout(rank, p, mode):
     return msg, time.monotonic() - t0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["per_call", "group", "set_timeout"])
 def test_the_timeout_bounds_a_compressed_call_whose_peer_never_comes(mode):
     """Before, the compressed path ignored both and waited for gloo's own timeout."""

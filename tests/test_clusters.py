@@ -17,6 +17,7 @@ from localsgd_comm.bench import clusters, netns
 NETNS_WHY = netns.availability()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.skipif(NETNS_WHY is not None, reason=f"shaped links unavailable: {NETNS_WHY}")
 def test_hierarchical_sync_bytes_on_the_slow_link_match_the_planner():

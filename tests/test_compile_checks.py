@@ -151,6 +151,7 @@ def _cuda_headers():
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["csrc/c10d/localsgd_backend.cpp", "csrc/bindings/ops_cuda.cpp",
                                     "csrc/bindings/module.cpp"])
 def test_cuda_branches_of_the_extension_compile(source, tmp_path):

@@ -154,6 +154,7 @@ def test_lr_scheduler_built_on_the_wrapper(tmp_path):
     assert report["lrs"] == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_checkpoint_in_the_scripts_dict_resumes_bit_for_bit(tmp_path):
     """model + optimizer (DiLoCo) + GradScaler + lr scheduler in the script's own checkpoint dict,
     one file per rank, saved mid-round (iteration 15, H = 10) and resumed in fresh processes."""
@@ -167,6 +168,7 @@ def test_checkpoint_in_the_scripts_dict_resumes_bit_for_bit(tmp_path):
         assert same_params(full[r], resumed[r]), f"rank {r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["before_ddp", "after_ddp"])
 def test_torch_compile(tmp_path, where):
     report, _, params = launch(tmp_path, where, "--diloco", "--compile", where, "--max-iters", "20", timeout=420)

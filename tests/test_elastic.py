@@ -16,6 +16,10 @@ import pytest
 from localsgd_comm.bench.launch import free_port as _free_port
 from localsgd_comm.elastic import connect, job_round
 
+# Long multi-process suite: run by CI and `pytest -m slow`, left out of the README's quick command.
+pytestmark = pytest.mark.slow
+
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "scripts", "elastic_worker.py")
 ROOT = os.path.dirname(HERE)
