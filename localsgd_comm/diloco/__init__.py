@@ -10,10 +10,8 @@ Usage (an existing DDP script changes in three lines)::
 
 What happens
 ------------
-* Construction makes every replica start from rank 0's parameters and buffers (of ``group``),
-  so all anchors start identical: a fingerprint of every tensor is compared across the group
-  first, and the broadcast runs only if they differ (DDP already broadcast them, or the script
-  seeded every rank alike). Trainable parameters are moved into one
+* Construction broadcasts every parameter (and buffer) from rank 0 of ``group`` so all
+  replicas, and hence all anchors, start identical. Trainable parameters are moved into one
   flat buffer per (device, dtype) by re-pointing ``p.data`` at a slice of it: the fused ops
   then run once per sync over the whole model instead of once per tensor. The anchor (and
   the outer momentum and error-feedback residual) are flat fp32 buffers on the parameters'
@@ -88,9 +86,8 @@ Parameters of special kinds
 * tied weights (the same ``Parameter`` reachable twice): synced once.
 * bf16/fp16 parameters: kept in their dtype; anchor, momentum and residual are fp32, the
   outer step writes ``params = anchor`` rounded to nearest once.
-* Module buffers (e.g. BatchNorm statistics): at every sync the floating ones are averaged
-  over the group (an exact fp32 sum, identical bytes on every rank) and the others copied from
-  its first rank, as DDP does at every step (``sync_buffers=False`` keeps them local).
+* Module buffers (e.g. BatchNorm statistics) are broadcast at construction but not synced
+  afterwards.
 
 Non-finite pseudo-gradients
 ---------------------------

@@ -17,7 +17,6 @@ from .ddp import Tripwire, find_ddp, make_ddp_local, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction, derive_seed
 from .hierarchical import HierarchicalGroups, HierarchicalSync
 from .inner import InnerWrapper, check_outer_args, resolve_block_size
-from .module_buffers import BufferSync, replicas_agree, unique_buffers
 
 
 class DiLoCo(InnerWrapper):
@@ -40,14 +39,7 @@ class DiLoCo(InnerWrapper):
         overlap: delayed outer step with the all-reduce in the background (see the package docstring).
         state_device: device of anchor/momentum/residual (default: the parameters' device).
         on_nonfinite: ``"skip"`` or ``"raise"``.
-        broadcast_init: make every replica start from rank 0's parameters and buffers. The
-            replicas are compared first (a fingerprint of every tensor, two small all-reduces);
-            the broadcast runs only where they differ, so a DDP model (which DDP already
-            broadcast) or replicas seeded alike cost no second copy of the model.
-        sync_buffers: at every sync, average the module's floating buffers (BatchNorm running
-            statistics, ...) over the group (the world in hierarchical mode) and copy the others
-            from its first rank, as DDP does every step; counted in ``stats["buffer_bytes_sent"]``
-            and ``stats["bytes_sent"]``. ``False``: buffers stay local after construction.
+        broadcast_init: broadcast parameters and buffers from rank 0 at construction.
     """
 
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, sync_every: int,
@@ -55,8 +47,7 @@ class DiLoCo(InnerWrapper):
                  compression: str = "int8", block_size: Optional[int] = None, error_feedback: bool = False,
                  stochastic_rounding: bool = False, seed: int = 0, group=None,
                  hierarchy: Optional[HierarchicalGroups] = None, overlap: bool = False,
-                 state_device=None, on_nonfinite: str = "skip", broadcast_init: bool = True,
-                 sync_buffers: bool = True):
+                 state_device=None, on_nonfinite: str = "skip", broadcast_init: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module (or DDP-wrapped one), got {type(model).__name__}")
         check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
@@ -128,11 +119,13 @@ class DiLoCo(InnerWrapper):
             if p.is_sparse:
                 raise TypeError("parameters: expected dense parameters, got a sparse one")
 
-        # ---- identical start: rank 0's tensors of the sync group (world in hierarchical mode) ----
+        # ---- identical start: broadcast from rank 0 of the sync group (world in hierarchical mode) ----
         bgroup = None if hierarchy is not None else self.group
-        self.init_broadcast = False
-        init_bytes = self._identical_start(list(all_params) + unique_buffers(module), bgroup) if broadcast_init else 0
-        self._buffer_sync = BufferSync(module, bgroup) if sync_buffers else None
+        if broadcast_init:
+            src = dist.get_global_rank(bgroup, 0) if bgroup not in (None, dist.group.WORLD) else 0
+            with torch.no_grad():
+                for t in list(all_params) + list(module.buffers()):
+                    dist.broadcast(t.data, src=src, group=bgroup)
 
         align = self.block_size if self.compression != "none" else 1
         self._flats = build_buffers(trainable, state_device=state_device, momentum=self.outer_momentum != 0.0,
@@ -153,7 +146,7 @@ class DiLoCo(InnerWrapper):
         self._sync_index = 0   # syncs started
         self._pending: Optional[Reduction] = None  # overlap mode: the reduce in flight
         self.stats = {"syncs": 0, "skipped_syncs": 0, "bytes_sent": 0, "intra_bytes_sent": 0, "foreign_bytes": 0,
-                      "ddp_hook_calls": 0, "buffer_bytes_sent": 0, "init_bytes_sent": init_bytes}
+                      "ddp_hook_calls": 0}
         # Tripwire (see "DDP under DiLoCo"): traffic on the watched groups between syncs.
         groups = [self.group]
         if ddp is not None and hierarchy is None and ddp.process_group is not self.group:
@@ -198,10 +191,6 @@ class DiLoCo(InnerWrapper):
             self._pending.wait()
         self._tripwire.check(self.stats, self._sync_index + 1)
         self._sync_index += 1
-        if self._buffer_sync:
-            sent = self._buffer_sync.run()
-            self.stats["buffer_bytes_sent"] += sent
-            self.stats["bytes_sent"] += sent
         # Without overlap a skipped (non-finite) update restores the residual. In overlap mode a skip
         # is decided one sync later, after the residual moved on: the engine zeroes its non-finite
         # entries instead.
@@ -242,24 +231,6 @@ class DiLoCo(InnerWrapper):
         return [f.packed(f.anchor) for f in self._flats]
 
     # ------------------------------------------------------------------ internals
-    def _identical_start(self, tensors, group) -> int:
-        """Rank 0's ``tensors`` on every rank of ``group``: compared by fingerprint first, broadcast
-        only where they differ. Returns the bytes this rank sent."""
-        same, sent = replicas_agree(tensors, group)
-        self.init_broadcast = not same  # whether construction had to copy rank 0's model
-        if same:
-            return sent
-        src = dist.get_global_rank(group, 0) if group not in (None, dist.group.WORLD) else 0
-        before = _backend.bytes_sent_on(group)
-        with torch.no_grad():
-            for t in tensors:
-                dist.broadcast(t.data, src=src, group=group)
-        after = _backend.bytes_sent_on(group)
-        if before is not None and after is not None:
-            return sent + after - before
-        p = dist.get_world_size(group)
-        return sent + ((p - 1) * sum(t.numel() * t.element_size() for t in tensors) if dist.get_rank() == src else 0)
-
     def _check_params(self, where: str) -> None:
         """Every trainable parameter must still be a view of its flat buffer."""
         for f, names in zip(self._flats, self._param_names):
