@@ -112,6 +112,40 @@ def full_params(model):
     return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
 
 
+# ---- quick: one sync against a float64 oracle ----------------------------------------------------------------
+def _one_sync_worker(rank, world_size):
+    mesh = mesh22()
+    replica, shard = rank // 2, rank % 2
+    model = shard_model(make_gpt(), mesh)
+    init = full_params(model)
+    opt = localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=LR), sync_every=1000,
+                               compression="none")  # group omitted: the 2-D mesh's first dimension
+    for s in range(2):
+        lm_loss(model, tokens(replica, s)[shard * 4:(shard + 1) * 4]).backward()
+        opt.step()
+        opt.zero_grad()
+    before = full_params(model)
+    opt.sync()
+    return {"init": init, "before": before, "after": full_params(model), "group": opt.group_ranks}
+
+
+def test_one_sync_against_float64_oracle():
+    """2 replicas x 2 shards, fp32: one outer Nesterov step (lr 0.7, momentum 0.9) from the local
+    shards equals the float64 oracle on the full parameters (|err| <= 1e-6 x (1 + |x|)); every rank
+    ends with the same full parameters, bit for bit; the replicate group inferred from the mesh."""
+    out = run_ranks(_one_sync_worker, 4, backend="localsgd", timeout=TIMEOUT)
+    assert [o["group"] for o in out] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    for n, x0 in out[0]["init"].items():
+        a, b = out[0]["before"][n].double(), out[2]["before"][n].double()
+        assert not torch.equal(a, b)  # the replicas trained on different data
+        g = ((x0.double() - a) + (x0.double() - b)) / 2
+        want = x0.double() - 0.7 * (g + 0.9 * g)
+        got = out[0]["after"][n]
+        assert torch.allclose(got.double(), want, rtol=0, atol=1e-6 * (1 + want.abs().max().item())), n
+        for r in range(1, 4):
+            assert torch.equal(out[r]["after"][n], got), (r, n)
+
+
 # ---- workers ---------------------------------------------------------------------------------------------------
 def _sharded_worker(rank, world_size, compression, steps, sync_every, opts=None):
     opts = opts or {}
@@ -193,6 +227,7 @@ def _check_sharded_vs_unsharded(compression, steps, sync_every):
     return sh, ref
 
 
+@pytest.mark.slow
 def test_sharded_fp32_matches_unsharded():
     """compression="none": replicas bitwise equal, loss within 1% of unsharded DiLoCo, bytes, memory."""
     _check_sharded_vs_unsharded("none", 8, 4)

@@ -433,8 +433,10 @@ class ShardedDiLoCo(DiLoCo):
         for m in self._fsdp_modules:
             m.reshard()
 
-    def full_anchor_numel(self) -> int:
-        return sum(f.numel for f in self._flats)
+    @property
+    def group_ranks(self) -> List[int]:
+        """The global ranks of the replicate group (the sync's group)."""
+        return dist.get_process_group_ranks(self.group)
 
     def outer_state_bytes(self) -> int:
         """Bytes of anchor, momentum and residual on this rank."""
