@@ -241,3 +241,115 @@ def test_sharded_int8_matches_unsharded():
 @pytest.mark.slow
 def test_sharded_fp32_longer_run():
     _check_sharded_vs_unsharded("none", 24, 4)
+
+
+# ---- bad input: a clear error before training, nothing hangs ---------------------------------------------------
+@pytest.fixture
+def world1():
+    """A world-size-1 "localsgd" group in this process, and a (1, 1) mesh on it."""
+    dist.init_process_group("localsgd", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _mesh(shape, names):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", shape, mesh_dim_names=names)
+
+
+def test_plain_fsdp_without_group_is_an_error(world1):
+    from torch.distributed.fsdp import fully_shard
+    mesh = _mesh((1,), ("shard",))
+    model = make_gpt()
+    for blk in model.blocks:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    with pytest.raises(ValueError, match=r"1-D with no replicate dimension.*group=mesh.get_group\('replicate'\)"):
+        localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters()), sync_every=2)
+
+
+def test_parameters_on_different_meshes_is_an_error(world1):
+    from torch.distributed.fsdp import fully_shard
+    m2 = _mesh((1, 1), ("replicate", "shard"))
+    other = _mesh((1,), ("other",))
+    model = make_gpt()
+    fully_shard(model.blocks[0], mesh=other)
+    for blk in model.blocks[1:]:
+        fully_shard(blk, mesh=m2["shard"])
+    fully_shard(model, mesh=m2["shard"])
+    with pytest.raises(ValueError, match="expected every parameter on one device mesh"):
+        localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters()), sync_every=2)
+
+
+def test_partly_sharded_model_is_an_error(world1):
+    from torch.distributed.fsdp import fully_shard
+    m2 = _mesh((1, 1), ("replicate", "shard"))
+    model = make_gpt()
+    for blk in model.blocks:
+        fully_shard(blk, mesh=m2["shard"])  # the root is not sharded: emb, pos, ln stay plain
+    with pytest.raises(ValueError, match="apply fully_shard to the root module"):
+        localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters()), sync_every=2)
+
+
+def test_inner_optimizer_over_other_parameters_is_an_error(world1):
+    m2 = _mesh((1, 1), ("replicate", "shard"))
+    model = shard_model(make_gpt(), m2)
+    stray = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"not a parameter of the model"):
+        localsgd_comm.DiLoCo(model, torch.optim.AdamW(list(model.parameters()) + [stray]), sync_every=2)
+    # the optimizer built before fully_shard holds the replaced plain tensors
+    model = make_gpt()
+    inner = torch.optim.AdamW(model.parameters())
+    shard_model(model, m2)
+    with pytest.raises(ValueError, match=r"built before fully_shard"):
+        localsgd_comm.DiLoCo(model, inner, sync_every=2)
+
+
+def test_diloco_before_fully_shard_is_an_error(world1):
+    m2 = _mesh((1, 1), ("replicate", "shard"))
+    model = make_gpt()
+    opt = localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters()), sync_every=2)
+    shard_model(model, m2)
+    lm_loss(model, tokens(0, 0)).backward()
+    with pytest.raises(RuntimeError, match=r"fully_shard was applied after DiLoCo was constructed"):
+        opt.step()
+
+
+def test_hsdp_on_the_2d_mesh_and_hierarchy_are_errors(world1):
+    from torch.distributed.fsdp import fully_shard
+    m2 = _mesh((1, 1), ("replicate", "shard"))
+    model = make_gpt()
+    fully_shard(model, mesh=m2)  # HSDP: gradients all-reduced across replicas every step
+    with pytest.raises(ValueError, match=r"HSDP.*mesh\['shard'\]"):
+        localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters()), sync_every=2)
+    model = shard_model(make_gpt(), m2)
+    with pytest.raises(ValueError, match="hierarchy: not supported with an FSDP2 model"):
+        localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters()), sync_every=2, hierarchy=object())
+
+
+def _bad_group_worker(rank, world_size):
+    mesh = mesh22()
+    model = shard_model(make_gpt(), mesh)
+    msgs = []
+    for g in (mesh.get_group("shard"), dist.group.WORLD):
+        try:
+            localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters()), sync_every=2, group=g)
+            msgs.append(None)
+        except ValueError as e:
+            msgs.append(str(e))
+    # still usable afterwards: the right group works (nothing half-done by the failed attempts)
+    opt = localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters()), sync_every=1,
+                               group=mesh.get_group("replicate"), compression="none")
+    lm_loss(model, tokens(rank // 2, 0)[:4]).backward()
+    opt.step()
+    return msgs
+
+
+@pytest.mark.slow
+def test_group_that_does_not_match_the_mesh_is_an_error():
+    out = run_ranks(_bad_group_worker, 4, backend="localsgd", timeout=TIMEOUT)
+    for rank, (shard_msg, world_msg) in enumerate(out):
+        want = [[0, 2], [1, 3]][rank % 2]
+        assert shard_msg is not None and f"expected the ranks holding the same shard as rank {rank} in every " \
+            f"replica, {want}" in shard_msg
+        assert world_msg is not None and "got a group of ranks [0, 1, 2, 3]" in world_msg
