@@ -451,6 +451,8 @@ class ShardedDiLoCo(DiLoCo):
         """A nested dict for ``torch.distributed.checkpoint`` (see the module docstring): every
         per-rank tensor under ``"replica{r}.shard{s}"``, the counters and config as plain values."""
         pending = None if self._pending is None else self._pending.state()
+        if not self.inner_optimizer.state:
+            self._init_inner_state()
         inner = self.inner_optimizer.state_dict()
         per_rank = {
             "params": {str(i): f.gather() for i, f in enumerate(self._flats)},
@@ -460,6 +462,13 @@ class ShardedDiLoCo(DiLoCo):
             "inner_state": {str(k): {name: _local(v).clone() if torch.is_tensor(v) else v for name, v in st.items()}
                             for k, st in inner["state"].items()},
         }
+        if pending is None and self.overlap:
+            # overlap mode: the structure a saved pending reduce is loaded into (dcp.load fills what exists)
+            placeholder = self._engine.received(self._segments, self.sync_size)
+            pending = {"items": placeholder.items, "residual_backup": [None] * len(self._segments)}
+            pending_kinds = None
+        else:
+            pending_kinds = None if pending is None else [None if it is None else it[0] for it in pending["items"]]
         if pending is not None:
             per_rank["pending"] = {
                 "items": {str(i): {str(j): t for j, t in enumerate(it[1:])} for i, it in enumerate(pending["items"])
@@ -469,13 +478,32 @@ class ShardedDiLoCo(DiLoCo):
             self._key(): per_rank,
             "meta": {"local_step": self._local_step, "sync_index": self._sync_index, "stats": dict(self.stats),
                      "param_groups": inner["param_groups"], "inner_state_keys": sorted(inner["state"]),
-                     "pending_kinds": None if pending is None else [None if it is None else it[0]
-                                                                     for it in pending["items"]],
+                     "pending_kinds": pending_kinds,
                      "config": {"sync_every": self.sync_every, "compression": self.compression,
                                 "block_size": self.block_size, "seed": self.seed, "overlap": self.overlap,
                                 "numels": [f.numel for f in self._flats],
                                 "replicas": self.sync_size, "shards": self.mesh.size()}},
         }
+
+    def _init_inner_state(self) -> None:
+        """Create the inner optimizer's state (as torch.distributed.checkpoint.state_dict does): one
+        step with zero gradients at learning rate 0, parameters unchanged; so that a fresh DiLoCo's
+        state_dict() has the structure ``dcp.load`` fills in."""
+        opt = self.inner_optimizer
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grads = [p.grad for p in params]
+        lrs = [g["lr"] for g in opt.param_groups]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for g in opt.param_groups:
+            g["lr"] = lrs[0] * 0.0 if torch.is_tensor(lrs[0]) else 0.0
+        try:
+            opt.step()
+        finally:
+            for g, lr in zip(opt.param_groups, lrs):
+                g["lr"] = lr
+            for p, g in zip(params, grads):
+                p.grad = g
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         meta = state["meta"]
@@ -505,8 +533,7 @@ class ShardedDiLoCo(DiLoCo):
         self.inner_optimizer.load_state_dict({"state": inner_state, "param_groups": meta["param_groups"]})
         with torch.no_grad():
             for i, f in enumerate(self._flats):
-                f.write_params(mine["params"][str(i)].to(torch.float32) if f.dtype == torch.float32
-                               else mine["params"][str(i)])
+                f.write_params(mine["params"][str(i)])
                 f.anchor.copy_(mine["anchor"][str(i)])
                 if f.momentum is not None:
                     f.momentum.copy_(mine["momentum"][str(i)])
