@@ -162,6 +162,7 @@ def _sharded_worker(rank, world_size, compression, steps, sync_every, opts=None)
     opt = localsgd_comm.DiLoCo(model, inner, sync_every=sync_every, compression=compression, group=rg,
                                **opts.get("diloco", {}))
     init_bytes = localsgd_comm.get_backend_stats(rg)["bytes_sent"] - base
+    sg_base = localsgd_comm.get_backend_stats(mesh.get_group("shard"))["bytes_sent"]
     half = B // 2
     per_sync = []
     for s in range(steps):
@@ -177,7 +178,8 @@ def _sharded_worker(rank, world_size, compression, steps, sync_every, opts=None)
     local_numel = sum(p.to_local().numel() for p in {id(p): p for p in model.parameters()}.values())
     return {"full": full_params(model), "eval": ev, "per_sync": per_sync, "local_numel": local_numel,
             "init_bytes": init_bytes, "init_stat": opt.stats["init_bytes"], "state_bytes": opt.outer_state_bytes(),
-            "syncs": opt.stats["syncs"], "type": type(opt).__name__}
+            "syncs": opt.stats["syncs"], "type": type(opt).__name__,
+            "shard_group_bytes": localsgd_comm.get_backend_stats(mesh.get_group("shard"))["bytes_sent"] - sg_base}
 
 
 def _unsharded_worker(rank, world_size, compression, steps, sync_every):
