@@ -516,3 +516,11 @@ def test_dcp_resume_is_bitwise():
     for r in range(4):
         for n, t in a[r]["full"].items():
             assert torch.equal(t, b[r]["full"][n]), (r, n)
+
+
+def test_elastic_with_fsdp2_replica_is_a_clear_error(world1):
+    m2 = _mesh((1, 1), ("replicate", "shard"))
+    model = shard_model(make_gpt(), m2)
+    with pytest.raises(NotImplementedError, match="FSDP2-sharded replicas"):
+        localsgd_comm.ElasticDiLoCo(model, torch.optim.AdamW(model.parameters()), coordinator="127.0.0.1:1",
+                                    worker_id="w0", sync_every=2)
