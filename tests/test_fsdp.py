@@ -25,7 +25,7 @@ from torch.nn import functional as F
 import localsgd_comm
 from localsgd_comm import functional as LF
 
-from _dist import RankError, run_ranks
+from _dist import run_ranks
 
 TIMEOUT = 240  # s per multi-process run (4 ranks on 2 shared cores: ~10-40 s measured)
 V, D, HEADS, LAYERS, T, B = 64, 64, 4, 3, 16, 8  # vocab, width, heads, blocks, sequence, batch per replica

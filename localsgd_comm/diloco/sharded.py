@@ -57,7 +57,6 @@ replicas and shards.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -387,8 +386,9 @@ class ShardedDiLoCo(DiLoCo):
             with torch.no_grad():
                 for ps in keys.values():
                     tmp = _flat_of([_local(p) for p in ps])
-                    dist.broadcast(tmp, src=src, group=group)
-                    _unflat_into(tmp, [_local(p) for p in ps])
+                    if tmp.numel():  # the same on every member (checked above)
+                        dist.broadcast(tmp, src=src, group=group)
+                        _unflat_into(tmp, [_local(p) for p in ps])
                 frozen = [_local(p) for _, p in named if not p.requires_grad]
                 for t in frozen + [b.to_local() if _is_dtensor(b) else b for b in module.buffers()]:
                     if t.numel():
