@@ -69,8 +69,8 @@ class GPT(nn.Module):
         return self.head(self.ln(x))
 
 
-def make_gpt(tied=True):
-    torch.manual_seed(0)
+def make_gpt(tied=True, seed=0):
+    torch.manual_seed(seed)
     m = GPT(tied)
     with torch.no_grad():
         m.pos.normal_(0, 0.02)
@@ -120,25 +120,32 @@ def full_params(model):
 def _one_sync_worker(rank, world_size):
     mesh = mesh22()
     replica, shard = rank // 2, rank % 2
-    model = shard_model(make_gpt(), mesh)
-    init = full_params(model)
+    model = shard_model(make_gpt(seed=replica), mesh)  # the replicas start different...
+    own_init = full_params(model)
     opt = localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=LR), sync_every=1000,
                                compression="none")  # group omitted: the 2-D mesh's first dimension
+    init = full_params(model)  # ...until construction broadcasts replica 0's local shards
     for s in range(2):
         lm_loss(model, tokens(replica, s)[shard * 4:(shard + 1) * 4]).backward()
         opt.step()
         opt.zero_grad()
     before = full_params(model)
     opt.sync()
-    return {"init": init, "before": before, "after": full_params(model), "group": opt.group_ranks}
+    return {"own_init": own_init, "init": init, "before": before, "after": full_params(model),
+            "group": opt.group_ranks}
 
 
 def test_one_sync_against_float64_oracle():
     """2 replicas x 2 shards, fp32: one outer Nesterov step (lr 0.7, momentum 0.9) from the local
     shards equals the float64 oracle on the full parameters (|err| <= 1e-6 x (1 + |x|)); every rank
-    ends with the same full parameters, bit for bit; the replicate group inferred from the mesh."""
+    ends with the same full parameters, bit for bit; the replicate group inferred from the mesh;
+    replicas initialized from different seeds start from replica 0's parameters."""
     out = run_ranks(_one_sync_worker, 4, backend="localsgd", timeout=TIMEOUT)
     assert [o["group"] for o in out] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert not torch.equal(out[0]["own_init"]["blocks.0.qkv.weight"], out[2]["own_init"]["blocks.0.qkv.weight"])
+    for n, t in out[0]["own_init"].items():
+        for r in range(4):
+            assert torch.equal(out[r]["init"][n], t), (r, n)
     for n, x0 in out[0]["init"].items():
         a, b = out[0]["before"][n].double(), out[2]["before"][n].double()
         assert not torch.equal(a, b)  # the replicas trained on different data
