@@ -23,7 +23,9 @@ class DiLoCo(InnerWrapper):
     """DiLoCo (or plain local SGD) around an inner optimizer; see the ``localsgd_comm.diloco`` docstring.
 
     Args:
-        model: an ``nn.Module`` or a ``DistributedDataParallel`` wrapping one.
+        model: an ``nn.Module`` or a ``DistributedDataParallel`` wrapping one, or a model sharded
+            with FSDP2's ``fully_shard`` on ``mesh["shard"]`` of a 2-D mesh (DTensor parameters:
+            the call returns a :class:`~localsgd_comm.diloco.sharded.ShardedDiLoCo`).
         inner_optimizer: an optimizer over (a subset of) the model's parameters.
         sync_every: inner steps between syncs (H), >= 1.
         outer_lr, outer_momentum, nesterov: the outer SGD (``outer_lr=1, outer_momentum=0``
@@ -34,7 +36,8 @@ class DiLoCo(InnerWrapper):
         stochastic_rounding: seeded stochastic rounding of the local delta, seeds derived
             from ``(seed, sync index, rank)``.
         seed: base seed of stochastic rounding.
-        group: the process group of the sync (default: the default group).
+        group: the process group of the sync (default: the default group; for an FSDP2 model the
+            replicate group, default: the first dimension of the 2-D mesh).
         hierarchy: a :class:`HierarchicalGroups` for hierarchical mode (``group`` is ignored).
         overlap: delayed outer step with the all-reduce in the background (see the package docstring).
         state_device: device of anchor/momentum/residual (default: the parameters' device).
