@@ -505,7 +505,7 @@ def _ckpt_worker(rank, world_size, path, steps, save_at, resume):
         opt.step()
         opt.zero_grad()
     opt.flush()
-    return {"full": full_params(model), "saved": saved, "start": start}
+    return {"full": full_params(model), "saved": saved, "start": start, "stats": dict(opt.stats)}
 
 
 @pytest.mark.slow
@@ -520,6 +520,13 @@ def test_dcp_resume_is_bitwise():
         assert any(not torch.equal(t, a[2]["saved"][n]) for n, t in a[0]["saved"].items())
         b = run_ranks(_ckpt_worker, 4, path, 10, 6, True, backend="localsgd", timeout=TIMEOUT)
     assert b[0]["start"] == 6
+    # per-rank counters resume too (init_bytes differs by rank); foreign_bytes (the tripwire's count of the
+    # backend's call headers) counts from the start of each process
+    def counters(x):
+        return {k: v for k, v in x["stats"].items() if k != "foreign_bytes"}
+    assert [counters(x) for x in a] == [counters(x) for x in b]
+    # the construction broadcast: its root sends the local shards, the other member a 64-byte call header
+    assert a[0]["stats"]["init_bytes"] > 100_000 and a[2]["stats"]["init_bytes"] == 64
     for r in range(4):
         for n, t in a[r]["full"].items():
             assert torch.equal(t, b[r]["full"][n]), (r, n)

@@ -29,7 +29,7 @@ What each rank keeps and does
   every replica's full parameters (``p.full_tensor()``) are bitwise identical.
 * Construction broadcasts each rank's local shards (and the module buffers) once from rank 0 of
   ``group`` (one broadcast per dtype: ``local_shard_numel x element size`` bytes sent by that
-  rank, nothing by the others; recorded in ``stats["init_bytes"]``); ``broadcast_init=False``
+  rank, a 64-byte call header by each other member; recorded in ``stats["init_bytes"]``); ``broadcast_init=False``
   skips it when the replicas start identical from the same seed.
 
 ``group`` omitted: the parameters' mesh must be a dimension of a 2-D mesh (``mesh["shard"]``);
@@ -461,6 +461,7 @@ class ShardedDiLoCo(DiLoCo):
             "residual": {str(i): f.residual.clone() for i, f in enumerate(self._flats) if f.residual is not None},
             "inner_state": {str(k): {name: _local(v).clone() if torch.is_tensor(v) else v for name, v in st.items()}
                             for k, st in inner["state"].items()},
+            "stats": dict(self.stats),  # per rank (init_bytes, foreign_bytes differ between ranks)
         }
         if pending is None and self.overlap:
             # overlap mode: the structure a saved pending reduce is loaded into (dcp.load fills what exists)
@@ -476,7 +477,7 @@ class ShardedDiLoCo(DiLoCo):
                 "residual_backup": {str(i): b for i, b in enumerate(pending["residual_backup"]) if b is not None}}
         return {
             self._key(): per_rank,
-            "meta": {"local_step": self._local_step, "sync_index": self._sync_index, "stats": dict(self.stats),
+            "meta": {"local_step": self._local_step, "sync_index": self._sync_index,
                      "param_groups": inner["param_groups"], "inner_state_keys": sorted(inner["state"]),
                      "pending_kinds": pending_kinds,
                      "config": {"sync_every": self.sync_every, "compression": self.compression,
@@ -542,7 +543,10 @@ class ShardedDiLoCo(DiLoCo):
         self._local_step = int(meta["local_step"])
         self._sync_index = int(meta["sync_index"])
         self.seed = int(cfg["seed"])
-        self.stats = dict(meta["stats"])
+        self.stats = dict(mine["stats"])
+        # the tripwire counts from here: the loaded syncs' bytes are not this process's traffic
+        self._tripwire._own_bytes_mark = self.stats["bytes_sent"]
+        self._tripwire._traffic_mark = self._tripwire._watched_bytes()
         self._pending = None
         if meta["pending_kinds"] is not None:
             items = []
