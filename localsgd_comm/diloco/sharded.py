@@ -16,7 +16,8 @@ What each rank keeps and does
 * Outer state for its local shards only: anchor, outer momentum and error-feedback residual are
   flat fp32 buffers over ``p.to_local()`` of every synced parameter (block-aligned per shard, so a
   quantization block never straddles two parameters), i.e. 1/S of the unsharded state per rank.
-  ``state_device="cpu"`` keeps them in host memory (pinned when the parameters are on CUDA).
+  ``state_device="cpu"`` keeps them in host memory (pinned when the parameters are on CUDA; the
+  CUDA paths are not tested yet: the tests run on CPU).
   FSDP keeps owning the shards' storage: they are read into a transient flat buffer at each sync
   and written back in place, never re-pointed.
 * A sync (every ``sync_every`` steps) runs the shared outer-step engine on those buffers over
@@ -27,10 +28,10 @@ What each rank keeps and does
   all-gathers and reduce-scatters, which run on the shard group).
 * Every member of ``group`` dequantizes the same bytes into the same anchor, so after each sync
   every replica's full parameters (``p.full_tensor()``) are bitwise identical.
-* Construction broadcasts each rank's local shards (and the module buffers) once from rank 0 of
-  ``group`` (one broadcast per dtype: ``local_shard_numel x element size`` bytes sent by that
-  rank, a 64-byte call header by each other member; recorded in ``stats["init_bytes"]``); ``broadcast_init=False``
-  skips it when the replicas start identical from the same seed.
+* Construction broadcasts the local shards (and the module buffers) once across ``group`` from
+  its rank 0 (one broadcast per dtype: ``local_shard_numel x element size`` bytes sent by that
+  rank, a 64-byte call header by each other member; recorded in ``stats["init_bytes"]``);
+  ``broadcast_init=False`` skips it when the replicas start identical from the same seed.
 
 ``group`` omitted: the parameters' mesh must be a dimension of a 2-D mesh (``mesh["shard"]``);
 the other (first) dimension of that mesh is taken as the replicate dimension. A 1-D mesh
