@@ -398,6 +398,8 @@ def _combo_run(rank, mesh, combo):
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9) if combo.get("sched") else None
     micro = combo.get("micro", 1)
     evals = []
+    init = full_params(model)
+    after_skip = None
     for s in range(4):
         seq = tokens(replica, s)[shard * 4:(shard + 1) * 4]
         for m in range(micro):
@@ -407,6 +409,9 @@ def _combo_run(rank, mesh, combo):
             (lm_loss(model, part) / micro).backward()
         if combo.get("clip"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        if combo.get("nan_at") == s and rank == 0:  # one shard of one replica goes non-finite (the
+            with torch.no_grad():                   # parameter, so that AdamW's moments stay finite)
+                next(iter(model.parameters())).to_local()[0].fill_(float("nan"))
         if combo.get("eval_before_step"):
             with torch.no_grad():  # the root may stay unsharded after this (reshard_after_forward=False)
                 lm_loss(model, tokens(7, EVAL, 4))
@@ -414,13 +419,15 @@ def _combo_run(rank, mesh, combo):
         opt.zero_grad()
         if sched is not None:
             sched.step()
+        if combo.get("nan_at") == s:
+            after_skip = full_params(model)
         with torch.no_grad():
             evals.append(float(lm_loss(model, tokens(7, EVAL, 4))))
     if combo.get("diloco", {}).get("overlap"):
         opt.flush()
     with torch.no_grad():
         final = float(lm_loss(model, tokens(7, EVAL, 4)))
-    return {"full": full_params(model), "evals": evals, "final": final, "foreign": opt.stats["foreign_bytes"],
+    return {"full": full_params(model), "init": init, "after_skip": after_skip, "evals": evals, "final": final, "foreign": opt.stats["foreign_bytes"],
             "lr": opt.param_groups[0]["lr"], "syncs": opt.stats["syncs"], "skipped": opt.stats["skipped_syncs"]}
 
 
@@ -433,6 +440,7 @@ COMBOS = {
     "untied_fp32_averaging": {"tied": False, "diloco": {"compression": "none", "outer_lr": 1.0,
                                                         "outer_momentum": 0.0}},
     "compiled_blocks": {"compile": True, "diloco": {"compression": "int8"}},
+    "nonfinite_skip": {"nan_at": 1, "skipped": 1, "diloco": {"compression": "int8", "error_feedback": True}},
 }
 
 
@@ -445,7 +453,14 @@ def _check_combos(names):
     out = run_ranks(_combo_worker, 4, names, backend="localsgd", timeout=TIMEOUT)
     for n in names:
         res = [o[n] for o in out]
-        assert res[0]["syncs"] == 2 and res[0]["skipped"] == 0, n
+        want_skipped = COMBOS[n].get("skipped", 0)
+        for r in range(4):
+            assert res[r]["syncs"] == 2 and res[r]["skipped"] == want_skipped, (n, r, res[r]["skipped"])
+        if want_skipped:
+            # the whole model skipped on every rank (both shards, both replicas): back at the anchor
+            for r in range(4):
+                for k, t in res[0]["init"].items():
+                    assert torch.equal(res[r]["after_skip"][k], t), (n, r, k)
         for r in range(1, 4):
             for k, t in res[0]["full"].items():
                 assert torch.equal(t, res[r]["full"][k]), (n, r, k)
@@ -467,9 +482,10 @@ def test_combos_mixed_precision_checkpointing_accumulation_clipping_scheduler():
     """bf16 params (fp32 reduce), reshard_after_forward=False with a no-grad forward before the sync,
     error feedback with CPU state; activation checkpointing, gradient accumulation with
     set_requires_gradient_sync, clip_grad_norm_ on DTensors, StepLR on the wrapper, int4, overlap;
-    untied embeddings with fp32 model averaging. Replicas bitwise equal after the last sync."""
+    untied embeddings with fp32 model averaging; a NaN in one shard of one replica skips the sync on
+    every rank (the whole model back at the anchor). Replicas bitwise equal after the last sync."""
     _check_combos(["bf16_params_no_reshard_ef_cpu_state", "checkpoint_accum_clip_sched_overlap",
-                   "untied_fp32_averaging"])
+                   "untied_fp32_averaging", "nonfinite_skip"])
 
 
 @pytest.mark.slow

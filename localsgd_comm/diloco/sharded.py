@@ -421,6 +421,14 @@ class ShardedDiLoCo(DiLoCo):
                         "the model was moved, cast or re-sharded after DiLoCo was constructed")
 
     def _finish(self, red: Reduction, finite: Optional[bool] = None) -> None:
+        if finite is None:
+            # Every member of group holds the same bytes, so it agrees on its shard; the other shards
+            # of the replica are synced by other groups: one 4-byte MIN over the shard group makes the
+            # whole model skip (or not) together, never half of it.
+            red.wait()
+            flag = torch.tensor([1 if self._engine.is_finite(red) else 0], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.mesh.get_group())
+            finite = bool(flag.item())
         super()._finish(red, finite)
         self._drop_unsharded()
 
