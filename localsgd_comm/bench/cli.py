@@ -29,6 +29,9 @@ SUITES = {
     "clusters": "2 clusters x 2 workers (torchrun per cluster, 100 Mbit/s between clusters): flat DDP, flat and "
                 "hierarchical DiLoCo; and 4 edge workers behind 50 Mbit/s links with and without a half-speed "
                 "straggler; measured against the planner's prediction. --quick: about 2 min (full: about 8 min)",
+    "clusters-fsdp": "sharded replicas on the clusters layout (2 clusters x 2 workers, 100 Mbit/s between them): "
+                     "FSDP2 inside each cluster + DiLoCo across, against HSDP (fp32 gradient all-reduce across "
+                     "clusters every step): time to HSDP's loss, bytes on the slow link. --quick: about 2 min",
     "plan-check": "the planner (localsgd-plan) against the committed time-to-loss and clusters results: "
                   "predicted vs measured step time and time to DDP's loss. Seconds; runs nothing",
     "scaling": "the science behind the planner: DiLoCo's loss gap to DDP at equal tokens and compute for 4 GPT "
@@ -176,6 +179,9 @@ def main(argv=None) -> int:
         if a.what == "clusters":
             from . import clusters
             clusters.run_suite(out_dir, quick=a.quick, log=log)
+        if a.what == "clusters-fsdp":
+            from . import clusters
+            clusters.run_suite(out_dir, quick=a.quick, log=log, fsdp=True)
         if a.what == "scaling":
             from . import scaling
             scaling.run_suite(out_dir, quick=a.quick, log=log, jobs=a.jobs or 2,

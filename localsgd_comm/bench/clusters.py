@@ -11,6 +11,14 @@ is started with its own ``torchrun --nnodes 2 --node-rank C --nproc-per-node 2 -
 * ``hier-diloco``  DDP inside each cluster (gloo, fp32, every step), DiLoCo between the clusters
   (``new_hierarchical_groups(2)``: 2 replicas; each worker syncs its half of the model).
 
+Sharded replicas (``localsgd-bench clusters-fsdp``), same 2 x 2 layout on a 2-D mesh
+``("replicate", "shard")`` whose shard dimension is a cluster:
+
+* ``hsdp-ddp``     FSDP2's HSDP (``fully_shard`` on the 2-D mesh, gloo): reduce-scatter inside the
+  cluster and an fp32 all-reduce of each gradient shard across the clusters, every step;
+* ``fsdp-diloco``  ``fully_shard`` on ``mesh["shard"]`` inside each cluster, DiLoCo across the
+  clusters over ``mesh.get_group("replicate")`` (each worker syncs its shard, compressed).
+
 Edge: 4 workers, each behind its own slow link (``--edge-mbit``), one at half the compute speed
 (after each step it sleeps for its own measured step time): DDP and DiLoCo, with and without
 that straggler.
@@ -35,6 +43,7 @@ from typing import List
 
 MULTI = ["flat-ddp", "flat-diloco", "hier-diloco"]
 EDGE = ["edge-ddp", "edge-diloco"]
+FSDP = ["hsdp-ddp", "fsdp-diloco"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -53,7 +62,7 @@ def _worker(a) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     m = a.method
-    ddp_like = m in ("flat-ddp", "edge-ddp")
+    ddp_like = m in ("flat-ddp", "edge-ddp", "hsdp-ddp")
     import localsgd_comm
     backend = "gloo" if ddp_like else "localsgd"
     dist.init_process_group(backend, timeout=timedelta(seconds=a.timeout))
@@ -91,8 +100,22 @@ def _worker(a) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
         stepper = localsgd_comm.DiLoCo(net, opt, sync_every=a.sync_every, compression=a.format,
                                        outer_lr=0.7, outer_momentum=0.6, hierarchy=h)
+    elif m in FSDP:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cpu", (world // a.cluster_size, a.cluster_size),
+                                mesh_dim_names=("replicate", "shard"))
+        on = mesh if m == "hsdp-ddp" else mesh["shard"]  # HSDP: gradients all-reduced across clusters
+        for blk in model.blocks:
+            fully_shard(blk, mesh=on)
+        fully_shard(model, mesh=on)
+        net = model
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
+        stepper = opt if m == "hsdp-ddp" else localsgd_comm.DiLoCo(
+            model, opt, sync_every=a.sync_every, compression=a.format, outer_lr=0.7, outer_momentum=0.6,
+            group=mesh.get_group("replicate"))
     else:
-        raise ValueError(f"method: expected one of {MULTI + EDGE}, got {m!r}")
+        raise ValueError(f"method: expected one of {MULTI + EDGE + FSDP}, got {m!r}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(a.steps))
     losses, times = [], []
     dist.barrier(side)
@@ -107,7 +130,7 @@ def _worker(a) -> None:
         stepper.step()
         stepper.zero_grad()
         sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()))
         times.append(time.perf_counter() - t0)
     total = time.perf_counter() - t0
     c1 = read_iface_bytes(a.ifname) if a.ifname else None
@@ -192,7 +215,9 @@ def plan_inputs(cfg: dict, r: dict, clusters: int, rate: float):
                    step_time_s=nominal, speeds=speeds)
     net = plan.Network(inter_mbit=float(rate), intra_mbit=10_000.0)
     method = {"flat-ddp": "ddp", "edge-ddp": "ddp", "flat-diloco": "diloco", "edge-diloco": "diloco",
-              "hier-diloco": "hierarchical"}[r["method"]]
+              "hier-diloco": "hierarchical"}.get(r["method"])
+    if method is None:
+        return None
     cand = plan.Candidate(method, world, 1 if method == "ddp" else r["sync_every"],
                           "none" if method == "ddp" else r["format"])
     return job, net, cand
@@ -203,7 +228,11 @@ def _predict(cfg: dict, r: dict, clusters: int, rate: float) -> dict:
     from localsgd_comm import plan
 
     from .plan_check import options  # the measured CPU profile, fp32 DDP: as plan-check predicts
-    job, net, cand = plan_inputs(cfg, r, clusters, rate)
+    inputs = plan_inputs(cfg, r, clusters, rate)
+    if inputs is None:  # the planner does not model FSDP (yet)
+        return {"step_s": None, "total_s": None, "comm_share": None, "slow_link_bytes_total": None,
+                "compute_s_given": r["compute_s_per_rank"][0]}
+    job, net, cand = inputs
     p = plan.predict(job, net, cand, options())
     return {"step_s": p.step_s, "total_s": p.step_s * r["steps"], "comm_share": p.comm_share,
             "slow_link_bytes_total": p.slow_link_bytes_per_round * (r["steps"] // cand.H),
@@ -215,22 +244,24 @@ def analyse(runs: List[dict], window: int = 20) -> List[dict]:
     out = []
     targets = {}
     for r in runs:
-        if r["method"] in ("flat-ddp", "edge-ddp") and r["slow_rank"] < 0:
+        if r["method"] in ("flat-ddp", "edge-ddp", "hsdp-ddp") and r["slow_rank"] < 0:
             targets[r["setting"]] = smooth(r["loss_mean"], window)[-1]
     for r in runs:
         sm = smooth(r["loss_mean"], window)
         tgt = targets.get(r["setting"])
         hit = next((i for i, v in enumerate(sm) if tgt is not None and v <= tgt), None)
         t_hit = r["elapsed_s_max"][hit] if hit is not None else None
+        pred = r["prediction"]["step_s"]
+        pred_mb = r["prediction"]["slow_link_bytes_total"]
         out.append({"setting": r["setting"], "method": r["method"], "straggler": r["slow_rank"] >= 0,
                     "steps": r["steps"], "final_loss": sm[-1], "target_loss": tgt,
                     "steps_to_target": None if hit is None else hit + 1, "time_to_target_s": t_hit,
                     "total_s": r["total_s"], "ms_per_step": 1e3 * r["total_s"] / r["steps"],
-                    "predicted_ms_per_step": 1e3 * r["prediction"]["step_s"],
-                    "prediction_error_pct": 100 * (r["prediction"]["step_s"] / (r["total_s"] / r["steps"]) - 1),
-                    "predicted_time_to_target_s": None if hit is None else r["prediction"]["step_s"] * (hit + 1),
+                    "predicted_ms_per_step": None if pred is None else 1e3 * pred,
+                    "prediction_error_pct": None if pred is None else 100 * (pred / (r["total_s"] / r["steps"]) - 1),
+                    "predicted_time_to_target_s": None if hit is None or pred is None else pred * (hit + 1),
                     "slow_link_mb": sum(r["uplink_tx_bytes"]) / 1e6,
-                    "predicted_slow_link_mb": r["prediction"]["slow_link_bytes_total"] * r["clusters"] / 1e6,
+                    "predicted_slow_link_mb": None if pred_mb is None else pred_mb * r["clusters"] / 1e6,
                     "compute_ms": 1e3 * r["prediction"]["compute_s_given"]})
     ddp_t = {(o["setting"], o["straggler"]): o["time_to_target_s"] for o in out if o["method"].endswith("ddp")}
     for o in out:
@@ -239,14 +270,15 @@ def analyse(runs: List[dict], window: int = 20) -> List[dict]:
     return out
 
 
-def run_suite(out_dir: str, quick: bool = False, log=print) -> dict:
+def run_suite(out_dir: str, quick: bool = False, log=print, fsdp: bool = False) -> dict:
+    """``fsdp``: the sharded-replica pair (``FSDP``) on the multi-cluster layout only."""
     from . import report
     from .launch import RankFailure, run_ranks
     from .netns import ShapedNetwork, availability
 
     cfg = config(quick)
     env = report.environment()
-    name = "clusters_quick" if quick else "clusters"
+    name = ("clusters_fsdp" if fsdp else "clusters") + ("_quick" if quick else "")
     why = availability()
     if why:
         log(f"[clusters] SKIP: {why}")
@@ -256,8 +288,8 @@ def run_suite(out_dir: str, quick: bool = False, log=print) -> dict:
     runs, failed = [], []
     log(f"[clusters] config {cfg}")
     with ShapedNetwork(2, cfg["inter_mbit"]) as net:
-        for m in MULTI:
-            steps = cfg["steps"] * (1 if m == "flat-ddp" else cfg["diloco_factor"])
+        for m in (FSDP if fsdp else MULTI):
+            steps = cfg["steps"] * (1 if m.endswith("ddp") else cfg["diloco_factor"])
             try:
                 r = run_torchrun_clusters(net, 2, 2, _args(cfg, m, steps, net.ifname), timeout_s=900)
             except RankFailure as exc:
@@ -267,10 +299,12 @@ def run_suite(out_dir: str, quick: bool = False, log=print) -> dict:
             r.update(setting="multi-cluster", clusters=2, rate_mbit=cfg["inter_mbit"])
             r["prediction"] = _predict(cfg, r, 2, cfg["inter_mbit"])
             runs.append(r)
+            pred = r["prediction"]["step_s"]
             log(f"[clusters] 2x2 {m:<12} {r['total_s']:6.1f} s  {1e3 * r['total_s'] / steps:6.1f} ms/step "
-                f"(planner {1e3 * r['prediction']['step_s']:.1f})  slow link {sum(r['uplink_tx_bytes']) / 1e6:.2f} MB")
+                f"(planner {'-' if pred is None else f'{1e3 * pred:.1f}'})  "
+                f"slow link {sum(r['uplink_tx_bytes']) / 1e6:.2f} MB")
     with ShapedNetwork(4, cfg["edge_mbit"]) as net:
-        for m in EDGE:
+        for m in ([] if fsdp else EDGE):
             for slow in (-1, 3):
                 steps = cfg["edge_steps"]
                 try:
@@ -287,29 +321,46 @@ def run_suite(out_dir: str, quick: bool = False, log=print) -> dict:
                 log(f"[clusters] edge {m:<12} straggler={'yes' if slow >= 0 else 'no '} {r['total_s']:6.1f} s  "
                     f"{1e3 * r['total_s'] / steps:6.1f} ms/step (planner {1e3 * r['prediction']['step_s']:.1f})")
     table = analyse(runs)
-    out = {"benchmark": "clusters", "quick": quick, "config": cfg, "environment": env, "runs": runs,
-           "table": table, "failed": failed}
+    out = {"benchmark": "clusters-fsdp" if fsdp else "clusters", "quick": quick, "config": cfg, "environment": env,
+           "runs": runs, "table": table, "failed": failed}
     report.write_artifacts(out_dir, name, out, markdown(out), plot)
     return out
 
 
 def markdown(out: dict) -> str:
-    from .report import md_table
     e, c = out["environment"], out["config"]
+    if out["benchmark"] == "clusters-fsdp":
+        head = (f"Sharded replicas ({'quick' if out['quick'] else 'full'}): GPT '{c['model']}', seq {c['seq']}, batch "
+                f"{c['batch']}/worker, 2 clusters x 2 workers on a 2-D mesh (replicate, shard), {c['inter_mbit']} "
+                f"Mbit/s between clusters, torchrun per cluster. hsdp-ddp: fully_shard on the 2-D mesh (gloo; "
+                f"gradient shards all-reduced in fp32 across clusters every step), {c['steps']} steps; fsdp-diloco: "
+                f"fully_shard on mesh['shard'], DiLoCo over mesh.get_group('replicate') (H={c['sync_every']}, "
+                f"{c['format']}, outer lr 0.7 momentum 0.6), {c['steps'] * c['diloco_factor']} steps. "
+                f"{e['machine']['cpu_model']}, {e['machine']['cores']} cores, torch {e['versions']['torch']}, commit "
+                f"{str(e['git_commit'])[:10]}. Command: `localsgd-bench clusters-fsdp{' --quick' if out['quick'] else ''}`"
+                "\n\nTarget = hsdp-ddp's final loss (moving average of 20 steps); slow-link MB = tx bytes of both "
+                "clusters' uplinks. The planner does not model FSDP yet ('-').\n\n")
+        return head + _md_rows(out)
     head = (f"Multi-cluster and edge ({'quick' if out['quick'] else 'full'}): GPT '{c['model']}', seq {c['seq']}, "
             f"batch {c['batch']}/worker, DDP {c['steps']} steps, DiLoCo {c['steps'] * c['diloco_factor']} steps "
             f"(H={c['sync_every']}, {c['format']}, outer lr 0.7 momentum 0.6); multi-cluster: 2 clusters x 2 workers, "
             f"{c['inter_mbit']} Mbit/s between clusters, torchrun per cluster; edge: 4 workers each behind "
             f"{c['edge_mbit']} Mbit/s, {c['edge_steps']} steps, straggler = worker 3 at half speed. "
             f"{e['machine']['cpu_model']}, {e['machine']['cores']} cores, torch {e['versions']['torch']}, commit "
-            f"{str(e['git_commit'])[:10]}. Command: `localsgd-bench clusters{' --quick' if out['quick'] else ''}`\n\n"
+            f"{str(e['git_commit'])[:10]}. Command: `localsgd-bench {out['benchmark']}{' --quick' if out['quick'] else ''}`\n\n"
             "Target = DDP's final loss (moving average of 20 steps) in the same setting, without straggler. "
             "'planner' columns: `localsgd_comm.plan.predict` given the compute time each run measured.\n\n")
+    return head + _md_rows(out)
+
+
+def _md_rows(out: dict) -> str:
+    from .report import md_table
     rows = [(t["setting"], t["method"], "yes" if t["straggler"] else "no", t["steps"], t["final_loss"],
              t["steps_to_target"], t["time_to_target_s"], t["predicted_time_to_target_s"], t["speedup_to_ddp_loss"],
-             t["total_s"], t["ms_per_step"], t["predicted_ms_per_step"], round(t["prediction_error_pct"], 1),
+             t["total_s"], t["ms_per_step"], t["predicted_ms_per_step"],
+             None if t["prediction_error_pct"] is None else round(t["prediction_error_pct"], 1),
              t["slow_link_mb"], t["predicted_slow_link_mb"], t["compute_ms"]) for t in out["table"]]
-    return head + md_table(["setting", "method", "straggler", "steps", "final loss", "steps to target",
+    return md_table(["setting", "method", "straggler", "steps", "final loss", "steps to target",
                             "time to target s", "planner s", "speedup to DDP loss", "total s", "ms/step",
                             "planner ms/step", "planner error %", "slow-link MB (all uplinks)", "planner MB",
                             "compute ms/step"], rows) + "\n"
@@ -338,7 +389,7 @@ def plot(out: dict, path: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", required=True)
-    ap.add_argument("--method", required=True, choices=MULTI + EDGE)
+    ap.add_argument("--method", required=True, choices=MULTI + EDGE + FSDP)
     ap.add_argument("--ifname", default="")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--seq", type=int, default=64)

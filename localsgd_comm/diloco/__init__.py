@@ -89,6 +89,12 @@ Parameters of special kinds
 * Module buffers (e.g. BatchNorm statistics) are broadcast at construction but not synced
   afterwards.
 
+Sharded replicas (FSDP2)
+------------------------
+A model sharded with ``fully_shard(module, mesh=mesh["shard"])`` on a 2-D mesh
+``("replicate", "shard")`` is synced across ``group=mesh.get_group("replicate")`` shard by shard,
+with outer state for the local shards only: see :mod:`localsgd_comm.diloco.sharded`.
+
 Non-finite pseudo-gradients
 ---------------------------
 A NaN/Inf in any rank's delta makes the affected block's scale NaN in the reduced bytes
@@ -139,8 +145,8 @@ from __future__ import annotations
 # By concern: optimizer.py (DiLoCo: arguments, schedule, checkpoints), engine.py (pseudo-gradient,
 # error feedback, all-reduce, outer Nesterov step; shared with elastic DiLoCo), collectives.py (the
 # groups the engine reduces over, the exact fp32 sum), buffers.py (flat block-aligned buffers and
-# their segments), ddp.py (DDP under DiLoCo, the tripwire), hierarchical.py, inner.py (the inner
-# optimizer behind the wrapper, GradScaler).
+# their segments), ddp.py (DDP under DiLoCo, the tripwire), hierarchical.py, sharded.py (FSDP2-sharded
+# replicas), inner.py (the inner optimizer behind the wrapper, GradScaler).
 from .hierarchical import HierarchicalGroups, new_hierarchical_groups
 from .optimizer import DiLoCo
 

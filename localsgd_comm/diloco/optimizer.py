@@ -23,7 +23,9 @@ class DiLoCo(InnerWrapper):
     """DiLoCo (or plain local SGD) around an inner optimizer; see the ``localsgd_comm.diloco`` docstring.
 
     Args:
-        model: an ``nn.Module`` or a ``DistributedDataParallel`` wrapping one.
+        model: an ``nn.Module`` or a ``DistributedDataParallel`` wrapping one, or a model sharded
+            with FSDP2's ``fully_shard`` on ``mesh["shard"]`` of a 2-D mesh (DTensor parameters:
+            the call returns a :class:`~localsgd_comm.diloco.sharded.ShardedDiLoCo`).
         inner_optimizer: an optimizer over (a subset of) the model's parameters.
         sync_every: inner steps between syncs (H), >= 1.
         outer_lr, outer_momentum, nesterov: the outer SGD (``outer_lr=1, outer_momentum=0``
@@ -34,13 +36,22 @@ class DiLoCo(InnerWrapper):
         stochastic_rounding: seeded stochastic rounding of the local delta, seeds derived
             from ``(seed, sync index, rank)``.
         seed: base seed of stochastic rounding.
-        group: the process group of the sync (default: the default group).
+        group: the process group of the sync (default: the default group; for an FSDP2 model the
+            replicate group, default: the first dimension of the 2-D mesh).
         hierarchy: a :class:`HierarchicalGroups` for hierarchical mode (``group`` is ignored).
         overlap: delayed outer step with the all-reduce in the background (see the package docstring).
         state_device: device of anchor/momentum/residual (default: the parameters' device).
         on_nonfinite: ``"skip"`` or ``"raise"``.
         broadcast_init: broadcast parameters and buffers from rank 0 at construction.
     """
+
+    def __new__(cls, model=None, inner_optimizer=None, *args, **kwargs):
+        # An FSDP2 model (DTensor parameters) gets DiLoCo over sharded replicas (.sharded).
+        if cls is DiLoCo:
+            from .sharded import ShardedDiLoCo, holds_dtensors
+            if holds_dtensors(model, inner_optimizer):
+                cls = ShardedDiLoCo
+        return super().__new__(cls)
 
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, sync_every: int,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
@@ -138,6 +149,14 @@ class DiLoCo(InnerWrapper):
             names.setdefault(id(p), name)
         self._param_names = [[names.get(id(p), f"<parameter {i}>") for i, p in enumerate(f.params)]
                              for f in self._flats]
+        # where each parameter is registered: fully_shard (or anything else) replacing it after
+        # construction is reported by _check_params
+        owners = {}
+        for mod in module.modules():
+            for attr, p in mod._parameters.items():
+                if p is not None:
+                    owners.setdefault(id(p), (mod, attr))
+        self._owners = [[owners.get(id(p)) for p in f.params] for f in self._flats]
         # What the engine syncs: whole buffers, or this rank's shards of them in hierarchical mode.
         self._hier = HierarchicalSync(hierarchy, self._flats, self.block_size) if hierarchy is not None else None
         self._segments = self._hier.segments if self._hier is not None else [f.segment() for f in self._flats]
@@ -242,6 +261,16 @@ class DiLoCo(InnerWrapper):
                         "cast or had its parameters replaced (model.to(...), .half(), load_state_dict(assign=True)) "
                         "after DiLoCo was constructed, so syncs would no longer change it. Move or cast the model "
                         "before constructing DiLoCo.")
+        for f, names, owners in zip(self._flats, self._param_names, getattr(self, "_owners", ())):
+            for p, owner, name in zip(f.params, owners, names):
+                if owner is not None and owner[0]._parameters.get(owner[1]) is not p:
+                    now = owner[0]._parameters.get(owner[1])
+                    what = ("a DTensor: fully_shard was applied after DiLoCo was constructed. Apply fully_shard "
+                            "first, then build the inner optimizer and DiLoCo over the sharded model"
+                            if type(now).__name__ == "DTensor" or type(getattr(now, "data", None)).__name__ == "DTensor"
+                            else "another tensor")
+                    raise RuntimeError(f"DiLoCo.{where}: parameter {name!r} was replaced in the model after DiLoCo "
+                                       f"was constructed (it is now {what}); syncs would no longer change it.")
 
     def _seed(self) -> Optional[int]:
         if not self.stochastic_rounding:

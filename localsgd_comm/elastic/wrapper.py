@@ -61,6 +61,10 @@ class ElasticDiLoCo(InnerWrapper):
                              "way (use DiLoCo(overlap=True) for a fixed set of workers)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            raise NotImplementedError(
+                "ElasticDiLoCo: FSDP2-sharded replicas (DTensor parameters) are not supported yet; use "
+                "DiLoCo(model, inner_optimizer, group=mesh.get_group('replicate')) for a fixed set of replicas")
         ddp = find_ddp(model)
         if replica_group is None and ddp is not None:
             raise ValueError("ElasticDiLoCo: got a DistributedDataParallel model but no replica_group: a worker that "
