@@ -1,0 +1,309 @@
+"""Streaming DiLoCo (``DiLoCo(fragments=P, overlap_steps=TAU, mixing=ALPHA)``): the fragment rule,
+the schedule, the merge against a float64 simulation, bitwise equality with plain and delayed
+DiLoCo, replicas, error feedback per fragment, resume with fragments in flight, bad arguments.
+
+Multi-process tests run 2 ranks on loopback through tests/_mp.py (with a timeout).
+"bitwise" means torch.equal on the raw values; other tolerances are stated next to the asserts.
+"""
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from localsgd_comm import DiLoCo
+from localsgd_comm.diloco.streaming import fragment_offsets, plan_fragments
+from localsgd_comm.elastic import ElasticDiLoCo
+
+from _mp import run_workers
+
+TIMEOUT = 240  # s for the 2-rank suite (~15-25 s on the 2-core CI machine)
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+
+
+def batch(rank, step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(8, 16, generator=g).to(dtype), torch.randn(8, 8, generator=g).to(dtype)
+
+
+def train_steps(model, opt, rank, start, n, after_step=None):
+    for s in range(start, start + n):
+        x, y = batch(rank, s)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if after_step is not None:
+            after_step(s + 1)
+
+
+def flat_params(model):
+    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+
+
+@pytest.fixture
+def single_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+# ---- float64 simulation of the documented algorithm (the oracle) -------------------------------------
+def simulate(world, steps, H, P, tau, mixing, ranges, lr=0.05, outer_lr=0.7, mu=0.9):
+    """Streaming DiLoCo in float64 over flat parameter vectors: inner SGD(lr) per worker, fragment
+    f = the element ranges ``ranges[f]`` of the flat vector, schedule and merge as documented."""
+    base = make_model().double()
+    x0 = torch.cat([p.detach().reshape(-1) for p in base.parameters()])
+    xs = [x0.clone() for _ in range(world)]
+    theta, buf = x0.clone(), torch.zeros_like(x0)
+    offs = fragment_offsets(H, P)
+    masks = []
+    for rs in ranges:
+        m = torch.zeros_like(x0, dtype=torch.bool)
+        for lo, hi in rs:
+            m[lo:hi] = True
+        masks.append(m)
+    in_flight = []
+
+    def grad(x, rank, s):
+        torch.nn.utils.vector_to_parameters(x, base.parameters())
+        base.zero_grad()
+        xb, yb = batch(rank, s, torch.float64)
+        ((base(xb) - yb) ** 2).mean().backward()
+        return torch.cat([p.grad.reshape(-1) for p in base.parameters()])
+
+    for t in range(1, steps + 1):
+        xs = [x - lr * grad(x, r, t - 1) for r, x in enumerate(xs)]
+        for f, s in enumerate(offs):
+            if t % H == s % H:
+                first = tau == H and not any(it[0] == f for it in in_flight)
+                g = sum(theta - x for x in xs) / world
+                in_flight.append((f, t + tau, g))
+                if first:  # tau = H: the first sync merges the unchanged anchor
+                    m = masks[f]
+                    for x in xs:
+                        x[m] = mixing * x[m] + (1 - mixing) * theta[m]
+        while in_flight and in_flight[0][1] <= t:
+            f, _, g = in_flight.pop(0)
+            m = masks[f]
+            buf[m] = mu * buf[m] + g[m]
+            theta[m] -= outer_lr * (g[m] + mu * buf[m])
+            for x in xs:
+                x[m] = mixing * x[m] + (1 - mixing) * theta[m]
+    return theta, xs
+
+
+def fragment_ranges(opt):
+    return [[(s.lo, s.hi) for s in segs] for segs in opt._stream.segments]
+
+
+# ---- single process (quick) ---------------------------------------------------------------------------
+def test_fragment_rule_contiguous_balanced_split_only_when_larger(single_group):
+    # sizes 512, 32, 256, 8 (block 64 -> padded 512, 64, 256, 8 = 840)
+    m = make_model()
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), sync_every=8, compression="int8", block_size=64,
+                 fragments=2)
+    segs = opt._stream.segments
+    # 840 / 2 = 420: the 512-element weight alone is larger than a fragment -> two 256 pieces;
+    # the cut nearest to 420 among 256, 512, 576, 832 is 512.
+    assert [(s.lo, s.hi) for s in segs[0]] == [(0, 512)]
+    assert [(s.lo, s.hi) for s in segs[1]] == [(512, 840)]
+    assert all(s.lo % 64 == 0 for ss in segs for s in ss)
+    # 4 fragments: 210 each; no parameter is split unless larger than 210 (the 512 and 256 ones)
+    m = make_model()
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), sync_every=8, compression="int8", block_size=64,
+                 fragments=4)
+    sizes = opt._stream.fragment_numels()
+    assert sum(sizes) == 840 and len(sizes) == 4
+    covered = sorted((s.lo, s.hi) for ss in opt._stream.segments for s in ss)
+    assert covered[0][0] == 0 and covered[-1][1] == 840
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # a partition, in order
+    assert max(sizes) <= 1.6 * 840 / 4, sizes
+    # the small bias (512..576) is never split
+    assert any(s.lo <= 512 and s.hi >= 576 for ss in opt._stream.segments for s in ss)
+
+
+def test_schedule_offsets():
+    assert fragment_offsets(8, 1) == [8]
+    assert fragment_offsets(8, 4) == [2, 4, 6, 8]
+    assert fragment_offsets(10, 4) == [2, 5, 7, 10]  # gaps floor/ceil of H/P
+    assert fragment_offsets(3, 3) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("compression,ef", [("int8", True), ("none", False)])
+def test_one_fragment_no_overlap_is_plain_diloco_bitwise(single_group, compression, ef):
+    runs = []
+    for kw in ({}, {"fragments": 1, "overlap_steps": 0}):
+        m = make_model()
+        opt = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=3, compression=compression,
+                     error_feedback=ef, **kw)
+        train_steps(m, opt, 0, 0, 10)
+        runs.append((flat_params(m), opt.anchors()[0], opt.sync_count, opt.stats["bytes_sent"]))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][2:] == runs[1][2:] == (3, 0)
+
+
+@pytest.mark.parametrize("P,tau,mixing,H", [(2, 1, None, 4), (3, 3, 0.0, 5), (2, 0, 0.3, 4), (2, 4, 0.5, 4)])
+def test_one_worker_matches_float64_simulation(single_group, P, tau, mixing, H):
+    m = make_model()
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.05), sync_every=H, compression="none",
+                 fragments=P, overlap_steps=tau, mixing=mixing)
+    train_steps(m, opt, 0, 0, 13)
+    alpha = opt._stream.mixing
+    assert alpha == (0.5 if mixing is None and tau > 0 else (mixing or 0.0))
+    theta, xs = simulate(1, 13, H, P, tau, alpha, fragment_ranges(opt))
+    # fp32 run vs float64 oracle: ~13 inner + 6 outer fp32 roundings of O(1) values; 1e-5
+    # absolute leaves a wide margin over the ~1e-6 accumulated error.
+    torch.testing.assert_close(opt.anchors()[0].double(), theta, atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat_params(m).double(), xs[0], atol=1e-5, rtol=0)
+
+
+def test_bad_streaming_arguments(single_group):
+    m = make_model()
+    inner = torch.optim.AdamW(m.parameters())
+    cases = [
+        (dict(fragments=0), ValueError, "fragments: expected an integer >= 1"),
+        (dict(fragments=2.0), ValueError, "fragments: expected an integer"),
+        (dict(fragments=5, sync_every=8), ValueError, "number of synced parameters \\(4\\)"),
+        (dict(fragments=3, sync_every=2), ValueError, "at most sync_every=2"),
+        (dict(fragments=2, overlap_steps=9, sync_every=8), ValueError, "overlap_steps: expected an integer in"),
+        (dict(fragments=2, overlap_steps=-1), ValueError, "overlap_steps"),
+        (dict(fragments=2, mixing=1.0), ValueError, "mixing: expected a number in \\[0, 1\\)"),
+        (dict(overlap_steps=1), ValueError, "expected fragments=P"),
+        (dict(fragments=1, overlap=True), ValueError, "overlap=True with fragments"),
+        (dict(fragments=2, hierarchy=object()), ValueError, "fragments with hierarchy"),
+    ]
+    for kw, exc, msg in cases:
+        kw.setdefault("sync_every", 4)
+        with pytest.raises(exc, match=msg):
+            DiLoCo(m, inner, **kw)
+    with pytest.raises(NotImplementedError, match="ElasticDiLoCo: streaming"):
+        ElasticDiLoCo(m, inner, coordinator="127.0.0.1:1", worker_id="w", sync_every=4, fragments=2)
+    opt = DiLoCo(m, inner, sync_every=4, fragments=2)
+    with pytest.raises(RuntimeError, match="streaming mode"):
+        opt.sync()
+    state = opt.state_dict()
+    m2 = make_model()
+    other = DiLoCo(m2, torch.optim.AdamW(m2.parameters()), sync_every=4, fragments=2, overlap_steps=1)
+    with pytest.raises(ValueError, match="overlap_steps=1 as constructed"):
+        other.load_state_dict(state)
+    m3 = make_model()
+    nostream = DiLoCo(m3, torch.optim.AdamW(m3.parameters()), sync_every=4)
+    with pytest.raises(ValueError, match="without fragments as constructed"):
+        nostream.load_state_dict(state)
+
+
+# ---- two ranks ---------------------------------------------------------------------------------------
+def _suite_worker(rank, world):
+    out = {}
+    # 1. fragments=1, overlap_steps=0 == plain DiLoCo; overlap_steps=H, mixing=0 == overlap=True
+    for name, a, b in (("plain", {}, {"fragments": 1, "overlap_steps": 0}),
+                       ("delayed", {"overlap": True}, {"fragments": 1, "overlap_steps": 3, "mixing": 0.0})):
+        res = []
+        for kw in (a, b):
+            m = make_model(seed=rank)
+            opt = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=3, compression="int8",
+                         error_feedback=True, **kw)
+            train_steps(m, opt, rank, 0, 10)
+            opt.flush()
+            res.append((flat_params(m), opt.anchors()[0].clone(), opt.stats["bytes_sent"]))
+        out[name] = res
+    # 2. the float64 simulation, two workers, several fragments in flight (tau > H/P)
+    m = make_model(seed=rank)
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.05), sync_every=5, compression="none", fragments=3,
+                 overlap_steps=3, mixing=0.5)
+    train_steps(m, opt, rank, 0, 13)
+    out["sim"] = (opt.anchors()[0].clone(), flat_params(m), fragment_ranges(opt))
+    # 3. int4 + error feedback per fragment: anchors identical at every step, residuals per fragment
+    m = make_model(seed=rank)
+    opt = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=6, compression="int4",
+                 error_feedback=True, block_size=32, fragments=3, overlap_steps=1)
+    anchors, residual_at_2 = [], []
+
+    def after(t):
+        anchors.append(opt.anchors()[0].clone())
+        if t == 2:  # fragment 0 synced at step 2 (s_0 = 2): only its residual is non-zero
+            res = opt._flats[0].residual
+            residual_at_2.extend([bool(res[s.lo:s.hi].abs().sum() > 0) for ss in opt._stream.segments for s in ss])
+    train_steps(m, opt, rank, 0, 19, after_step=after)
+    out["int4"] = (anchors, residual_at_2, flat_params(m), opt.stats["bytes_sent"], opt.sync_count,
+                   opt._stream.fragment_numels())
+    m = make_model(seed=rank)
+    plain = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=6, compression="int4",
+                   error_feedback=True, block_size=32)
+    train_steps(m, plain, rank, 0, 18)
+    out["int4_plain_bytes"] = plain.stats["bytes_sent"]
+    # 4. resume with a fragment in flight: save after step 6 (fragment 0 started at 6, due 7)
+    def make():
+        m = make_model(seed=10 + rank)
+        o = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=4, compression="int8",
+                   error_feedback=True, stochastic_rounding=True, seed=3, fragments=2, overlap_steps=1)
+        return m, o
+    m, o = make()
+    train_steps(m, o, rank, 0, 6)
+    assert len(o._stream.in_flight) == 1
+    buf = io.BytesIO()
+    torch.save(o.state_dict(), buf)
+    train_steps(m, o, rank, 6, 7)
+    full = (flat_params(m), o.anchors()[0].clone())
+    m2, o2 = make()
+    o2.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    train_steps(m2, o2, rank, 6, 7)
+    out["resume"] = (full, (flat_params(m2), o2.anchors()[0].clone()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def suite2():
+    return run_workers(_suite_worker, 2, backend="localsgd", timeout=TIMEOUT)
+
+
+@pytest.mark.slow
+def test_two_ranks_plain_and_delayed_equal_bitwise(suite2):
+    for r in suite2:
+        for name in ("plain", "delayed"):
+            (pa, aa, ba), (pb, ab, bb) = r[name]
+            assert torch.equal(pa, pb) and torch.equal(aa, ab) and ba == bb, name
+    assert torch.equal(suite2[0]["plain"][1][1], suite2[1]["plain"][1][1])
+
+
+@pytest.mark.slow
+def test_two_ranks_match_float64_simulation(suite2):
+    ranges = suite2[0]["sim"][2]
+    theta, xs = simulate(2, 13, 5, 3, 3, 0.5, ranges)
+    assert torch.equal(suite2[0]["sim"][0], suite2[1]["sim"][0])  # anchors identical on the ranks
+    for r in (0, 1):
+        # fp32 vs float64, as in the one-worker test: 1e-5 absolute
+        torch.testing.assert_close(suite2[r]["sim"][0].double(), theta, atol=1e-5, rtol=0)
+        torch.testing.assert_close(suite2[r]["sim"][1].double(), xs[r], atol=1e-5, rtol=0)
+    assert not torch.equal(suite2[0]["sim"][1], suite2[1]["sim"][1])  # mixing 0.5: local parts stay
+
+
+@pytest.mark.slow
+def test_two_ranks_int4_error_feedback_per_fragment(suite2):
+    a0, res0, p0, bytes0, n0, sizes = suite2[0]["int4"]
+    a1, _, p1, bytes1, n1, _ = suite2[1]["int4"]
+    assert n0 == n1 == 9  # syncs at 2, 4, 6, 8, ..., 18 -> 9 fragment syncs in 19 steps
+    for x, y in zip(a0, a1):  # anchors identical on both ranks after every step, every cycle
+        assert torch.equal(x, y)
+    assert not torch.equal(a0[5], a0[11]) and not torch.equal(a0[11], a0[17])  # the cycles moved them
+    segs_per_fragment = [1, 1, 1]
+    assert len(res0) == sum(segs_per_fragment)
+    assert res0 == [True, False, False]  # only fragment 0 had synced at step 2
+    assert not torch.equal(p0, p1)  # mixing 0.5: local progress stays local
+    # bytes over 3 full cycles vs plain DiLoCo's 3 syncs: the same elements, per-fragment rounding
+    plain = suite2[0]["int4_plain_bytes"]
+    assert plain <= bytes0 <= 1.05 * plain, (bytes0, plain)
+    # the largest fragment (the peak per sync event) within 1.6x of model / P at this tiny size
+    assert max(sizes) <= 1.6 * sum(sizes) / 3
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_with_fragment_in_flight_bitwise(suite2):
+    for r in suite2:
+        (pf, af), (pr, ar) = r["resume"]
+        assert torch.equal(pf, pr) and torch.equal(af, ar)
