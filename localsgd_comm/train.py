@@ -114,6 +114,15 @@ class TrainConfig:
              "error_feedback: expected a quantizing compression (int8, int4 or fp8), got compression 'none'"),
             (self.eval_every >= 1, f"eval_every: expected >= 1, got {self.eval_every}"),
             (self.seed >= 0, f"seed: expected >= 0, got {self.seed}"),
+            (self.fragments is None or 1 <= self.fragments <= self.sync_every,
+             f"fragments: expected an integer in [1, sync_every={self.sync_every}], got {self.fragments}"),
+            (self.fragments is not None or self.overlap_steps == 0,
+             f"overlap_steps: expected --fragments with it (streaming DiLoCo), got {self.overlap_steps} without"),
+            (0 <= self.overlap_steps <= self.sync_every,
+             f"overlap_steps: expected an integer in [0, sync_every={self.sync_every}], got {self.overlap_steps}"),
+            (self.fragments is None or not self.overlap,
+             "overlap/fragments: expected one of the two (overlap is fragments 1 with overlap_steps = sync_every), "
+             "got both"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -576,7 +585,9 @@ def _start_line(cfg: TrainConfig, modes: List[str]) -> str:
     what = []
     for m in modes:
         if m == "diloco":
-            what.append(f"DiLoCo {cfg.compression}, H={cfg.sync_every} ({cfg.steps // cfg.sync_every} syncs)")
+            what.append(f"DiLoCo {cfg.compression}, H={cfg.sync_every} ({cfg.steps // cfg.sync_every} syncs)"
+                        + (f", streaming {cfg.fragments} fragments, overlap {cfg.overlap_steps} steps"
+                           if cfg.fragments is not None else ""))
         else:
             what.append("plain DDP (fp32 over gloo)" if m == "ddp" else "DDP over localsgd (compressed gradients)")
     per_step = STEP_SECONDS_2CPU.get(cfg.model_size, 0.2) * max(1.0, cfg.workers / 2) * cfg.batch_size / 16
@@ -590,7 +601,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = _parser().parse_args(argv)
     cfg = TrainConfig(mode=a.mode, workers=a.workers, sync_every=a.sync_every, compression=a.compression,
                       outer_lr=a.outer_lr, outer_momentum=a.outer_momentum, error_feedback=a.error_feedback,
-                      overlap=a.overlap, fragments=a.fragments, overlap_steps=a.overlap_steps, model_size=a.model_size, steps=a.steps, batch_size=a.batch_size,
+                      overlap=a.overlap, fragments=a.fragments, overlap_steps=a.overlap_steps,
+                      model_size=a.model_size, steps=a.steps, batch_size=a.batch_size,
                       seq_len=a.seq_len, lr=a.lr, eval_every=a.eval_every, seed=a.seed, device=a.device,
                       data=a.data, backend=a.backend, master_addr=a.master_addr, master_port=a.master_port,
                       progress=not a.no_progress, warmup_steps=min(TrainConfig.warmup_steps, max(1, a.steps // 10)))

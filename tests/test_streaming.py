@@ -6,6 +6,7 @@ Multi-process tests run 2 ranks on loopback through tests/_mp.py (with a timeout
 "bitwise" means torch.equal on the raw values; other tolerances are stated next to the asserts.
 """
 import io
+import math
 
 import pytest
 import torch
@@ -307,3 +308,34 @@ def test_two_ranks_resume_with_fragment_in_flight_bitwise(suite2):
     for r in suite2:
         (pf, af), (pr, ar) = r["resume"]
         assert torch.equal(pf, pr) and torch.equal(af, ar)
+
+
+# ---- localsgd-train ----------------------------------------------------------------------------------
+TINY = ["--model-size", "tiny", "--steps", "6", "--sync-every", "3", "--eval-every", "3", "--batch-size", "4",
+        "--seq-len", "32", "--no-progress"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--fragments", "0"], "--fragments: expected an integer in [1, sync_every=3]"),
+    (["--fragments", "4"], "--fragments: expected an integer in [1, sync_every=3]"),
+    (["--overlap-steps", "1"], "--overlap-steps: expected --fragments with it"),
+    (["--fragments", "2", "--overlap-steps", "4"], "--overlap-steps: expected an integer in [0, sync_every=3]"),
+    (["--fragments", "2", "--overlap"], "--overlap / --fragments: expected one of the two"),
+])
+def test_train_cli_bad_streaming_flags(args, msg, capsys):
+    from localsgd_comm.train import main
+    assert main(TINY + args) == 2  # before any worker starts
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_train_streaming_run_merges_every_fragment_sync():
+    """7 steps, H=4, 2 fragments (syncs after steps 2, 4, 6), overlap 1: the last sync (step 6)
+    is merged by the closing flush, so every fragment sync started is applied."""
+    from localsgd_comm.train import TrainConfig, run_modes
+    cfg = TrainConfig(model_size="tiny", steps=7, sync_every=4, eval_every=7, batch_size=4, seq_len=32,
+                      progress=False, warmup_steps=1, fragments=2, overlap_steps=1)
+    (run,) = run_modes(cfg, ["diloco"])
+    assert run["syncs"] == 3 and run["applied_syncs"] == 3
+    assert math.isfinite(run["final_val_loss"])
