@@ -198,6 +198,39 @@ def test_bad_streaming_arguments(single_group):
         nostream.load_state_dict(state)
 
 
+def test_nonfinite_fragment_is_skipped_alone(single_group):
+    """A NaN in fragment 0's parameters at its sync: that fragment's outer step is skipped (anchor
+    kept, parameters reset to it), fragment 1 syncs normally; "raise" raises after the reset."""
+    for policy in ("skip", "raise"):
+        m = make_model()
+        opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.05), sync_every=4, compression="int8",
+                     error_feedback=True, fragments=2, on_nonfinite=policy)
+        fb = opt._flats[0]  # padded layout: the segments' offsets index it
+        anchor0 = fb.anchor.clone()
+        (seg0,), (seg1,) = opt._stream.segments
+        train_steps(m, opt, 0, 0, 1)
+        x, y = batch(0, 1)
+        ((m(x) - y) ** 2).mean().backward()
+        m[0].weight.grad[0, 0] = float("nan")  # fragment 0 = the first weight
+        if policy == "raise":
+            with pytest.raises(FloatingPointError, match="fragment 0"):
+                opt.step()
+        else:
+            with pytest.warns(RuntimeWarning, match=r"sync 1 \(fragment 0\): non-finite"):
+                opt.step()
+        opt.zero_grad()
+        assert torch.isfinite(flat_params(m)).all()
+        assert torch.equal(fb.anchor, anchor0)  # nothing applied
+        assert torch.equal(fb.flat[seg0.lo:seg0.hi], anchor0[seg0.lo:seg0.hi])  # reset
+        assert torch.equal(fb.residual, torch.zeros_like(anchor0))  # restored
+        if policy == "skip":
+            train_steps(m, opt, 0, 2, 2)  # fragment 1 syncs after step 4
+            assert opt.stats["skipped_syncs"] == 1 and opt.stats["syncs"] == 2
+            a = fb.anchor
+            assert torch.equal(a[seg0.lo:seg0.hi], anchor0[seg0.lo:seg0.hi])
+            assert not torch.equal(a[seg1.lo:seg1.hi], anchor0[seg1.lo:seg1.hi])
+
+
 # ---- two ranks ---------------------------------------------------------------------------------------
 def _suite_worker(rank, world):
     out = {}
@@ -238,6 +271,16 @@ def _suite_worker(rank, world):
                    error_feedback=True, block_size=32)
     train_steps(m, plain, rank, 0, 18)
     out["int4_plain_bytes"] = plain.stats["bytes_sent"]
+    # 3b. a DDP-wrapped model: gradients stay local, so the same bits as without DDP
+    res = []
+    for ddp in (False, True):
+        m = make_model(seed=rank)
+        net = nn.parallel.DistributedDataParallel(m) if ddp else m
+        opt = DiLoCo(net, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=4, compression="int8",
+                     fragments=2, overlap_steps=2)
+        train_steps(net, opt, rank, 0, 9)
+        res.append((flat_params(m), opt.anchors()[0].clone(), opt.stats["foreign_bytes"]))
+    out["ddp"] = res
     # 4. resume with a fragment in flight: save after step 6 (fragment 0 started at 6, due 7)
     def make():
         m = make_model(seed=10 + rank)
@@ -339,3 +382,10 @@ def test_train_streaming_run_merges_every_fragment_sync():
     (run,) = run_modes(cfg, ["diloco"])
     assert run["syncs"] == 3 and run["applied_syncs"] == 3
     assert math.isfinite(run["final_val_loss"])
+
+
+@pytest.mark.slow
+def test_two_ranks_ddp_wrapped_model_streams_with_local_gradients(suite2):
+    for r in suite2:
+        (p0, a0, _), (p1, a1, foreign) = r["ddp"]
+        assert torch.equal(p0, p1) and torch.equal(a0, a1) and foreign == 0
