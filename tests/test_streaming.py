@@ -389,3 +389,35 @@ def test_two_ranks_ddp_wrapped_model_streams_with_local_gradients(suite2):
     for r in suite2:
         (p0, a0, _), (p1, a1, foreign) = r["ddp"]
         assert torch.equal(p0, p1) and torch.equal(a0, a1) and foreign == 0
+
+
+# ---- localsgd-bench streaming --------------------------------------------------------------------------
+def test_bench_streaming_methods_and_flags(tmp_path, capsys):
+    from localsgd_comm.bench import cli
+    from localsgd_comm.bench.streaming import FULL_METHODS, QUICK_METHODS, parse_method
+    assert parse_method("stream-int4-P4-T2") == {"kind": "diloco", "fmt": "int4", "fragments": 4,
+                                                 "overlap_steps": 2}
+    assert parse_method("diloco-int8")["fragments"] is None and parse_method("ddp") == {"kind": "ddp"}
+    for m in FULL_METHODS + QUICK_METHODS:
+        parse_method(m)
+    with pytest.raises(ValueError, match="stream-<fmt>-P<p>-T<tau>"):
+        parse_method("stream-int3-P2-T1")
+    for argv, needle in ((["streaming", "--methods", "stream-int4-P2"], "--methods: streaming method"),
+                         (["streaming", "--nets", "1gbit"], "--nets: unknown link")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv + ["--out", str(tmp_path / "x")])
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_streaming_rank_side_on_loopback():
+    """Two ranks of one streaming run (tiny GPT, 8 steps, H=4, 2 fragments, overlap 1): finite
+    losses, every fragment sync merged, the peak event about half the whole model's bytes."""
+    from localsgd_comm.bench import launch
+    args = ["--worker", "--method", "stream-int4-P2-T1", "--model", "tiny", "--steps", "8", "--sync-every", "4"]
+    r = launch.run_ranks(2, "localsgd_comm.bench.streaming", args, timeout_s=180)
+    assert r["world"] == 2 and len(r["loss_mean"]) == 8 and all(math.isfinite(v) for v in r["loss_mean"])
+    st = r["diloco_stats"]
+    assert st["syncs"] == 4 and st["skipped_syncs"] == 0  # after steps 2, 4, 6, 8
+    assert 0.4 < r["peak_event_bytes"] / r["whole_model_event_bytes"] < 0.75
+    assert st["bytes_sent"] == pytest.approx(2 * r["whole_model_event_bytes"], rel=0.05)

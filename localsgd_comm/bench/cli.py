@@ -35,9 +35,10 @@ SUITES = {
                "sizes (0.09M-1.9M params), M = 2/4 workers, H = 10/50, int8/int4, and the critical batch size at two "
                "token budgets; workers simulated in-process with the library's kernels (no network). --jobs runs at "
                "once; resumes an interrupted study. --quick: about 1-2 min (full: about 70 min with --jobs 2)",
-    "streaming": "streaming DiLoCo, 4 workers, tiny GPT, shaped 100 and 10 Mbit/s links: DDP, DiLoCo (P=1), fragments "
-                 "P in {2, 4}, overlap TAU in {0, 1, 2}, int8/int4: compute utilisation, bytes, peak bytes per sync "
-                 "event, loss at equal tokens. --quick: 7 runs on 10 Mbit/s, about 5 min (full: 30 runs)",
+    "streaming": "streaming DiLoCo, 4 workers, small GPT, shaped 100 and 10 Mbit/s links: DDP, DiLoCo (P=1), "
+                 "fragments P in {2, 4}, overlap TAU in {0, 1, 2}, int8/int4: compute utilisation, bytes, peak bytes "
+                 "per sync event, loss at equal tokens. --quick: 7 runs on 10 Mbit/s without DDP, about 5 min on an "
+                 "idle machine (full: 30 runs, DDP at 10 Mbit/s alone about 16 min)",
     "all": "kernels, collectives and time-to-loss (not faults). --quick: about 2-3 min",
     "linkcheck": "checks that the shaped links reach their rates (gloo send/recv); writes plan_profile.json (the "
                  "links' efficiency) for localsgd-plan --profile",
@@ -87,7 +88,8 @@ def _check(a, ap) -> None:
     from .time_to_loss import METHODS, NETS
     from . import streaming as _streaming
     ttl_nets = tuple(n for n, _ in NETS)
-    known = {"collectives": COLLECTIVE_NETS, "time-to-loss": ttl_nets, "streaming": tuple(n for n, _ in _streaming.NETS),
+    known = {"collectives": COLLECTIVE_NETS, "time-to-loss": ttl_nets,
+             "streaming": tuple(n for n, _ in _streaming.NETS),
              "all": tuple(dict.fromkeys(COLLECTIVE_NETS + ttl_nets))}
     if a.nets is not None:
         if a.what not in known:
