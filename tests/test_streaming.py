@@ -163,6 +163,52 @@ def test_one_worker_matches_float64_simulation(single_group, P, tau, mixing, H):
     torch.testing.assert_close(flat_params(m).double(), xs[0], atol=1e-5, rtol=0)
 
 
+class Mixed(nn.Module):
+    """fp32 and bf16 parameters interleaved (two flat buffers), a tied weight, a frozen one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 16)
+        self.mid = nn.Linear(16, 16).to(torch.bfloat16)
+        self.out = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 20, bias=False)
+        self.head.weight = self.emb.weight
+        self.frozen = nn.Parameter(torch.randn(5), requires_grad=False)
+
+    def forward(self, idx):
+        h = self.mid(self.emb(idx).to(torch.bfloat16)).float()
+        return self.head(torch.tanh(self.out(h)))
+
+
+def _mixed_run(steps, **kw):
+    m = Mixed()
+    opt = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=4, compression="int8", **kw)
+    for s in range(steps):
+        idx = torch.randint(0, 20, (4, 6), generator=torch.Generator().manual_seed(s))
+        nn.functional.cross_entropy(m(idx).reshape(-1, 20), idx.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    return m, opt
+
+
+def test_mixed_dtypes_tied_frozen(single_group):
+    """Two flat buffers (fp32, bf16): P=1/TAU=0 is still plain DiLoCo bit for bit; with P=3 every
+    synced element belongs to exactly one fragment and bf16 parameters stay bf16."""
+    a, oa = _mixed_run(9)
+    b, ob = _mixed_run(9, fragments=1, overlap_steps=0)
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+    assert all(torch.equal(x, y) for x, y in zip(oa.anchors(), ob.anchors()))
+    m, opt = _mixed_run(9, fragments=3, overlap_steps=1)
+    assert len(opt._flats) == 2 and m.mid.weight.dtype == torch.bfloat16 and m.head.weight is m.emb.weight
+    for fi, fb in enumerate(opt._flats):
+        cover = sorted((s.lo, s.hi) for segs in opt._stream.segments for s in segs if s.buffer is fb)
+        assert cover[0][0] == 0 and cover[-1][1] == fb.numel
+        assert all(x[1] == y[0] for x, y in zip(cover, cover[1:]))
+    assert opt.stats["syncs"] == 6 and all(torch.isfinite(x).all() for x in opt.anchors())
+
+
 def test_bad_streaming_arguments(single_group):
     m = make_model()
     inner = torch.optim.AdamW(m.parameters())
