@@ -148,6 +148,22 @@ def test_one_fragment_no_overlap_is_plain_diloco_bitwise(single_group, compressi
     assert runs[0][2:] == runs[1][2:] == (3, 0)
 
 
+def test_one_fragment_full_overlap_is_delayed_diloco_bitwise(single_group):
+    """fragments=1, overlap_steps=H, mixing=0 is overlap=True (the delayed outer step), with a
+    flush in the middle (the next sync then starts from the anchor, as after sync 1)."""
+    runs = []
+    for kw in ({"overlap": True}, {"fragments": 1, "overlap_steps": 3, "mixing": 0.0}):
+        m = make_model()
+        opt = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=3, compression="int8",
+                     error_feedback=True, **kw)
+        train_steps(m, opt, 0, 0, 7)
+        opt.flush()
+        train_steps(m, opt, 0, 7, 8)
+        runs.append((flat_params(m), opt.anchors()[0], opt.stats["syncs"]))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][2] == runs[1][2] == 4  # applied: syncs 3 and 6 (flush), 9 and 12
+
+
 @pytest.mark.parametrize("P,tau,mixing,H", [(2, 1, None, 4), (3, 3, 0.0, 5), (2, 0, 0.3, 4), (2, 4, 0.5, 4)])
 def test_one_worker_matches_float64_simulation(single_group, P, tau, mixing, H):
     m = make_model()

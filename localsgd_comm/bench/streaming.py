@@ -2,6 +2,8 @@
 
 Methods (4 workers, one network namespace each, the same model, data, inner optimizer, steps):
 
+* ``local``                  no communication at all (each worker trains alone): the ceiling of the
+  in-loop compute utilisation (the loop's own bookkeeping is not compute);
 * ``ddp``                    torch DDP over gloo, fp32 gradients every step;
 * ``diloco-<fmt>``           ``DiLoCo(sync_every=H, compression=fmt)``: one whole-model sync every H steps;
 * ``stream-<fmt>-P<p>-T<t>`` ``DiLoCo(..., fragments=p, overlap_steps=t)`` (mixing: the default,
@@ -16,7 +18,10 @@ Figures per run:
 * compute utilisation = compute-only step time x steps / loop wall time. The compute-only step
   time is the median of 10 forward/backward/AdamW steps of a fresh copy of the model, measured by
   every rank at the same time just before the loop (so under the run's own CPU sharing); the
-  loop wall time is the slowest rank's;
+  loop wall time is the slowest rank's. On a machine whose load changes during a run this ratio
+  drifts (it can exceed 100%), so a second figure is measured inside the loop:
+* in-loop compute utilisation = the time each rank spent in forward, backward and the inner
+  optimizer's step during the loop / its loop time (the lowest rank's; DiLoCo and streaming only);
 * total bytes: the rank's namespace interface tx (headers included) and DiLoCo's own count;
 * peak bytes per sync event: the largest fragment's wire bytes (DiLoCo's count of one fragment's
   all-reduce), against model/P (the whole model's wire bytes / P);
@@ -35,25 +40,25 @@ from typing import List, Optional
 
 from .time_to_loss import lr_schedule, measure_compute, smooth
 
-FULL_METHODS = (["ddp", "diloco-int8", "diloco-int4"]
+FULL_METHODS = (["local", "ddp", "diloco-int8", "diloco-int4"]
                 + [f"stream-{f}-P{p}-T{t}" for f in ("int8", "int4") for p in (2, 4) for t in (0, 1, 2)])
 # Quick: no DDP (its fp32 all-reduce of the small GPT takes ~4 s per step at 10 Mbit/s)
-QUICK_METHODS = ["diloco-int4", "stream-int4-P2-T1", "stream-int4-P4-T0", "stream-int4-P4-T1", "stream-int4-P4-T2",
+QUICK_METHODS = ["local", "diloco-int4", "stream-int4-P2-T1", "stream-int4-P4-T0", "stream-int4-P4-T1", "stream-int4-P4-T2",
                  "diloco-int8", "stream-int8-P4-T1"]
 NETS = [("100mbit", 100), ("10mbit", 10)]
 _STREAM = re.compile(r"^stream-(int8|int4|fp8|none)-P(\d+)-T(\d+)$")
 
 
 def parse_method(m: str) -> dict:
-    """-> {"kind": "ddp"|"diloco", "fmt", "fragments", "overlap_steps"}; ValueError if unknown."""
-    if m == "ddp":
-        return {"kind": "ddp"}
+    """-> {"kind": "local"|"ddp"|"diloco", "fmt", "fragments", "overlap_steps"}; ValueError if unknown."""
+    if m in ("ddp", "local"):
+        return {"kind": m}
     if m.startswith("diloco-") and m[7:] in ("int8", "int4", "fp8", "none"):
         return {"kind": "diloco", "fmt": m[7:], "fragments": None, "overlap_steps": 0}
     s = _STREAM.match(m)
     if s:
         return {"kind": "diloco", "fmt": s.group(1), "fragments": int(s.group(2)), "overlap_steps": int(s.group(3))}
-    raise ValueError(f"streaming method: expected ddp, diloco-<fmt> or stream-<fmt>-P<p>-T<tau>, got {m!r}")
+    raise ValueError(f"streaming method: expected local, ddp, diloco-<fmt> or stream-<fmt>-P<p>-T<tau>, got {m!r}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -87,6 +92,8 @@ def _worker(a) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net, step_fn = DDP(model, bucket_cap_mb=max(25, 4 * n_params / 2**20 + 1)), inner
         whole = peak = wire_bytes("none", n_params, 1, world)
+    elif spec["kind"] == "local":
+        net, step_fn, whole, peak = model, inner, 1, 0
     else:
         net = model
         step_fn = localsgd_comm.DiLoCo(model, inner, sync_every=a.sync_every, compression=spec["fmt"],
@@ -101,14 +108,22 @@ def _worker(a) -> None:
     dist.barrier()
     compute_s = measure_compute(config_for(a.model, seq_len=a.seq), batches, a.lr, steps=10)
     dist.barrier()
+    # In-loop compute: forward + backward + the inner optimizer's own step, timed inside the loop
+    # (so under the same CPU sharing as the loop itself); what step() adds (a sync start, a
+    # merge) is not compute. Not for DDP, whose backward carries its all-reduce.
+    inner_s = []
+    pre = inner.register_step_pre_hook(lambda *_: inner_s.append(-time.perf_counter()))
+    post = inner.register_step_post_hook(lambda *_: inner_s.__setitem__(-1, inner_s[-1] + time.perf_counter()))
     c0 = read_iface_bytes(a.ifname) if a.ifname else None
-    losses, times, tx = [], [], []
+    losses, times, tx, fb_s = [], [], [], []
     t0 = time.perf_counter()
     for step in range(a.steps):
         x, y = batches[step]
+        tf = time.perf_counter()
         logits = net(x)
         loss = Fn.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
+        fb_s.append(time.perf_counter() - tf)
         step_fn.step()
         step_fn.zero_grad()
         sched.step()
@@ -119,10 +134,13 @@ def _worker(a) -> None:
     if spec["kind"] == "diloco":
         step_fn.flush()  # the fragments in flight (timed: the run is not over before they land)
     total = time.perf_counter() - t0
+    pre.remove()
+    post.remove()
+    in_loop = sum(fb_s) + sum(inner_s)
     rec = torch.tensor([losses, times, tx if tx else [0.0] * a.steps], dtype=torch.float64)
     allrec = [torch.empty_like(rec) for _ in range(world)]
     dist.all_gather(allrec, rec)
-    small = torch.tensor([compute_s, total], dtype=torch.float64)
+    small = torch.tensor([compute_s, total, in_loop], dtype=torch.float64)
     alls = [torch.empty_like(small) for _ in range(world)]
     dist.all_gather(alls, small)
     if rank == 0:
@@ -133,6 +151,7 @@ def _worker(a) -> None:
             "loss_mean": A[:, 0].mean(0).tolist(), "elapsed_s_max": A[:, 1].max(0).values.tolist(),
             "tx_bytes_per_rank_mean": A[:, 2].mean(0).tolist() if tx else None,
             "compute_s_per_rank": [float(s[0]) for s in alls], "total_s_per_rank": [float(s[1]) for s in alls],
+            "in_loop_compute_s_per_rank": [float(s[2]) for s in alls],
             "whole_model_event_bytes": whole, "peak_event_bytes": peak, "diloco_stats": stats,
         })
     dist.barrier()
@@ -172,11 +191,14 @@ def analyse(runs: List[dict], window: int) -> List[dict]:
             tx = r.get("tx_bytes_per_rank_mean")
             steps_tx = [b - a for a, b in zip([0.0] + tx[:-1], tx)] if tx else None
             hit = None if target is None else next((i for i, v in enumerate(sl) if v <= target), None)
-            ref = plain.get(spec.get("fmt"))
+            ref = plain.get(spec.get("fmt")) if spec["kind"] == "diloco" else None
             p = spec.get("fragments") or 1
+            # per rank: its own in-loop compute over its own loop time; the lowest rank counts
+            loop_util = None if spec["kind"] == "ddp" else min(
+                c / t for c, t in zip(r["in_loop_compute_s_per_rank"], r["total_s_per_rank"]))
             rows.append({
                 "net": net, "rate_mbit": r["rate_mbit"], "method": r["method"],
-                "compute_util": compute * r["steps"] / total, "total_s": total, "compute_step_s": compute,
+                "compute_util": compute * r["steps"] / total, "loop_compute_util": loop_util, "total_s": total, "compute_step_s": compute,
                 "final_loss": sl[-1],
                 "loss_vs_diloco": None if ref is None or spec["kind"] == "ddp" else sl[-1] / smooth(
                     ref["loss_mean"], window)[-1],
@@ -232,7 +254,9 @@ def run_suite(out_dir: str, quick: bool = False, log=print, only_nets=None, meth
                 runs.append(r)
                 total = max(r["total_s_per_rank"])
                 comp = sorted(r["compute_s_per_rank"])[2]
-                log(f"[streaming] {net_name:>8} {m:<18} {total:7.1f} s  util {comp * r['steps'] / total:6.1%}  "
+                lu = min(c / t for c, t in zip(r["in_loop_compute_s_per_rank"], r["total_s_per_rank"]))
+                log(f"[streaming] {net_name:>8} {m:<18} {total:7.1f} s  util {comp * r['steps'] / total:6.1%} "
+                    f"(in-loop {lu:6.1%})  "
                     f"final loss {r['loss_mean'][-1]:.3f}  peak/event {r['peak_event_bytes'] / 1e3:.1f} kB")
     window = max(5, cfg["steps"] // 12)
     out = {"benchmark": "streaming", "quick": quick, "config": cfg, "smoothing_window": window,
@@ -251,13 +275,17 @@ def markdown(out: dict) -> str:
             f"{c['steps']} steps, H={c['sync_every']}, outer lr {c['outer_lr']} momentum {c['outer_momentum']}, "
             f"AdamW lr {c['lr']} cosine; {e['machine']['cpu_model']}, {e['machine']['cores']} cores, "
             f"torch {e['versions']['torch']}, commit {str(e['git_commit'])[:10]}. Compute utilisation = median "
-            "compute-only step x steps / slowest rank's loop time; loss = mean over ranks, moving average of "
+            "compute-only step (10 steps before the loop) x steps / slowest rank's loop time; in-loop compute "
+            "utilisation = the time a rank spent in forward, backward and the inner optimizer's step during the "
+            "loop / its loop time (lowest rank; not for DDP, whose backward carries its all-reduce); loss = mean "
+            "over ranks, moving average of "
             f"{out['smoothing_window']} steps.\n\n")
-    rows = [(r["net"], r["method"], f"{100 * r['compute_util']:.1f}%", r["total_s"], 1e3 * r["compute_step_s"],
+    rows = [(r["net"], r["method"], f"{100 * r['compute_util']:.1f}%",
+             "-" if r["loop_compute_util"] is None else f"{100 * r['loop_compute_util']:.1f}%", r["total_s"], 1e3 * r["compute_step_s"],
              r["final_loss"], r["loss_vs_diloco"], r["time_to_ddp_loss_s"] or "not reached", r["bytes_sent_mb"],
              r["bytes_vs_diloco"], r["tx_mb"], r["peak_event_kb"], r["peak_vs_model_over_p"], r["max_step_tx_kb"])
             for r in out["table"]]
-    return head + md_table(["link", "method", "compute util", "loop s", "compute ms/step", "final loss",
+    return head + md_table(["link", "method", "compute util", "in-loop compute util", "loop s", "compute ms/step", "final loss",
                             "loss / DiLoCo's", "time to DDP loss s", "DiLoCo MB/rank", "bytes / DiLoCo's",
                             "tx MB/rank", "peak kB/event", "peak / (model/P)", "max tx kB in a step"], rows) + "\n"
 

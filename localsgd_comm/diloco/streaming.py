@@ -44,8 +44,10 @@ local and global parameters)::
 ``mixing`` defaults to 0.5 when ``TAU > 0`` (the paper's choice) and to 0 when ``TAU = 0``.
 ``mixing = 0`` replaces the fragment by the global parameters (the outer step writes them in
 its fused pass, exactly as plain DiLoCo). ``0 <= TAU <= H``: ``TAU <= floor(H / P)`` keeps at
-most one fragment in flight; a larger TAU keeps several. At one step, the syncs due start
-before the merges due are applied, so ``TAU = H`` with one fragment and ``mixing = 0`` is
+most one fragment in flight; a larger TAU keeps several. At one step, the reduces due are
+merged, then the syncs due start (the next fragment's pseudo-gradient sees the merge just
+before it); a fragment whose previous reduce is due at the step it starts again (``TAU = H``)
+starts first and merges that reduce after, so ``TAU = H`` with one fragment and ``mixing = 0`` is
 ``DiLoCo(overlap=True)``, the one-round-delayed outer step (the new reduce is computed from
 the anchor before the previous round's update lands), bit for bit. With ``TAU = H`` every
 fragment sync comes with the merge of that fragment's previous reduce; its first sync has
@@ -191,6 +193,7 @@ class StreamingSync:
         self.segments = plan_fragments(owner._flats, order, fragments, align)
         self.offsets = fragment_offsets(owner.sync_every, fragments)
         self.in_flight: List[_InFlight] = []
+        self._held: List[_InFlight] = []  # due now, merged after the starts of this step (TAU = H)
 
     # ---- sizes (for reports and the planner's figures)
     def fragment_numels(self) -> List[int]:
@@ -198,18 +201,30 @@ class StreamingSync:
 
     # ---- the schedule
     def after_step(self, t: int) -> None:
-        """After inner step ``t``: start the fragment syncs due, then merge the reduces due."""
+        """After inner step ``t``: merge the reduces due, start the fragment syncs due; a reduce of a
+        fragment that starts again now (``TAU = H``), or that started now (``TAU = 0``), is merged
+        after the starts."""
         h = self.owner.sync_every
-        for f, s in enumerate(self.offsets):
-            if t % h == s % h:
-                first = self.overlap_steps == h and not any(it.fragment == f for it in self.in_flight)
-                self._start(f, t)
-                if first:
-                    # TAU = H: every start comes with the merge of the fragment's previous reduce;
-                    # the first has none, so it merges the unchanged anchor (else this round's
-                    # progress would count again in the next round's pseudo-gradient).
-                    self._mix(self.segments[f])
+        starting = [f for f, s in enumerate(self.offsets) if t % h == s % h]
+        self._held = []
         while self.in_flight and self.in_flight[0].due <= t:
+            item = self.in_flight.pop(0)
+            if item.fragment in starting:
+                self._held.append(item)
+            else:
+                self._merge(item)
+        for f in starting:
+            first = self.overlap_steps == h and not any(it.fragment == f for it in self._held + self.in_flight)
+            self._start(f, t)
+            if first:
+                # TAU = H: every start comes with the merge of the fragment's previous reduce;
+                # the first has none, so it merges the unchanged anchor (else this round's
+                # progress would count again in the next round's pseudo-gradient).
+                self._mix(self.segments[f])
+        held, self._held = self._held, []
+        for item in held:
+            self._merge(item)
+        while self.in_flight and self.in_flight[0].due <= t:  # TAU = 0: merged right after its start
             self._merge(self.in_flight.pop(0))
 
     def flush(self) -> None:
@@ -219,9 +234,16 @@ class StreamingSync:
 
     def _start(self, f: int, t: int) -> None:
         o = self.owner
+        if o._tripwire.watching:
+            # TAU = H: the reduce merged after this start must be counted before the tripwire
+            # reads the counters. Free on a "localsgd" group: its worker runs collectives in
+            # order, so the new reduce could not start before that one ends anyway.
+            for item in self._held:
+                item.red.wait()
         if not self.in_flight or not o._tripwire.watching:
-            # With a reduce in flight its bytes may not be counted yet: the check waits for a
-            # step with none (the interval then spans both).
+            # With a reduce in flight its bytes may not be counted yet: the byte check waits for
+            # a start with none in flight (the interval then spans several starts). With
+            # TAU <= floor(H/P) that is every start; with more in flight it may be none.
             o._tripwire.check(o.stats, o._sync_index + 1)
         o._sync_index += 1
         h = o.sync_every
