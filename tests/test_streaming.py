@@ -109,8 +109,8 @@ def test_fragment_rule_contiguous_balanced_split_only_when_larger(single_group):
     opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), sync_every=8, compression="int8", block_size=64,
                  fragments=2)
     segs = opt._stream.segments
-    # 840 / 2 = 420: the 512-element weight alone is larger than a fragment -> two 256 pieces;
-    # the cut nearest to 420 among 256, 512, 576, 832 is 512.
+    # 840 / 2 = 420: the 512-element weight alone is larger than a fragment -> two 256 pieces
+    # (256, 256, 64, 256, 8); the cut with the smallest largest fragment is after 512 (512 | 328).
     assert [(s.lo, s.hi) for s in segs[0]] == [(0, 512)]
     assert [(s.lo, s.hi) for s in segs[1]] == [(512, 840)]
     assert all(s.lo % 64 == 0 for ss in segs for s in ss)
@@ -126,6 +126,24 @@ def test_fragment_rule_contiguous_balanced_split_only_when_larger(single_group):
     assert max(sizes) <= 1.6 * 840 / 4, sizes
     # the small bias (512..576) is never split
     assert any(s.lo <= 512 and s.hi >= 576 for ss in opt._stream.segments for s in ss)
+
+
+def test_min_max_cut_against_brute_force():
+    import itertools
+    import random
+
+    from localsgd_comm.diloco.streaming import _min_max_cuts
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 8)
+        parts = rng.randint(1, n)
+        sizes = [rng.randint(1, 50) for _ in range(n)]
+        b = _min_max_cuts(sizes, parts)
+        assert len(b) == parts + 1 and b[0] == 0 and b[-1] == n and all(x < y for x, y in zip(b, b[1:]))
+        got = max(sum(sizes[b[i]:b[i + 1]]) for i in range(parts))
+        best = min(max(sum(sizes[c[i]:c[i + 1]]) for i in range(parts))
+                   for c in ([0, *cuts, n] for cuts in itertools.combinations(range(1, n), parts - 1)))
+        assert got == best, (sizes, parts, b)
 
 
 def test_schedule_offsets():

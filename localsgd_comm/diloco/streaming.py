@@ -10,10 +10,11 @@ fragment's segments (:class:`~.buffers.Segment`).
 Fragments (:func:`plan_fragments`)
 ----------------------------------
 The trainable parameters, in the model's parameter order (tied weights once), are cut into P
-contiguous runs of about ``total / P`` elements each (``total`` counts the block-alignment
-padding, which is what crosses the wire). Cuts fall on parameter boundaries, each at the
-boundary nearest to ``k * total / P`` (k = 1 .. P-1; every fragment keeps at least one piece).
-A parameter is split only when it alone is larger than ``total / P``: then into
+contiguous runs (``total`` counts the block-alignment padding, which is what crosses the wire).
+Cuts fall on parameter boundaries, chosen so that the largest fragment is as small as the
+parameter sizes allow (the peak bytes of one sync event; ties: earlier fragments as large as
+that bound allows, every fragment at least one piece). A parameter is split only when it alone
+is larger than ``total / P``: then into
 ``ceil(numel / (total / P))`` pieces of equal size, rounded up to the quantization block, so a
 piece starts on a block boundary and quantizes exactly as in the whole buffer. ``fragments``
 must be between 1 and the number of synced parameters.
@@ -151,14 +152,8 @@ def plan_fragments(flats: Sequence[FlatBuffer], order: Sequence[torch.nn.Paramet
             pieces.extend((fi, a, min(a + step, hi)) for a in range(lo, hi, step))
         else:
             pieces.append((fi, lo, hi))
-    cum = [0]
-    for _, lo, hi in pieces:
-        cum.append(cum[-1] + hi - lo)
-    bounds = [0]
-    for k in range(1, fragments):
-        first, last = bounds[-1] + 1, len(pieces) - (fragments - k)
-        bounds.append(min(range(first, last + 1), key=lambda i: (abs(cum[i] - k * target), i)))
-    bounds.append(len(pieces))
+    sizes = [hi - lo for _, lo, hi in pieces]
+    bounds = _min_max_cuts(sizes, fragments)
     out = []
     for k in range(fragments):
         ranges = sorted(pieces[bounds[k]:bounds[k + 1]])
@@ -170,6 +165,35 @@ def plan_fragments(flats: Sequence[FlatBuffer], order: Sequence[torch.nn.Paramet
                 merged.append([fi, lo, hi])
         out.append([flats[fi].segment(lo, hi) for fi, lo, hi in merged])
     return out
+
+
+def _pack(sizes: Sequence[int], parts: int, cap: int) -> Optional[List[int]]:
+    """Cut ``sizes`` left to right into exactly ``parts`` non-empty runs of at most ``cap`` each,
+    each run as long as ``cap`` and the runs still to fill allow: the bounds, or None."""
+    bounds, cur, n = [0], 0, len(sizes)
+    for i, x in enumerate(sizes):
+        left = parts - len(bounds)  # runs still to open after the current one
+        if i > bounds[-1] and (cur + x > cap or n - i == left):
+            bounds.append(i)
+            cur = 0
+        if x > cap or len(bounds) > parts:
+            return None
+        cur += x
+    bounds.append(n)
+    return bounds if len(bounds) == parts + 1 else None
+
+
+def _min_max_cuts(sizes: Sequence[int], parts: int) -> List[int]:
+    """The contiguous cut of ``sizes`` into ``parts`` runs whose largest run is the smallest
+    possible (binary search on that size; ``len(sizes) >= parts``)."""
+    lo, hi = max(sizes), sum(sizes)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _pack(sizes, parts, mid) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return _pack(sizes, parts, lo)
 
 
 @dataclasses.dataclass
