@@ -359,7 +359,8 @@ def _suite_worker(rank, world):
         opt = DiLoCo(net, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=4, compression="int8",
                      fragments=2, overlap_steps=2)
         train_steps(net, opt, rank, 0, 9)
-        res.append((flat_params(m), opt.anchors()[0].clone(), opt.stats["foreign_bytes"]))
+        res.append((flat_params(m), opt.anchors()[0].clone(), opt.stats["foreign_bytes"], opt.stats["bytes_sent"],
+                    opt.stats["ddp_hook_calls"]))
     out["ddp"] = res
     # 4. resume with a fragment in flight: save after step 6 (fragment 0 started at 6, due 7)
     def make():
@@ -467,8 +468,12 @@ def test_train_streaming_run_merges_every_fragment_sync():
 @pytest.mark.slow
 def test_two_ranks_ddp_wrapped_model_streams_with_local_gradients(suite2):
     for r in suite2:
-        (p0, a0, _), (p1, a1, foreign) = r["ddp"]
-        assert torch.equal(p0, p1) and torch.equal(a0, a1) and foreign == 0
+        (p0, a0, foreign0, sent, _), (p1, a1, foreign1, _, hook_calls) = r["ddp"]
+        assert torch.equal(p0, p1) and torch.equal(a0, a1) and hook_calls == 0
+        # "foreign" bytes are the backend's count minus DiLoCo's estimate of its own reduces (the
+        # ring volume 2(p-1)/p x encoded size; on these 2-6-block fragments the real exchange
+        # differs by a few hundred bytes): the same with and without DDP, so none of it is DDP's
+        assert foreign1 == foreign0 and sent > 0, (foreign0, foreign1, sent)
 
 
 # ---- localsgd-bench streaming --------------------------------------------------------------------------
