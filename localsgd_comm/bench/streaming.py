@@ -280,9 +280,11 @@ def markdown(out: dict) -> str:
             "loop / its loop time (lowest rank; not for DDP, whose backward carries its all-reduce); loss = mean "
             "over ranks, moving average of "
             f"{out['smoothing_window']} steps.\n\n")
+    has_ddp = any(r["method"] == "ddp" for r in out["table"])
     rows = [(r["net"], r["method"], f"{100 * r['compute_util']:.1f}%",
              "-" if r["loop_compute_util"] is None else f"{100 * r['loop_compute_util']:.1f}%", r["total_s"], 1e3 * r["compute_step_s"],
-             r["final_loss"], r["loss_vs_diloco"], r["time_to_ddp_loss_s"] or "not reached", r["bytes_sent_mb"],
+             r["final_loss"], r["loss_vs_diloco"],
+             (r["time_to_ddp_loss_s"] or "not reached") if has_ddp else "no DDP run", r["bytes_sent_mb"],
              r["bytes_vs_diloco"], r["tx_mb"], r["peak_event_kb"], r["peak_vs_model_over_p"], r["max_step_tx_kb"])
             for r in out["table"]]
     return head + md_table(["link", "method", "compute util", "in-loop compute util", "loop s", "compute ms/step", "final loss",
@@ -290,24 +292,53 @@ def markdown(out: dict) -> str:
                             "tx MB/rank", "peak kB/event", "peak / (model/P)", "max tx kB in a step"], rows) + "\n"
 
 
+def rerender(json_path: str) -> dict:
+    """Recompute the table, Markdown and PNG of a saved run (analysis changes need no rerun)."""
+    from .report import rerender as _rerender
+    return _rerender(json_path, lambda out: {"table": analyse(out["runs"], out["smoothing_window"])}, markdown, plot)
+
+
 def plot(out: dict, path: str) -> None:
+    """Compute utilisation and final loss per method: against the link rate when several links
+    ran, else per method on the one link."""
     from .report import plt as _plt
     t = out["table"]
     if not t:
         return
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     methods = list(dict.fromkeys(r["method"] for r in t))
-    for k, m in enumerate(methods):
-        pts = sorted((r["rate_mbit"], r["compute_util"], r["final_loss"]) for r in t if r["method"] == m)
-        axes[0].plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", color=f"C{k % 10}", label=m)
-        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", color=f"C{k % 10}", label=m)
-    for ax, yl in zip(axes, ("compute utilisation (%)", "final loss at equal tokens")):
-        ax.set_xscale("log")
-        ax.set_xlabel("link rate (Mbit/s)")
-        ax.set_ylabel(yl)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=6)
+    nets = sorted({r["rate_mbit"] for r in t})
+    if len(nets) == 1:
+        x = list(range(len(methods)))
+        rows = {r["method"]: r for r in t}
+        axes[0].bar([i - 0.2 for i in x], [100 * rows[m]["compute_util"] for m in methods], 0.4,
+                    label="compute-only step x steps / loop time")
+        axes[0].bar([i + 0.2 for i in x], [100 * (rows[m]["loop_compute_util"] or 0) for m in methods], 0.4,
+                    label="in-loop compute / loop time")
+        axes[1].bar(x, [rows[m]["final_loss"] for m in methods])
+        lo = min(rows[m]["final_loss"] for m in methods)
+        axes[1].set_ylim(lo - 0.1, max(rows[m]["final_loss"] for m in methods) + 0.05)
+        for ax in axes:
+            ax.set_xticks(x)
+            ax.set_xticklabels(methods, rotation=35, ha="right", fontsize=7)
+            ax.grid(True, axis="y", alpha=0.3)
+        axes[0].axhline(95, color="k", lw=0.8, ls="--")
+        axes[0].legend(fontsize=7)
+        axes[0].set_title(f"compute utilisation at {nets[0]:g} Mbit/s")
+        axes[1].set_title(f"final loss at equal tokens, {nets[0]:g} Mbit/s")
+    else:
+        for k, m in enumerate(methods):
+            pts = sorted((r["rate_mbit"], r["loop_compute_util"] or r["compute_util"], r["final_loss"])
+                         for r in t if r["method"] == m)
+            axes[0].plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", color=f"C{k % 10}", label=m)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", color=f"C{k % 10}", label=m)
+        for ax, yl in zip(axes, ("in-loop compute utilisation (%; DDP: pre-measured)", "final loss at equal tokens")):
+            ax.set_xscale("log")
+            ax.set_xlabel("link rate (Mbit/s)")
+            ax.set_ylabel(yl)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
