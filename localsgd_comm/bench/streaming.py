@@ -22,6 +22,9 @@ Figures per run:
   drifts (it can exceed 100%), so a second figure is measured inside the loop:
 * in-loop compute utilisation = the time each rank spent in forward, backward and the inner
   optimizer's step during the loop / its loop time (the lowest rank's; DiLoCo and streaming only);
+* time in sync: what ``step()`` and the closing ``flush()`` spent besides the inner optimizer's
+  step (compressing, waiting for reduces, outer steps, merges), over the loop time: the
+  communication the inner steps did not hide, the most direct of the three figures;
 * total bytes: the rank's namespace interface tx (headers included) and DiLoCo's own count;
 * peak bytes per sync event: the largest fragment's wire bytes (DiLoCo's count of one fragment's
   all-reduce), against model/P (the whole model's wire bytes / P);
@@ -115,7 +118,7 @@ def _worker(a) -> None:
     pre = inner.register_step_pre_hook(lambda *_: inner_s.append(-time.perf_counter()))
     post = inner.register_step_post_hook(lambda *_: inner_s.__setitem__(-1, inner_s[-1] + time.perf_counter()))
     c0 = read_iface_bytes(a.ifname) if a.ifname else None
-    losses, times, tx, fb_s = [], [], [], []
+    losses, times, tx, fb_s, step_s = [], [], [], [], []
     t0 = time.perf_counter()
     for step in range(a.steps):
         x, y = batches[step]
@@ -124,7 +127,9 @@ def _worker(a) -> None:
         loss = Fn.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         fb_s.append(time.perf_counter() - tf)
+        ts = time.perf_counter()
         step_fn.step()
+        step_s.append(time.perf_counter() - ts)
         step_fn.zero_grad()
         sched.step()
         losses.append(float(loss))
@@ -132,15 +137,20 @@ def _worker(a) -> None:
         if c0 is not None:
             tx.append(read_iface_bytes(a.ifname)["tx_bytes"] - c0["tx_bytes"])
     if spec["kind"] == "diloco":
+        ts = time.perf_counter()
         step_fn.flush()  # the fragments in flight (timed: the run is not over before they land)
+        step_s.append(time.perf_counter() - ts)
     total = time.perf_counter() - t0
     pre.remove()
     post.remove()
     in_loop = sum(fb_s) + sum(inner_s)
+    # what step() (and the closing flush) spent besides the inner optimizer's step: starting the
+    # syncs (compression), waiting for reduces, outer steps and merges
+    blocked = sum(step_s) - sum(inner_s)
     rec = torch.tensor([losses, times, tx if tx else [0.0] * a.steps], dtype=torch.float64)
     allrec = [torch.empty_like(rec) for _ in range(world)]
     dist.all_gather(allrec, rec)
-    small = torch.tensor([compute_s, total, in_loop], dtype=torch.float64)
+    small = torch.tensor([compute_s, total, in_loop, blocked], dtype=torch.float64)
     alls = [torch.empty_like(small) for _ in range(world)]
     dist.all_gather(alls, small)
     if rank == 0:
@@ -152,6 +162,7 @@ def _worker(a) -> None:
             "tx_bytes_per_rank_mean": A[:, 2].mean(0).tolist() if tx else None,
             "compute_s_per_rank": [float(s[0]) for s in alls], "total_s_per_rank": [float(s[1]) for s in alls],
             "in_loop_compute_s_per_rank": [float(s[2]) for s in alls],
+            "sync_s_per_rank": [float(s[3]) for s in alls],
             "whole_model_event_bytes": whole, "peak_event_bytes": peak, "diloco_stats": stats,
         })
     dist.barrier()
@@ -198,7 +209,9 @@ def analyse(runs: List[dict], window: int) -> List[dict]:
                 c / t for c, t in zip(r["in_loop_compute_s_per_rank"], r["total_s_per_rank"]))
             rows.append({
                 "net": net, "rate_mbit": r["rate_mbit"], "method": r["method"],
-                "compute_util": compute * r["steps"] / total, "loop_compute_util": loop_util, "total_s": total, "compute_step_s": compute,
+                "compute_util": compute * r["steps"] / total, "loop_compute_util": loop_util,
+                "sync_share": None if spec["kind"] != "diloco" or "sync_s_per_rank" not in r else max(
+                    b / t for b, t in zip(r["sync_s_per_rank"], r["total_s_per_rank"])), "total_s": total, "compute_step_s": compute,
                 "final_loss": sl[-1],
                 "loss_vs_diloco": None if ref is None or spec["kind"] == "ddp" else sl[-1] / smooth(
                     ref["loss_mean"], window)[-1],
@@ -277,17 +290,20 @@ def markdown(out: dict) -> str:
             f"torch {e['versions']['torch']}, commit {str(e['git_commit'])[:10]}. Compute utilisation = median "
             "compute-only step (10 steps before the loop) x steps / slowest rank's loop time; in-loop compute "
             "utilisation = the time a rank spent in forward, backward and the inner optimizer's step during the "
-            "loop / its loop time (lowest rank; not for DDP, whose backward carries its all-reduce); loss = mean "
+            "loop / its loop time (lowest rank; not for DDP, whose backward carries its all-reduce); time in sync = "
+            "what step() and the closing flush spent besides the inner optimizer's step (compression, waits, outer "
+            "steps, merges) / loop time (highest rank); loss = mean "
             "over ranks, moving average of "
             f"{out['smoothing_window']} steps.\n\n")
     has_ddp = any(r["method"] == "ddp" for r in out["table"])
     rows = [(r["net"], r["method"], f"{100 * r['compute_util']:.1f}%",
-             "-" if r["loop_compute_util"] is None else f"{100 * r['loop_compute_util']:.1f}%", r["total_s"], 1e3 * r["compute_step_s"],
+             "-" if r["loop_compute_util"] is None else f"{100 * r['loop_compute_util']:.1f}%",
+             "-" if r.get("sync_share") is None else f"{100 * r['sync_share']:.1f}%", r["total_s"], 1e3 * r["compute_step_s"],
              r["final_loss"], r["loss_vs_diloco"],
              (r["time_to_ddp_loss_s"] or "not reached") if has_ddp else "no DDP run", r["bytes_sent_mb"],
              r["bytes_vs_diloco"], r["tx_mb"], r["peak_event_kb"], r["peak_vs_model_over_p"], r["max_step_tx_kb"])
             for r in out["table"]]
-    return head + md_table(["link", "method", "compute util", "in-loop compute util", "loop s", "compute ms/step", "final loss",
+    return head + md_table(["link", "method", "compute util", "in-loop compute util", "time in sync", "loop s", "compute ms/step", "final loss",
                             "loss / DiLoCo's", "time to DDP loss s", "DiLoCo MB/rank", "bytes / DiLoCo's",
                             "tx MB/rank", "peak kB/event", "peak / (model/P)", "max tx kB in a step"], rows) + "\n"
 
