@@ -362,6 +362,17 @@ def _suite_worker(rank, world):
         res.append((flat_params(m), opt.anchors()[0].clone(), opt.stats["foreign_bytes"], opt.stats["bytes_sent"],
                     opt.stats["ddp_hook_calls"]))
     out["ddp"] = res
+    # 3c. the tripwire still sees the script's own traffic on the group between fragment syncs
+    import warnings
+    m = make_model(seed=rank)
+    opt = DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=4, compression="int8", fragments=2,
+                 overlap_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_steps(m, opt, rank, 0, 3)
+        dist.all_reduce(torch.ones(1 << 18))  # 1 MiB of fp32 on DiLoCo's (quantizing) group
+        train_steps(m, opt, rank, 3, 4)
+    out["tripwire"] = (opt.stats["foreign_bytes"], [str(w.message) for w in caught if w.category is RuntimeWarning])
     # 4. resume with a fragment in flight: save after step 6 (fragment 0 started at 6, due 7)
     def make():
         m = make_model(seed=10 + rank)
@@ -506,3 +517,11 @@ def test_bench_streaming_rank_side_on_loopback():
     assert st["syncs"] == 4 and st["skipped_syncs"] == 0  # after steps 2, 4, 6, 8
     assert 0.4 < r["peak_event_bytes"] / r["whole_model_event_bytes"] < 0.75
     assert st["bytes_sent"] == pytest.approx(2 * r["whole_model_event_bytes"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_two_ranks_tripwire_reports_foreign_traffic_between_fragment_syncs(suite2):
+    for r in suite2:
+        foreign, msgs = r["tripwire"]
+        assert foreign > 200_000  # the script's int8 all-reduce of 2^18 elements (~0.26 MB per rank)
+        assert any("bytes crossed the process group" in m for m in msgs), msgs
