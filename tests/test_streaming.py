@@ -243,6 +243,21 @@ def test_mixed_dtypes_tied_frozen(single_group):
     assert opt.stats["syncs"] == 6 and all(torch.isfinite(x).all() for x in opt.anchors())
 
 
+@pytest.mark.parametrize("tau", [0, 1, 4])
+def test_model_averaging_fragments_match_simulation(single_group, tau):
+    """outer_lr=1, outer_momentum=0, fp32 (the exact averaging path) with fragments: the same
+    documented algorithm; TAU = H is the delayed step there (averaging off)."""
+    m = make_model()
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.05), sync_every=4, outer_lr=1.0, outer_momentum=0.0,
+                 compression="none", fragments=2, overlap_steps=tau)
+    assert opt._engine.config.averaging == (tau < 4)
+    train_steps(m, opt, 0, 0, 11)
+    theta, xs = simulate(1, 11, 4, 2, tau, opt._stream.mixing, fragment_ranges(opt), outer_lr=1.0, mu=0.0)
+    # fp32 vs float64: 1e-5 absolute, as above
+    torch.testing.assert_close(opt.anchors()[0].double(), theta, atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat_params(m).double(), xs[0], atol=1e-5, rtol=0)
+
+
 def test_bad_streaming_arguments(single_group):
     m = make_model()
     inner = torch.optim.AdamW(m.parameters())
