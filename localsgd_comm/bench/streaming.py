@@ -132,7 +132,7 @@ def _worker(a) -> None:
         step_s.append(time.perf_counter() - ts)
         step_fn.zero_grad()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         times.append(time.perf_counter() - t0)
         if c0 is not None:
             tx.append(read_iface_bytes(a.ifname)["tx_bytes"] - c0["tx_bytes"])
