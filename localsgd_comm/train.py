@@ -63,6 +63,8 @@ class TrainConfig:
     outer_momentum: float = 0.6
     error_feedback: bool = False
     overlap: bool = False
+    fragments: Optional[int] = None            # streaming DiLoCo (None: not streaming)
+    overlap_steps: int = 0
     model_size: str = "small"
     steps: int = 200
     batch_size: int = 16
@@ -112,6 +114,15 @@ class TrainConfig:
              "error_feedback: expected a quantizing compression (int8, int4 or fp8), got compression 'none'"),
             (self.eval_every >= 1, f"eval_every: expected >= 1, got {self.eval_every}"),
             (self.seed >= 0, f"seed: expected >= 0, got {self.seed}"),
+            (self.fragments is None or 1 <= self.fragments <= self.sync_every,
+             f"fragments: expected an integer in [1, sync_every={self.sync_every}], got {self.fragments}"),
+            (self.fragments is not None or self.overlap_steps == 0,
+             f"overlap_steps: expected --fragments with it (streaming DiLoCo), got {self.overlap_steps} without"),
+            (0 <= self.overlap_steps <= self.sync_every,
+             f"overlap_steps: expected an integer in [0, sync_every={self.sync_every}], got {self.overlap_steps}"),
+            (self.fragments is None or not self.overlap,
+             "overlap/fragments: expected one of the two (overlap is fragments 1 with overlap_steps = sync_every), "
+             "got both"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -210,7 +221,8 @@ def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
         net = model
         opt = DiLoCo(model, inner, sync_every=cfg.sync_every, outer_lr=cfg.outer_lr,
                      outer_momentum=cfg.outer_momentum, compression=cfg.compression,
-                     error_feedback=cfg.error_feedback, overlap=cfg.overlap)
+                     error_feedback=cfg.error_feedback, overlap=cfg.overlap, fragments=cfg.fragments,
+                     overlap_steps=cfg.overlap_steps)
     else:
         # plain DDP: fp32 gradients over gloo; ddp-localsgd: over the default (quantizing) group
         group = dist.new_group(backend="gloo" if cfg.device == "cpu" else "nccl") if cfg.mode == "ddp" else None
@@ -238,7 +250,9 @@ def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         last = step == cfg.steps - 1
-        if cfg.mode == "diloco" and last:
+        if cfg.mode == "diloco" and last and cfg.fragments is not None:
+            opt.flush()  # streaming: merge the fragments in flight (each synced on its own schedule)
+        elif cfg.mode == "diloco" and last:
             if opt.local_step % cfg.sync_every:  # end on a sync: every replica holds the same model
                 opt.sync()
             # overlap: apply the last launched reduce (flushing before that sync left it pending
@@ -508,6 +522,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--error-feedback", action="store_true", help="carry the quantization error into the next sync")
     p.add_argument("--overlap", action="store_true",
                    help="delayed outer step: each sync's all-reduce runs during the next round")
+    p.add_argument("--fragments", type=int, default=None, metavar="P",
+                   help="streaming DiLoCo: sync the model in P fragments staggered over the H steps")
+    p.add_argument("--overlap-steps", type=int, default=0, metavar="TAU",
+                   help="streaming DiLoCo: inner steps each fragment's all-reduce runs in the background (0..H)")
     p.add_argument("--model-size", default=d.model_size, help="GPT size: tiny, small, medium or large")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per worker")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per worker and step")
@@ -567,7 +585,9 @@ def _start_line(cfg: TrainConfig, modes: List[str]) -> str:
     what = []
     for m in modes:
         if m == "diloco":
-            what.append(f"DiLoCo {cfg.compression}, H={cfg.sync_every} ({cfg.steps // cfg.sync_every} syncs)")
+            what.append(f"DiLoCo {cfg.compression}, H={cfg.sync_every} ({cfg.steps // cfg.sync_every} syncs)"
+                        + (f", streaming {cfg.fragments} fragments, overlap {cfg.overlap_steps} steps"
+                           if cfg.fragments is not None else ""))
         else:
             what.append("plain DDP (fp32 over gloo)" if m == "ddp" else "DDP over localsgd (compressed gradients)")
     per_step = STEP_SECONDS_2CPU.get(cfg.model_size, 0.2) * max(1.0, cfg.workers / 2) * cfg.batch_size / 16
@@ -581,7 +601,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = _parser().parse_args(argv)
     cfg = TrainConfig(mode=a.mode, workers=a.workers, sync_every=a.sync_every, compression=a.compression,
                       outer_lr=a.outer_lr, outer_momentum=a.outer_momentum, error_feedback=a.error_feedback,
-                      overlap=a.overlap, model_size=a.model_size, steps=a.steps, batch_size=a.batch_size,
+                      overlap=a.overlap, fragments=a.fragments, overlap_steps=a.overlap_steps,
+                      model_size=a.model_size, steps=a.steps, batch_size=a.batch_size,
                       seq_len=a.seq_len, lr=a.lr, eval_every=a.eval_every, seed=a.seed, device=a.device,
                       data=a.data, backend=a.backend, master_addr=a.master_addr, master_port=a.master_port,
                       progress=not a.no_progress, warmup_steps=min(TrainConfig.warmup_steps, max(1, a.steps // 10)))

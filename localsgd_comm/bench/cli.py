@@ -38,6 +38,10 @@ SUITES = {
                "sizes (0.09M-1.9M params), M = 2/4 workers, H = 10/50, int8/int4, and the critical batch size at two "
                "token budgets; workers simulated in-process with the library's kernels (no network). --jobs runs at "
                "once; resumes an interrupted study. --quick: about 1-2 min (full: about 70 min with --jobs 2)",
+    "streaming": "streaming DiLoCo, 4 workers, small GPT, shaped 100 and 10 Mbit/s links: DDP, DiLoCo (P=1), "
+                 "fragments P in {2, 4}, overlap TAU in {0, 1, 2}, int8/int4: compute utilisation, bytes, peak bytes "
+                 "per sync event, loss at equal tokens. --quick: 7 runs on 10 Mbit/s without DDP, about 5 min on an "
+                 "idle machine (full: 30 runs, DDP at 10 Mbit/s alone about 16 min)",
     "all": "kernels, collectives and time-to-loss (not faults). --quick: about 2-3 min",
     "linkcheck": "checks that the shaped links reach their rates (gloo send/recv); writes plan_profile.json (the "
                  "links' efficiency) for localsgd-plan --profile",
@@ -69,10 +73,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="write into the checkout's benchmarks/results (the committed results) instead")
     ap.add_argument("--nets", default=None,
                     help="comma-separated subset of links: loopback, 1gbit, 100mbit (collectives); "
-                         "1gbit, 100mbit, 10mbit (time-to-loss). Default: all of the suite's links")
-    ap.add_argument("--methods", default=None, help="time-to-loss only: comma-separated subset of the methods")
-    ap.add_argument("--steps", type=int, default=None, help="time-to-loss only: training steps per run")
-    ap.add_argument("--sync-every", type=int, default=None, help="time-to-loss only: DiLoCo's H")
+                         "1gbit, 100mbit, 10mbit (time-to-loss); 100mbit, 10mbit (streaming). Default: all of the "
+                         "suite's links")
+    ap.add_argument("--methods", default=None,
+                    help="time-to-loss and streaming: comma-separated subset of the methods (streaming: ddp, "
+                         "diloco-<fmt>, stream-<fmt>-P<p>-T<tau>)")
+    ap.add_argument("--steps", type=int, default=None, help="time-to-loss and streaming: training steps per run")
+    ap.add_argument("--sync-every", type=int, default=None, help="time-to-loss and streaming: DiLoCo's H")
     ap.add_argument("--jobs", type=int, default=None, help="scaling only: runs at once, one thread each (default 2)")
     ap.add_argument("--sizes", default=None, help="scaling only: comma-separated subset of the model sizes")
     ap.add_argument("--all-pids", action="store_true", help="cleanup only: also namespaces of live runs")
@@ -82,21 +89,29 @@ def _parser() -> argparse.ArgumentParser:
 def _check(a, ap) -> None:
     """Every flag is checked before anything runs (an unknown name would silently select nothing)."""
     from .time_to_loss import METHODS, NETS
+    from . import streaming as _streaming
     ttl_nets = tuple(n for n, _ in NETS)
     known = {"collectives": COLLECTIVE_NETS, "time-to-loss": ttl_nets,
+             "streaming": tuple(n for n, _ in _streaming.NETS),
              "all": tuple(dict.fromkeys(COLLECTIVE_NETS + ttl_nets))}
     if a.nets is not None:
         if a.what not in known:
-            ap.error(f"--nets applies to collectives, time-to-loss and all, not to {a.what}")
+            ap.error(f"--nets applies to collectives, time-to-loss, streaming and all, not to {a.what}")
         bad = [n for n in a.nets.split(",") if n not in known[a.what]]
         if bad or not a.nets:
             ap.error(f"--nets: unknown link(s) {bad or [a.nets]} for {a.what}; expected a comma-separated subset "
                      f"of {', '.join(known[a.what])}")
     time_only = {"--methods": a.methods, "--steps": a.steps, "--sync-every": a.sync_every}
     for flag, v in time_only.items():
-        if v is not None and a.what not in ("time-to-loss", "all"):
-            ap.error(f"{flag} applies to time-to-loss (and all) only, not to {a.what}")
-    if a.methods is not None:
+        if v is not None and a.what not in ("time-to-loss", "all", "streaming"):
+            ap.error(f"{flag} applies to time-to-loss, streaming (and all) only, not to {a.what}")
+    if a.methods is not None and a.what == "streaming":
+        for m in a.methods.split(","):
+            try:
+                _streaming.parse_method(m)
+            except ValueError as e:
+                ap.error(f"--methods: {e}")
+    elif a.methods is not None:
         bad = [m for m in a.methods.split(",") if m not in METHODS]
         if bad or not a.methods:
             ap.error(f"--methods: unknown method(s) {bad or [a.methods]}; expected a comma-separated subset of "
@@ -176,6 +191,11 @@ def main(argv=None) -> int:
         if a.what == "plan-check":
             from . import plan_check
             plan_check.run_suite(out_dir, log=log)
+        if a.what == "streaming":
+            from . import streaming
+            streaming.run_suite(out_dir, quick=a.quick, log=log, only_nets=nets,
+                                methods=a.methods.split(",") if a.methods else None, steps=a.steps,
+                                sync_every=a.sync_every)
         if a.what == "clusters":
             from . import clusters
             clusters.run_suite(out_dir, quick=a.quick, log=log)

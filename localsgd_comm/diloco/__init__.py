@@ -139,6 +139,15 @@ all-reduce and the outer step for that shard only over ``hierarchy.cross`` (memb
 every cluster), so each pseudo-gradient byte crosses the slow link once. The updated anchor
 shards are then all-gathered in fp32 inside the cluster. Momentum and residual are only
 meaningful on the owned shard (they are per-rank state, saved per rank).
+
+Streaming mode (``fragments=P, overlap_steps=TAU, mixing=ALPHA``)
+-----------------------------------------------------------------
+The model syncs in P fragments staggered over the H steps (one fragment sync every H/P steps,
+each fragment once per H), each fragment's all-reduce in the background for TAU inner steps,
+then merged: ``params_f <- ALPHA params_f + (1 - ALPHA) anchor_f``. ``fragments=1,
+overlap_steps=0`` is plain DiLoCo bit for bit; ``fragments=1, overlap_steps=H, mixing=0`` is
+``overlap=True``. The fragment rule, the schedule, the bound on TAU, the ordering with other
+collectives, the non-finite policy and checkpoints: :mod:`localsgd_comm.diloco.streaming`.
 """
 from __future__ import annotations
 

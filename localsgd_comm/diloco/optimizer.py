@@ -17,6 +17,7 @@ from .ddp import Tripwire, find_ddp, make_ddp_local, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction, derive_seed
 from .hierarchical import HierarchicalGroups, HierarchicalSync
 from .inner import InnerWrapper, check_outer_args, resolve_block_size
+from .streaming import StreamingSync, check_streaming_args
 
 
 class DiLoCo(InnerWrapper):
@@ -43,6 +44,11 @@ class DiLoCo(InnerWrapper):
         state_device: device of anchor/momentum/residual (default: the parameters' device).
         on_nonfinite: ``"skip"`` or ``"raise"``.
         broadcast_init: broadcast parameters and buffers from rank 0 at construction.
+        fragments, overlap_steps, mixing: streaming DiLoCo (:mod:`.streaming`): the model synced
+            in ``fragments`` parts staggered over the ``sync_every`` steps, each reduce in flight
+            for ``overlap_steps`` inner steps, then merged as
+            ``params <- mixing * params + (1 - mixing) * anchor`` (default mixing: 0.5 when
+            ``overlap_steps > 0``, else 0). ``fragments=None`` (default): not streaming.
     """
 
     def __new__(cls, model=None, inner_optimizer=None, *args, **kwargs):
@@ -53,12 +59,16 @@ class DiLoCo(InnerWrapper):
                 cls = ShardedDiLoCo
         return super().__new__(cls)
 
+    #: streaming mode's fragments (None: not streaming; subclasses that do not stream keep the default)
+    _stream: Optional[StreamingSync] = None
+
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, sync_every: int,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
                  compression: str = "int8", block_size: Optional[int] = None, error_feedback: bool = False,
                  stochastic_rounding: bool = False, seed: int = 0, group=None,
                  hierarchy: Optional[HierarchicalGroups] = None, overlap: bool = False,
-                 state_device=None, on_nonfinite: str = "skip", broadcast_init: bool = True):
+                 state_device=None, on_nonfinite: str = "skip", broadcast_init: bool = True,
+                 fragments: Optional[int] = None, overlap_steps: int = 0, mixing: Optional[float] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module (or DDP-wrapped one), got {type(model).__name__}")
         check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
@@ -69,6 +79,7 @@ class DiLoCo(InnerWrapper):
             raise ValueError("stochastic_rounding: expected a quantizing compression (int8/int4/fp8), got 'none'")
         if hierarchy is not None and overlap:
             raise ValueError("overlap=True with hierarchy: expected one of the two, got both (not supported together)")
+        check_streaming_args(fragments, overlap_steps, mixing, sync_every, overlap, hierarchy)
         if hierarchy is not None and not isinstance(hierarchy, HierarchicalGroups):
             raise TypeError(f"hierarchy: expected HierarchicalGroups (new_hierarchical_groups), got {type(hierarchy).__name__}")
         if not dist.is_initialized():
@@ -95,8 +106,9 @@ class DiLoCo(InnerWrapper):
         # outer_lr=1, outer_momentum=0 is model averaging; in fp32 it is computed as such (exact).
         # Not in overlap mode: there the delayed step is theta <- theta - g_{k-1}, and theta has
         # moved since g_{k-1}'s round started, so avg(params of round k-1) is not that step.
+        # Streaming with overlap_steps=sync_every is the delayed step (see .streaming): the same.
         averaging = (self.outer_lr == 1.0 and self.outer_momentum == 0.0 and compression == "none"
-                     and not self.overlap)
+                     and not self.overlap and not (fragments is not None and overlap_steps == sync_every))
         self._engine = OuterEngine(OuterConfig(compression, block_size, self.outer_lr, self.outer_momentum,
                                                self.nesterov, averaging))
 
@@ -164,6 +176,9 @@ class DiLoCo(InnerWrapper):
         self._local_step = 0   # inner steps taken
         self._sync_index = 0   # syncs started
         self._pending: Optional[Reduction] = None  # overlap mode: the reduce in flight
+        # streaming mode: the fragments, their schedule and their reduces in flight
+        self._stream = (StreamingSync(self, trainable, fragments, overlap_steps, mixing, align)
+                        if fragments is not None else None)
         self.stats = {"syncs": 0, "skipped_syncs": 0, "bytes_sent": 0, "intra_bytes_sent": 0, "foreign_bytes": 0,
                       "ddp_hook_calls": 0}
         # Tripwire (see "DDP under DiLoCo"): traffic on the watched groups between syncs.
@@ -196,13 +211,18 @@ class DiLoCo(InnerWrapper):
                 self._hier.average_gradients(self.stats)
         loss = self._inner_step(closure)
         self._local_step += 1
-        if self._local_step % self.sync_every == 0:
+        if self._stream is not None:
+            self._stream.after_step(self._local_step)
+        elif self._local_step % self.sync_every == 0:
             self.sync()
         return loss
 
     def sync(self) -> None:
         """Run one outer sync now (``step`` calls this every ``sync_every`` steps)."""
         self._check_params("sync()")
+        if self._stream is not None:
+            raise RuntimeError("DiLoCo.sync(): in streaming mode (fragments=...) each fragment syncs on its own "
+                               "schedule inside step(); call flush() to merge the fragments in flight now")
         if self._tripwire.watching and self._pending is not None:
             # Overlap mode: the previous sync's reduce must be counted before the tripwire reads the
             # counters. Free on a "localsgd" group: its worker runs collectives in order, so the new
@@ -230,7 +250,12 @@ class DiLoCo(InnerWrapper):
             self._reset_params()
 
     def flush(self) -> None:
-        """Overlap mode: wait for the pending reduce and apply it now (params <- new anchor)."""
+        """Overlap mode: wait for the pending reduce and apply it now (params <- new anchor).
+        Streaming mode: merge every fragment in flight now."""
+        if self._stream is not None:
+            self._check_params("flush()")
+            self._stream.flush()
+            return
         if self._pending is not None:
             prev, self._pending = self._pending, None
             prev.wait()
@@ -324,6 +349,7 @@ class DiLoCo(InnerWrapper):
             "sync_index": self._sync_index,
             "stats": dict(self.stats),
             "pending": pending,
+            "streaming": None if self._stream is None else self._stream.state(),
             "config": {"sync_every": self.sync_every, "compression": self.compression,
                        "block_size": self.block_size, "seed": self.seed, "overlap": self.overlap,
                        "numels": [f.numel for f in self._flats]},
@@ -367,8 +393,16 @@ class DiLoCo(InnerWrapper):
         self._pending = None
         if state["pending"] is not None:
             self._pending = Reduction.from_state(state["pending"], self._segments, self.sync_size)
+        if self._stream is not None:
+            self._stream.load_state(state.get("streaming"))
+        elif state.get("streaming") is not None:
+            raise ValueError("load_state_dict: expected a state without fragments as constructed, got a streaming "
+                             f"state (fragments={state['streaming']['fragments']})")
 
     def __repr__(self) -> str:
         return (f"DiLoCo(sync_every={self.sync_every}, outer_lr={self.outer_lr}, outer_momentum={self.outer_momentum}, "
                 f"nesterov={self.nesterov}, compression={self.compression!r}, overlap={self.overlap}, "
-                f"hierarchical={self.hierarchy is not None}, inner={type(self.inner_optimizer).__name__})")
+                f"hierarchical={self.hierarchy is not None}, "
+                + (f"fragments={self._stream.fragments}, overlap_steps={self._stream.overlap_steps}, "
+                   f"mixing={self._stream.mixing}, " if self._stream is not None else "")
+                + f"inner={type(self.inner_optimizer).__name__})")

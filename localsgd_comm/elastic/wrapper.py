@@ -54,7 +54,13 @@ class ElasticDiLoCo(InnerWrapper):
                  error_feedback: bool = False, min_workers: int = 1, join_timeout_s: float = 10.0,
                  quorum_timeout_s: float = 300.0, timeout_s: float = 30.0, dead_after_s: float = 3.0,
                  heartbeat_s: float = 0.5, run_id: str = "run", initial_workers: Optional[int] = None,
-                 replica_group=None, overlap: bool = False):
+                 replica_group=None, overlap: bool = False, fragments: Optional[int] = None,
+                 overlap_steps: int = 0):
+        if fragments is not None or overlap_steps:
+            raise NotImplementedError(
+                f"ElasticDiLoCo: streaming (fragments={fragments!r}, overlap_steps={overlap_steps!r}) is not built "
+                "yet: a fragment round's membership and commit are not implemented (use DiLoCo(fragments=...) for a "
+                "fixed set of workers)")
         if overlap:
             raise ValueError("ElasticDiLoCo: overlap=True is not supported: the delayed outer step keeps a reduce in "
                              "flight across the round boundary, which a membership change would have to cancel half "
