@@ -19,6 +19,8 @@ from localsgd_comm.model import GPT, config_for
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)
 ap.add_argument("--diloco", action="store_true")
+ap.add_argument("--outer-lr", type=float, default=0.7)
+ap.add_argument("--outer-momentum", type=float, default=0.9)
 ap.add_argument("--steps", type=int, default=24)
 ap.add_argument("--sync-every", type=int, default=8)
 ap.add_argument("--accum", type=int, default=2)
@@ -43,7 +45,8 @@ model, opt, sched = accelerator.prepare(model, opt, sched)
 diloco = None
 if a.diloco:
     from localsgd_comm.integrations.accelerate import prepare_diloco
-    diloco = prepare_diloco(model, opt, sync_every=a.sync_every, compression="int8")
+    diloco = prepare_diloco(model, opt, sync_every=a.sync_every, compression="int8", outer_lr=a.outer_lr,
+                            outer_momentum=a.outer_momentum)
 data = ByteData(load_corpus(), seq_len=64, seed=0)
 start = 0
 if a.resume:

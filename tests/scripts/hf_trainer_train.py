@@ -15,6 +15,8 @@ from localsgd_comm.data import load_corpus
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)
 ap.add_argument("--diloco", action="store_true")
+ap.add_argument("--outer-lr", type=float, default=0.7)
+ap.add_argument("--outer-momentum", type=float, default=0.9)
 ap.add_argument("--backend", default=None, help="init this process group first (default: DiLoCo: localsgd)")
 ap.add_argument("--max-steps", type=int, default=24)
 ap.add_argument("--sync-every", type=int, default=8)
@@ -65,7 +67,8 @@ args = TrainingArguments(output_dir=a.output_dir, max_steps=a.max_steps, per_dev
 kw = dict(model=model, args=args, train_dataset=train, eval_dataset=val)
 if a.diloco:
     from localsgd_comm.integrations.transformers import DiLoCoTrainer
-    trainer = DiLoCoTrainer(**kw, sync_every=a.sync_every, compression="int8")
+    trainer = DiLoCoTrainer(**kw, sync_every=a.sync_every, compression="int8", outer_lr=a.outer_lr,
+                            outer_momentum=a.outer_momentum)
 else:
     trainer = Trainer(**kw)
 trainer.train(resume_from_checkpoint=a.resume)

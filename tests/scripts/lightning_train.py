@@ -18,8 +18,10 @@ from localsgd_comm.model import GPT, config_for
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)
 ap.add_argument("--diloco", action="store_true")
+ap.add_argument("--outer-lr", type=float, default=0.7)
+ap.add_argument("--outer-momentum", type=float, default=0.9)
 ap.add_argument("--max-steps", type=int, default=24)
-ap.add_argument("--sync-every", type=int, default=4)
+ap.add_argument("--sync-every", type=int, default=8)
 ap.add_argument("--accum", type=int, default=1)
 ap.add_argument("--ckpt-dir", default="ckpt")
 ap.add_argument("--resume", default=None)
@@ -63,12 +65,14 @@ class LitGPT(L.LightningModule):
 data = ByteData(load_corpus(), seq_len=SEQ, seed=0)
 L.seed_everything(0, verbose=False)
 model = LitGPT()
-# 96 windows, 2 ranks x batch 8: 6 optimizer steps per epoch (sync_every 4: epoch ends mid-round)
+# 96 windows, 2 ranks x batch 8: 6 optimizer steps per epoch. A checkpoint every 12 steps, saved after the
+# last batch of an epoch: Lightning resumes such a checkpoint exactly (mid-epoch ones only with a
+# resumable dataloader); with sync_every 8 step 12 is in the middle of a round
 train_dl = torch.utils.data.DataLoader(Windows(data.train, 96 * a.accum, 0), batch_size=8, shuffle=True)
-ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=a.ckpt_dir, every_n_epochs=1, save_top_k=-1)
+ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=a.ckpt_dir, every_n_train_steps=12, save_top_k=-1)
 if a.diloco:
     from localsgd_comm.integrations.lightning import DiLoCoStrategy
-    strategy = DiLoCoStrategy(sync_every=a.sync_every)
+    strategy = DiLoCoStrategy(sync_every=a.sync_every, outer_lr=a.outer_lr, outer_momentum=a.outer_momentum)
 else:
     strategy = "ddp"
 trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=a.max_steps, callbacks=[ckpt],
