@@ -64,7 +64,8 @@ def main():
     L.seed_everything(0, verbose=False)
     model = LitGPT()
     loader = torch.utils.data.DataLoader(Windows(data.train, 32 * STEPS), batch_size=16, shuffle=True)
-    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=STEPS,
+    trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=STEPS,
+                        strategy="ddp",
                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, loader)
     with torch.no_grad():
