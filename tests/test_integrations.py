@@ -37,6 +37,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(HERE, "scripts"))
 from launch_script import WORLD, launch  # noqa: E402
 
+from _mp import run_workers  # noqa: E402
+
 SCRIPTS = os.path.join(HERE, "scripts")
 INT8_BPE = 1.0 + 4.0 / localsgd_comm.DEFAULT_BLOCK_SIZE
 #: 3 outer steps: outer momentum 0.6, as localsgd-train uses for short runs (README: with 0.9 the
@@ -149,6 +151,39 @@ def test_diloco_trainer_refuses_a_missing_process_group_fsdp_and_deepspeed(tmp_p
         print("ok")
     """, timeout=180)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def _synced_params_worker(rank, world):
+    from localsgd_comm.integrations._common import finish_round, synced_params
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    opt = localsgd_comm.DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), sync_every=3)
+    out = {}
+    for step in range(4):  # one sync at step 3, then one local step: mid-round
+        torch.manual_seed(100 * rank + step)
+        model(torch.randn(4, 8)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    local = [p.detach().clone() for p in model.parameters()]
+    with synced_params(opt):
+        out["inside"] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    out["anchor"] = torch.cat(opt.anchors())
+    out["restored"] = all(torch.equal(a, p) for a, p in zip(local, model.parameters()))
+    out["synced"] = finish_round(opt)
+    out["after_end"] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return out
+
+
+def test_evaluation_sees_the_anchor_and_the_local_parameters_come_back():
+    """synced_params (what the Trainer's evaluate and Lightning's validation use): inside, the
+    parameters are the anchor of the last sync, bitwise the same on both ranks; after, each
+    rank's own parameters, bitwise; finish_round syncs the partial round at the end."""
+    outs = run_workers(_synced_params_worker, 2, backend="localsgd", timeout=120)
+    for o in outs:
+        assert torch.equal(o["inside"], o["anchor"]) and o["restored"] and o["synced"]
+    assert torch.equal(outs[0]["inside"], outs[1]["inside"])
+    assert torch.equal(outs[0]["after_end"], outs[1]["after_end"])
+    assert not torch.equal(outs[0]["after_end"], outs[0]["inside"])
 
 
 # ------------------------------------------------------------------ end to end: 2 ranks, DDP vs DiLoCo

@@ -125,7 +125,8 @@ class DiLoCoStrategy(DDPStrategy):
     def on_validation_start(self) -> None:
         super().on_validation_start()
         self._eval_ctx = None
-        if self.lightning_module is not None and self.lightning_module.trainer.training:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:  # validation inside fit()
             self._eval_ctx = synced_params(self.diloco)
             self._eval_ctx.__enter__()
 
