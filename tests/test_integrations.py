@@ -17,8 +17,9 @@ What must hold (issue 24):
 * validation loss within 3% of plain DDP's on the same script (DiLoCo <= 1.03 x DDP);
 * a run resumed from a checkpoint in the middle of a round ends bitwise equal, on every rank,
   to the uninterrupted run.
-End-to-end tests are marked slow (each launch takes ~10-60 s on 2 busy cores); the import and
-bad-input tests run in the README's test command. Tests needing a library skip without it.
+End-to-end tests and the multi-process or Trainer-building ones are marked slow (each launch
+takes ~10-60 s on 2 busy cores); the import, argument and example-diff tests run in the README's
+test command. Tests needing a library skip without it.
 """
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ def test_diloco_strategy_bad_arguments():
     assert s.process_group_backend == "localsgd"
 
 
+@pytest.mark.slow  # imports transformers and builds two Trainers in a subprocess: ~10 s
 def test_diloco_trainer_refuses_a_missing_process_group_fsdp_and_deepspeed(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -174,6 +176,7 @@ def _synced_params_worker(rank, world):
     return out
 
 
+@pytest.mark.slow  # 2 spawned ranks: over 5 s on 2 busy cores
 def test_evaluation_sees_the_anchor_and_the_local_parameters_come_back():
     """synced_params (what the Trainer's evaluate and Lightning's validation use): inside, the
     parameters are the anchor of the last sync, bitwise the same on both ranks; after, each
