@@ -138,7 +138,8 @@ def test_diloco_trainer_refuses_a_missing_process_group_fsdp_and_deepspeed(tmp_p
             assert 'init_process_group("localsgd")' in str(exc), exc
         else:
             raise AssertionError("no error without a process group")
-        for bad, word in ((dict(deepspeed="ds.json", fsdp=[]), "DeepSpeed"), (dict(deepspeed=None, fsdp=["full_shard"]), "FSDP")):
+        for bad, word in ((dict(deepspeed="ds.json", fsdp=[]), "DeepSpeed"),
+                          (dict(deepspeed=None, fsdp=["full_shard"]), "FSDP")):
             try:
                 lt._check_training_args(types.SimpleNamespace(**bad))
             except ValueError as exc:

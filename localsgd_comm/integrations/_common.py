@@ -116,8 +116,8 @@ def save_rank_state(diloco: DiLoCo, path: str) -> str:
 def load_rank_state(diloco: DiLoCo, path: str, checkpoint: str, who: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{who}: the checkpoint {checkpoint} has no DiLoCo state for rank {diloco.rank} ({path} is missing): it was "
-            "saved without DiLoCo or by fewer ranks; an exact resume needs every rank's own file")
+            f"{who}: the checkpoint {checkpoint} has no DiLoCo state for rank {diloco.rank} ({path} is missing): "
+            "it was saved without DiLoCo or by fewer ranks; an exact resume needs every rank's own file")
     blob = torch.load(path, map_location="cpu", weights_only=False)
     world = dist.get_world_size(diloco.group)
     if blob["world_size"] != world:

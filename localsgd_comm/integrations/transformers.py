@@ -171,5 +171,5 @@ def _check_training_args(args) -> None:
     fsdp = getattr(args, "fsdp", None)
     if fsdp:
         raise ValueError(f"DiLoCoTrainer: expected no FSDP (TrainingArguments.fsdp={fsdp!r}); DiLoCo keeps whole "
-                         "replicas. For sharded replicas use DiLoCo(fsdp2_model, ..., group=mesh.get_group('replicate')) "
-                         "in a hand-written loop")
+                         "replicas. For sharded replicas use DiLoCo(fsdp2_model, ..., "
+                         "group=mesh.get_group('replicate')) in a hand-written loop")

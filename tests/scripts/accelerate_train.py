@@ -40,7 +40,8 @@ torch.manual_seed(0)
 model = GPT(config_for("tiny", seq_len=64))
 opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
 T = a.steps * accelerator.num_processes  # accelerate steps a prepared scheduler once per process
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3) * 0.5 * (1 + math.cos(math.pi * min(s, T) / T)))
+sched = torch.optim.lr_scheduler.LambdaLR(
+    opt, lambda s: min(1.0, (s + 1) / 3) * 0.5 * (1 + math.cos(math.pi * min(s, T) / T)))
 model, opt, sched = accelerator.prepare(model, opt, sched)
 diloco = None
 if a.diloco:

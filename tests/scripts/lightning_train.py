@@ -44,6 +44,10 @@ class Windows(torch.utils.data.Dataset):
         return w[:-1], w[1:]
 
 
+def warmup_cosine(s, total):
+    return min(1.0, (s + 1) / 3) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+
+
 class LitGPT(L.LightningModule):
     def __init__(self):
         super().__init__()
@@ -58,7 +62,7 @@ class LitGPT(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=2e-3)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3) * 0.5 * (1 + math.cos(math.pi * min(s, a.max_steps) / a.max_steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, a.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
