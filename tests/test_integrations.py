@@ -106,6 +106,22 @@ def test_prepare_diloco_bad_arguments():
         prepare_diloco(model, opt, sync_every=4, fragmentz=2)
 
 
+@pytest.mark.parametrize("kind,word", [("DEEPSPEED", "DeepSpeed"), ("FSDP", "FSDP"), ("MEGATRON_LM", "Megatron")])
+def test_accelerate_sharded_modes_are_refused(monkeypatch, kind, word):
+    """An accelerate state of DeepSpeed / FSDP / Megatron (set here without building one: their
+    plugins need GPUs or libraries) is refused before DiLoCo is built."""
+    pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+    from localsgd_comm.integrations.accelerate import check_distributed_type
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {})
+    monkeypatch.setattr(PartialState, "_shared_state", {"distributed_type": getattr(DistributedType, kind)})
+    with pytest.raises(ValueError, match=f"expected plain data parallelism.*{word}"):
+        check_distributed_type()
+    monkeypatch.setattr(PartialState, "_shared_state", {"distributed_type": DistributedType.MULTI_CPU})
+    check_distributed_type()
+
+
 def test_diloco_strategy_bad_arguments():
     pytest.importorskip("lightning")
     from localsgd_comm.integrations.lightning import DiLoCoStrategy
