@@ -190,6 +190,24 @@ def _synced_params_worker(rank, world):
     out["restored"] = all(torch.equal(a, p) for a, p in zip(local, model.parameters()))
     out["synced"] = finish_round(opt)
     out["after_end"] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    # per-rank checkpoint files: a missing one and one from another world size are named errors
+    import tempfile
+    from localsgd_comm.integrations._common import load_rank_state, save_rank_state
+    with tempfile.TemporaryDirectory() as d:
+        path = save_rank_state(opt, os.path.join(d, f"r{rank}.pt"))
+        load_rank_state(opt, path, d, "test")
+        out["reloaded"] = torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), out["after_end"])
+        try:
+            load_rank_state(opt, os.path.join(d, "missing.pt"), d, "test")
+        except FileNotFoundError as exc:
+            out["missing"] = str(exc)
+        blob = torch.load(path, weights_only=False)
+        blob["world_size"] = 3
+        torch.save(blob, path)
+        try:
+            load_rank_state(opt, path, d, "test")
+        except ValueError as exc:
+            out["world"] = str(exc)
     return out
 
 
@@ -204,6 +222,10 @@ def test_evaluation_sees_the_anchor_and_the_local_parameters_come_back():
     assert torch.equal(outs[0]["inside"], outs[1]["inside"])
     assert torch.equal(outs[0]["after_end"], outs[1]["after_end"])
     assert not torch.equal(outs[0]["after_end"], outs[0]["inside"])
+    for o in outs:
+        assert o["reloaded"]
+        assert "has no DiLoCo state for rank" in o["missing"] and "missing.pt" in o["missing"]
+        assert "saved by 3 ranks, this run has 2" in o["world"]
 
 
 # ------------------------------------------------------------------ end to end: 2 ranks, DDP vs DiLoCo
