@@ -30,6 +30,10 @@ optimizer and put inside the ``AcceleratedOptimizer`` (see
 * the end of training syncs a partial last round (``sync_at_end=True``), so the saved model is
   the same on every rank.
 
+What it hooks: the public callback API (``on_train_begin``/``on_train_end``), ``log``, ``evaluate``,
+and the Trainer's ``_save_optimizer_and_scheduler``/``_load_optimizer_and_scheduler`` (private,
+the same in 4.57 and 5.x: checked with 4.57.1 and 5.25.0), which run on every rank.
+
 Refused at start with a message: no process group, DeepSpeed, FSDP (``fsdp``/``fsdp_config``, or an
 FSDP accelerator state). A group that is not "localsgd" (gloo, NCCL) works, with a warning: fp32
 DiLoCo is unchanged there, compressed DiLoCo is composed in Python (same bytes, slower, traffic
