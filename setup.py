@@ -159,6 +159,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-benchmark", "expecttest"],
         "triton": ["triton"],
+        # localsgd_comm.integrations (tested with transformers 5.25.0, accelerate 1.16.0, lightning 2.6.6)
+        "hf": ["transformers>=4.57", "accelerate>=1.10"],
+        "lightning": ["lightning>=2.5"],
     },
     entry_points={
         "console_scripts": [

@@ -27,8 +27,8 @@ SCRIPT = os.path.join(HERE, "gpt_ddp_train.py")
 WORLD = 2
 
 
-def launch(workdir, name, *args, env=None, timeout=240.0, expect_ok=True):
-    """Run the script on WORLD processes; return (report of rank 0 or None, [(rc, log) per rank],
+def launch(workdir, name, *args, env=None, timeout=240.0, expect_ok=True, script=SCRIPT):
+    """Run ``script`` (default gpt_ddp_train.py) on WORLD processes; return (report of rank 0 or None, [(rc, log) per rank],
     [final parameters per rank or None]). A rank that fails makes the others get killed after a
     grace period of 30 s; the whole run is bounded by ``timeout`` seconds."""
     workdir = str(workdir)
@@ -42,7 +42,7 @@ def launch(workdir, name, *args, env=None, timeout=240.0, expect_ok=True):
         e.update(env or {})
         log = open(os.path.join(workdir, f"{name}.rank{r}.log"), "w+")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, SCRIPT, "--out", out, *args], env=e, stdout=log,
+        procs.append(subprocess.Popen([sys.executable, script, "--out", out, *args], env=e, stdout=log,
                                       stderr=subprocess.STDOUT, cwd=workdir))
     deadline, failed_at = time.monotonic() + timeout, None
     try:
