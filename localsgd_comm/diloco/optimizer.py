@@ -17,6 +17,7 @@ from .ddp import Tripwire, find_ddp, make_ddp_local, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction, derive_seed
 from .hierarchical import HierarchicalGroups, HierarchicalSync
 from .inner import InnerWrapper, check_outer_args, resolve_block_size
+from .module_buffers import BufferSync
 
 
 class DiLoCo(InnerWrapper):
@@ -40,6 +41,9 @@ class DiLoCo(InnerWrapper):
         state_device: device of anchor/momentum/residual (default: the parameters' device).
         on_nonfinite: ``"skip"`` or ``"raise"``.
         broadcast_init: broadcast parameters and buffers from rank 0 at construction.
+        sync_buffers: at every sync, average the module's floating buffers (BatchNorm statistics)
+            across the group and broadcast its other buffers from rank 0 (:mod:`.module_buffers`);
+            ``False`` leaves each rank's buffers its own.
     """
 
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, sync_every: int,
@@ -47,7 +51,8 @@ class DiLoCo(InnerWrapper):
                  compression: str = "int8", block_size: Optional[int] = None, error_feedback: bool = False,
                  stochastic_rounding: bool = False, seed: int = 0, group=None,
                  hierarchy: Optional[HierarchicalGroups] = None, overlap: bool = False,
-                 state_device=None, on_nonfinite: str = "skip", broadcast_init: bool = True):
+                 state_device=None, on_nonfinite: str = "skip", broadcast_init: bool = True,
+                 sync_buffers: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module (or DDP-wrapped one), got {type(model).__name__}")
         check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
@@ -154,6 +159,9 @@ class DiLoCo(InnerWrapper):
         # fp32 bytes of one all-reduce of the synced parameters: the scale of "gradient traffic"
         fp32_ring_bytes = sum(_backend.ddp_bytes_per_rank(f.numel, 1, self.sync_size) for f in self._flats)
         self._tripwire = Tripwire(groups, hook_state, fp32_ring_bytes, sync_every)
+        self.stats["buffer_bytes_sent"] = 0
+        self._buffer_sync = BufferSync(module, bgroup if bgroup is not None else dist.group.WORLD) \
+            if sync_buffers else None
 
     # ------------------------------------------------------------------ public API
     #: GradScaler.step(opt) calls step() with ``grad_scale``/``found_inf`` set instead of skipping
@@ -190,6 +198,8 @@ class DiLoCo(InnerWrapper):
             # reduce could not start before this one ends anyway.
             self._pending.wait()
         self._tripwire.check(self.stats, self._sync_index + 1)
+        if self._buffer_sync is not None:
+            self._buffer_sync.sync(self.stats)  # module buffers: see module_buffers.py
         self._sync_index += 1
         # Without overlap a skipped (non-finite) update restores the residual. In overlap mode a skip
         # is decided one sync later, after the residual moved on: the engine zeroes its non-finite
