@@ -126,3 +126,27 @@ def test_plain_ddp_bytes_follow_the_gradients_element_size():
     assert _ddp_mb(out["fp16_hook"]) == pytest.approx(2 * n * 10 / 1e6, abs=0.01)
     assert localsgd_comm.ddp_bytes_per_rank(n, 10, 2, element_size=2) == 2 * n * 10
     assert localsgd_comm.ddp_bytes_per_rank(n, 10, 2) == 4 * n * 10  # the default stays fp32
+
+
+# ---- the construction broadcast ------------------------------------------------------------------
+def _construction_worker(rank, world, ddp, seed_by_rank):
+    m = bn_model(seed=rank if seed_by_rank else 0)
+    model = nn.parallel.DistributedDataParallel(m) if ddp else m
+    before = localsgd_comm.get_backend_stats()["op_bytes_sent"].get("broadcast", 0)
+    DiLoCo(model, torch.optim.SGD(m.parameters(), lr=0.1), sync_every=2)
+    after = localsgd_comm.get_backend_stats()["op_bytes_sent"].get("broadcast", 0)
+    state = torch.cat([t.detach().reshape(-1).float() for t in list(m.parameters()) + list(m.buffers())])
+    return after - before, state
+
+
+@pytest.mark.parametrize("ddp,seed_by_rank,broadcasts", [(True, True, False), (False, False, False),
+                                                         (False, True, True)])
+def test_the_construction_broadcast_is_skipped_when_the_replicas_already_agree(ddp, seed_by_rank, broadcasts):
+    """Fails before for the first two cases: DiLoCo broadcast the whole model again after DDP had
+    (rank 0 sent 4 bytes per parameter and buffer element a second time)."""
+    out = run_ranks(_construction_worker, 2, ddp, seed_by_rank, backend="localsgd", timeout=TIMEOUT)
+    assert torch.equal(out[0][1], out[1][1])  # the replicas start identical either way
+    if broadcasts:  # different initial weights: the broadcast is needed and happens
+        assert out[0][0] >= 4 * out[0][1].numel(), out[0][0]
+    else:
+        assert out[0][0] == 0 and out[1][0] == 0, (out[0][0], out[1][0])

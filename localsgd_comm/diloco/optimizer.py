@@ -17,7 +17,7 @@ from .ddp import Tripwire, find_ddp, make_ddp_local, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction, derive_seed
 from .hierarchical import HierarchicalGroups, HierarchicalSync
 from .inner import InnerWrapper, check_outer_args, resolve_block_size
-from .module_buffers import BufferSync
+from .module_buffers import BufferSync, replicas_identical
 
 
 class DiLoCo(InnerWrapper):
@@ -40,7 +40,8 @@ class DiLoCo(InnerWrapper):
         overlap: delayed outer step with the all-reduce in the background (see the package docstring).
         state_device: device of anchor/momentum/residual (default: the parameters' device).
         on_nonfinite: ``"skip"`` or ``"raise"``.
-        broadcast_init: broadcast parameters and buffers from rank 0 at construction.
+        broadcast_init: broadcast parameters and buffers from rank 0 at construction, unless every
+            rank already holds the same bytes (checked with a digest: DDP broadcast them already).
         sync_buffers: at every sync, average the module's floating buffers (BatchNorm statistics)
             across the group and broadcast its other buffers from rank 0 (:mod:`.module_buffers`);
             ``False`` leaves each rank's buffers its own.
@@ -126,10 +127,13 @@ class DiLoCo(InnerWrapper):
 
         # ---- identical start: broadcast from rank 0 of the sync group (world in hierarchical mode) ----
         bgroup = None if hierarchy is not None else self.group
-        if broadcast_init:
+        # Skipped when every rank already holds the same bytes (DDP broadcast them at its own
+        # construction): verified by a digest all-gather (16 bytes per rank), not assumed.
+        start = list(all_params) + list(module.buffers())
+        if broadcast_init and not replicas_identical(start, bgroup, all_params[0].device):
             src = dist.get_global_rank(bgroup, 0) if bgroup not in (None, dist.group.WORLD) else 0
             with torch.no_grad():
-                for t in list(all_params) + list(module.buffers()):
+                for t in start:
                     dist.broadcast(t.data, src=src, group=bgroup)
 
         align = self.block_size if self.compression != "none" else 1
