@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional
@@ -26,6 +27,25 @@ from ..diloco.collectives import BackendReducer
 from .store import CoordinatorStore, CoordinatorUnreachable, Heartbeat, connect, namespace
 
 log = logging.getLogger("localsgd_comm.elastic")
+
+
+class _DefaultStderr(logging.StreamHandler):
+    """Membership changes on stderr by default, one line each, as torch's own distributed
+    warnings are: this handler writes only while the application has configured no logging
+    (the root logger has no handler); once it has, the records go through its handlers instead.
+    ``logging.getLogger("localsgd_comm.elastic").setLevel(logging.WARNING)`` silences them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        self.stream = sys.stderr  # the stderr of now (tests and launchers replace it)
+        super().emit(record)
+
+
+if not any(isinstance(h, _DefaultStderr) for h in log.handlers):
+    log.addHandler(_DefaultStderr())
+if log.level == logging.NOTSET:
+    log.setLevel(logging.INFO)
 
 PHASES = ("inner", "compress", "allreduce", "commit", "join")
 
@@ -97,7 +117,8 @@ class RoundManager:
                  quorum_timeout_s: float, timeout_s: float, dead_after_s: float, heartbeat_s: float,
                  stats: Dict[str, Any], events: List[Dict[str, Any]],
                  state_tensors: Callable[[], List[torch.Tensor]], local_step: Callable[[], int],
-                 on_state: Callable[[int], None], connected: bool = True):
+                 on_state: Callable[[int], None], connected: bool = True,
+                 options: Optional[Dict[str, Any]] = None):
         self.coordinator, self.worker_id, self.ns = coordinator, worker_id, namespace(run_id)
         self.compression, self.block_size = compression, block_size
         self.min_workers, self.initial_workers = min_workers, initial_workers
@@ -118,13 +139,30 @@ class RoundManager:
         if not connected:
             return
         self._store = CoordinatorStore(connect(coordinator, timeout_s), coordinator)
+        if options is not None:
+            self._agree_options(options)
         inc = self._store.add(f"{self.ns}/incarnation/{worker_id}", 1)
         self.me = f"{worker_id}#{inc}"
+        self.incarnation = inc
+        self._latest_inc: Dict[str, int] = {}
         self._heartbeat = Heartbeat(coordinator, f"{self.ns}/hb/{self.me}", heartbeat_s, timeout_s)
         self._heartbeat.start()
         self._seen_hb: Dict[str, tuple] = {}  # member -> (last counter, when it last moved)
         self._joiner_cursor = 0
         self._known_joiners: List[str] = []
+
+    def _agree_options(self, options: Dict[str, Any]) -> None:
+        """The job's options are recorded in the store by its first worker (compare_set); a
+        worker whose options differ raises here, in its constructor, naming each difference,
+        before it takes any part in the job (the others never see it)."""
+        mine = json.dumps(options, sort_keys=True)
+        job = json.loads(self._store.compare_set(f"{self.ns}/options", mine))
+        diffs = [f"{k}={options.get(k)!r} (the job's: {job.get(k)!r})"
+                 for k in sorted(set(job) | set(options)) if job.get(k) != options.get(k)]
+        if diffs:
+            raise ValueError(f"localsgd elastic {self.worker_id}: options differ from the job's, recorded in the "
+                             f"coordinator's store by its first worker (run_id {self.ns.rsplit('/', 1)[-1]!r}): "
+                             + "; ".join(diffs) + ". Start this worker with the job's options (or another run_id)")
 
     def close(self) -> None:
         """Leave the job: stop the heartbeat (peers see this worker as gone) and free the group."""
@@ -148,6 +186,28 @@ class RoundManager:
             self._seen_hb[member] = (count, now)
             return True
         return now - last[1] < self.dead_after_s
+
+    def _latest_incarnation(self, worker_id: str) -> int:
+        return int(self._store.add(f"{self.ns}/incarnation/{worker_id}", 0))
+
+    def _stale(self, key: str) -> bool:
+        """Whether ``key`` (``id#n``) is an older incarnation than the worker id's latest start."""
+        wid, sep, n = key.rpartition("#")
+        if not sep or not n.isdigit():
+            return False
+        if int(n) < self._latest_inc.get(wid, 0):
+            return True
+        self._latest_inc[wid] = self._latest_incarnation(wid)
+        return int(n) < self._latest_inc[wid]
+
+    def _check_current(self) -> None:
+        """A worker whose id was started again (it hung, and its restart joined) is turned away."""
+        latest = self._latest_incarnation(self.worker_id)
+        if latest > self.incarnation:
+            raise RuntimeError(
+                f"localsgd elastic {self.me}: this worker is a stale incarnation: worker id {self.worker_id!r} was "
+                f"started again since (incarnation {self.worker_id}#{latest}), so this process is no longer a member "
+                "and is not admitted again (it hung or was paused while its restart joined); stop it")
 
     def _check_heartbeat(self) -> None:
         if self._heartbeat.error is not None:
@@ -225,6 +285,7 @@ class RoundManager:
         """Arrive at round r attempt a and return the agreed members ([{key, joining}], in order),
         or None when they were decided without this worker."""
         self._check_heartbeat()
+        self._check_current()
         k = self._key(r, a, "members")
         i = self._store.add(self._key(r, a, "n"), 1)
         self._store.set(self._key(r, a, "arr", i), json.dumps({"key": self.me, "joining": joining}))
@@ -242,7 +303,8 @@ class RoundManager:
                 m = self._store.get(self._key(r, a, "arr", read))
                 if m is not None:
                     m = json.loads(m)
-                    arrived[m["key"]] = m["joining"]
+                    if not self._stale(m["key"]):  # an older copy of a restarted worker: never admitted
+                        arrived[m["key"]] = m["joining"]
                 else:
                     read -= 1  # counted but not written yet
                     break
@@ -269,7 +331,10 @@ class RoundManager:
 
     def _expected(self) -> set:
         self._new_joiners()
-        return set(self.members) | {j for j in self._known_joiners if j not in self.members}
+        def stale(k):  # known from arrivals read so far (no store call in this loop)
+            wid, _, n = k.rpartition("#")
+            return n.isdigit() and int(n) < self._latest_inc.get(wid, 0)
+        return set(self.members) | {j for j in self._known_joiners if j not in self.members and not stale(j)}
 
     # ------------------------------------------------------------------ the round
     def run_round(self, attempt: Callable[[BackendReducer], Any], commit: Callable[[Any, int], None],
