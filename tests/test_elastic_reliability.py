@@ -74,3 +74,24 @@ def test_membership_changes_reach_stderr_without_logging_configured(job_factory)
     lines = [ln for ln in log.splitlines() if ln.startswith("localsgd elastic w0#1:")]
     for kind in ("left", "redo", "recovered"):
         assert sum(1 for ln in lines if ln.split(": ", 1)[1].startswith(kind + " ")) == 1, (kind, log)
+
+
+@pytest.mark.timeout(240)
+def test_a_member_hung_inside_the_allreduce_costs_dead_after_not_the_timeout(job_factory):  # noqa: F811
+    """w1 SIGSTOPs itself mid all-reduce of round 2 (its sockets stay open, its heartbeat stops):
+    the round watch aborts the round's group once w1 missed dead_after_s (1 s) of beats, and the
+    round is redone without it. Fails before: the others waited for the collective's timeout_s
+    (30 s here) and recovered in >= 30 s."""
+    job = job_factory(**{"initial-workers": 3, "timeout": 30})
+    for w in ("w0", "w1", "w2"):
+        job.start(w, kill="w1:2:allreduce:stop")
+    for w in ("w0", "w2"):
+        assert job.procs[w].wait(timeout=150) == 0, job.log(w)
+    job.procs["w1"].kill()  # still stopped
+    res = _survivors_identical(job, ["w0", "w2"], 6)
+    st = res["w0"]["stats"]
+    assert st["left"] == 1 and st["redone_rounds"] == 1, st
+    # Behaviour, not speed: the whole redo, detection included, ends well before one timeout_s.
+    rec = [e["seconds"] for e in res["w0"]["events"] if e["kind"] == "recovered"]
+    assert len(rec) == 1 and rec[0] < 15, rec
+    assert "w1#1 stopped heartbeating" in job.log("w0"), job.log("w0")

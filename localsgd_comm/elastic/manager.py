@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional
@@ -61,12 +62,14 @@ class FaultInjection:
         if not spec:
             return
         parts = spec.split(":")
-        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in PHASES:
-            raise ValueError(f"LOCALSGD_ELASTIC_KILL: expected '<worker_id>:<round>:<phase>' with a phase of "
+        if len(parts) == 3:
+            parts.append("kill")
+        if len(parts) != 4 or not parts[1].isdigit() or parts[2] not in PHASES or parts[3] not in ("kill", "stop"):
+            raise ValueError(f"LOCALSGD_ELASTIC_KILL: expected '<worker_id>:<round>:<phase>[:stop]' with a phase of "
                              f"{PHASES}, got {spec!r}")
         wid, _, rank = parts[0].partition("/")
         if wid == worker_id and int(rank or 0) == replica_rank:
-            self.kill = (parts[0], int(parts[1]), parts[2])
+            self.kill = (parts[0], int(parts[1]), parts[2], parts[3])
 
     def armed(self, phase: str) -> bool:
         return self.kill is not None and self.kill[2] == phase
@@ -78,8 +81,51 @@ class FaultInjection:
             time.sleep(0.001)  # the header is out and the worker thread is moving data
         r = self._round()
         if self.kill[1] == r or (phase == "join" and r >= self.kill[1]):
-            log.info("localsgd elastic %s: fault injection: SIGKILL in round %d at %s", self.kill[0], r, phase)
-            os.kill(os.getpid(), signal.SIGKILL)
+            # ":stop": SIGSTOP, a hung process (its heartbeat and its sockets stay as they are)
+            sig = signal.SIGSTOP if self.kill[3] == "stop" else signal.SIGKILL
+            log.info("localsgd elastic %s: fault injection: %s in round %d at %s", self.kill[0], sig.name, r, phase)
+            os.kill(os.getpid(), sig)
+
+
+class RoundWatch(threading.Thread):
+    """While the training thread is inside a round's collectives: reads the heartbeats of the
+    round's other trainers (on a store connection of its own) and aborts the round's group as
+    soon as one has not moved for ``dead_after_s``, so a hung member (paused, swapping, a stuck
+    device) costs about ``dead_after_s`` instead of the collective's ``timeout_s``."""
+
+    def __init__(self, store, ns: str, members: List[str], dead_after_s: float, period: float, abort: Callable):
+        super().__init__(name="localsgd-elastic-round-watch", daemon=True)
+        self.store, self.ns, self.members = store, ns, list(members)
+        self.dead_after_s, self.period, self._abort = dead_after_s, period, abort
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.reason: Optional[str] = None
+
+    def run(self) -> None:
+        seen: Dict[str, tuple] = {}
+        while not self.done.wait(self.period):
+            now = time.monotonic()
+            for m in self.members:
+                try:
+                    v = self.store.get(f"{self.ns}/hb/{m}") if self.store.check([f"{self.ns}/hb/{m}"]) else b"-1"
+                except Exception:  # noqa: BLE001 - the coordinator is gone: the training thread reports it
+                    return
+                last = seen.get(m)
+                if last is None or last[0] != v:
+                    seen[m] = (v, now)
+                elif now - last[1] >= self.dead_after_s:
+                    with self.lock:
+                        if self.done.is_set():
+                            return
+                        self.reason = f"{m} stopped heartbeating ({now - last[1]:.1f} s without a beat)"
+                        self.done.set()
+                    log.warning("localsgd elastic: %s: aborting the round's group", self.reason)
+                    self._abort()
+                    return
+
+    def finish(self) -> None:
+        with self.lock:
+            self.done.set()
 
 
 class MemberGroup:
@@ -149,6 +195,7 @@ class RoundManager:
         self._heartbeat.start()
         self._seen_hb: Dict[str, tuple] = {}  # member -> (last counter, when it last moved)
         self._joiner_cursor = 0
+        self._watch_store = None  # the round watch's own connection (made at the first round)
         self._known_joiners: List[str] = []
 
     def _agree_options(self, options: Dict[str, Any]) -> None:
@@ -169,6 +216,10 @@ class RoundManager:
         if self._heartbeat is not None:
             self._heartbeat.stop.set()
             self._heartbeat.join(timeout=5.0)
+        w = getattr(self, "_last_watch", None)
+        if w is not None:
+            w.finish()
+            w.join(timeout=5.0)
         self._drop_group()
 
     # ------------------------------------------------------------------ store helpers
@@ -368,10 +419,19 @@ class RoundManager:
             if joiners:
                 self.faults("join")
             status, result = "ok", None
+            watch = None
             try:
-                result = attempt(self._group_for(r, a, trainers).reducer())
+                group = self._group_for(r, a, trainers)
+                watch = self._watch(group, trainers)
+                try:
+                    result = attempt(group.reducer())
+                finally:
+                    watch.finish()
             except Exception as exc:  # noqa: BLE001 - a member died or hung: vote for a redo
                 status = f"failed: {exc}"
+                if watch is not None and watch.reason is not None:
+                    status = f"failed: {watch.reason} (the round's group was aborted: {exc})"
+                    exc = RuntimeError(status[len("failed: "):])
                 log.warning("localsgd elastic %s: round %d attempt %d: all-reduce failed (%s)", self.me, r, a, exc)
                 if a + 1 >= self.max_attempts:
                     # not a membership change: the same failure again and again (a bug, a bad link)
@@ -442,6 +502,17 @@ class RoundManager:
                 return self._store.compare_set(k, proposal)
             self._check_heartbeat()
             time.sleep(0.005)
+
+    def _watch(self, group: MemberGroup, trainers: List[str]) -> RoundWatch:
+        """A :class:`RoundWatch` over the other trainers of ``group``, started."""
+        if self._watch_store is None:
+            self._watch_store = connect(self.coordinator, self.timeout_s)
+        backend = group.backend
+        w = RoundWatch(self._watch_store, self.ns, [t for t in trainers if t != self.me], self.dead_after_s,
+                       min(self.dead_after_s / 4, 0.25), backend.abort)
+        w.start()
+        self._last_watch = w
+        return w
 
     def _drop_group(self) -> None:
         if self._group is not None:
