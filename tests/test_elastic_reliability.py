@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from localsgd_comm.elastic import connect
 from test_elastic import _survivors_identical, job_factory  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,13 @@ def test_a_worker_with_other_options_fails_alone_in_its_constructor(job_factory)
     job = job_factory(**{"initial-workers": 2, "rounds": 8, "step-sleep": 0.02})
     job.start("w0")
     job.start("w1")
-    job.start("w2", compression="int4", **{"error-feedback": True})  # at the founding
+    # The first worker to reach the store records the job's options: let w0/w1 be first, so the
+    # job is theirs, then w2 arrives while the job is being founded.
+    store, t0 = connect(job.addr, 10), time.monotonic()
+    while not store.check(["localsgd/elastic/run/options"]):
+        assert time.monotonic() - t0 < 60, job.log("w0")
+        time.sleep(0.02)
+    job.start("w2", compression="int4", **{"error-feedback": True})
     job.wait_round(2)
     job.start("w3", **{"sync-every": 2})  # joining a running job with another H (item 8)
     codes = job.wait(timeout=180)
