@@ -225,12 +225,31 @@ def get_backend_stats(group=None, reset: bool = False) -> Dict[str, Any]:
     return out
 
 
-def ddp_bytes_per_rank(numel: int, steps: int, world_size: int) -> int:
+def ddp_bytes_per_rank(numel: int, steps: int, world_size: int, element_size: int = 4) -> int:
     """What plain DDP sends per rank for ``steps`` optimizer steps of a model of ``numel``
-    parameters: one fp32 ring all-reduce of every gradient per step, ``2 (p-1)/p x 4 B x numel``."""
+    parameters: one ring all-reduce of every gradient per step, ``2 (p-1)/p x element_size x
+    numel`` (4 for fp32 gradients, 2 for bf16/fp16 ones or a DDP fp16/bf16 compression hook)."""
     if world_size <= 1:
         return 0
-    return int(2 * (world_size - 1) * 4 * numel * steps / world_size)
+    return int(2 * (world_size - 1) * element_size * numel * steps / world_size)
+
+
+# DDP communication hooks of torch.distributed.algorithms.ddp_comm_hooks.default_hooks that send
+# 2 bytes per gradient element whatever the parameters' dtype
+_HALF_HOOKS = ("fp16_compress_hook", "bf16_compress_hook")
+
+
+def ddp_gradient_bytes(model: torch.nn.Module) -> int:
+    """Bytes per step that plain DDP all-reduces for ``model``'s trainable parameters before the
+    ring factor: each parameter's element size (2 for bf16/fp16), or 2 per element when a DDP
+    fp16/bf16 compression hook is registered on it (``model`` DDP, possibly inside
+    ``torch.compile``)."""
+    from .diloco.ddp import find_ddp
+    ddp = find_ddp(model)
+    hooks = [getattr(h, "__name__", "") for h, _ in getattr(ddp, "_comm_hooks", [])] if ddp is not None else []
+    half = any(h in _HALF_HOOKS for h in hooks)
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    return sum(p.numel() * (min(p.element_size(), 2) if half else p.element_size()) for p in params)
 
 
 def traffic_report(model: torch.nn.Module, steps: int, group=None) -> str:
@@ -238,8 +257,9 @@ def traffic_report(model: torch.nn.Module, steps: int, group=None) -> str:
     backend's counters) next to what plain DDP would have sent for the same steps."""
     pg = group if group is not None else dist.group.WORLD
     p = dist.get_world_size(pg)
-    numel = sum(t.numel() for t in model.parameters() if t.requires_grad)
-    ddp = ddp_bytes_per_rank(numel, steps, p)
+    numel = sum(t.numel() for t in {id(t): t for t in model.parameters() if t.requires_grad}.values())
+    # at the gradients' element size (a bf16 model's DDP sends 2 bytes per element), not 4
+    ddp = ddp_bytes_per_rank(ddp_gradient_bytes(model), steps, p, element_size=1)
     st = get_backend_stats(pg)
     if st["format"] is None and not st["python_calls"]:
         return (f"bytes sent / rank: not counted (the {st['backend']} backend keeps no counters); plain DDP sends "

@@ -86,8 +86,10 @@ Parameters of special kinds
 * tied weights (the same ``Parameter`` reachable twice): synced once.
 * bf16/fp16 parameters: kept in their dtype; anchor, momentum and residual are fp32, the
   outer step writes ``params = anchor`` rounded to nearest once.
-* Module buffers (e.g. BatchNorm statistics) are broadcast at construction but not synced
-  afterwards.
+* Module buffers (e.g. BatchNorm statistics): averaged across the group at every sync (floating
+  ones, in fp32; integer ones such as ``num_batches_tracked`` are broadcast from rank 0), only
+  those some rank changed since the previous sync (``module_buffers.py``);
+  ``sync_buffers=False`` leaves each rank's buffers its own.
 
 Sharded replicas (FSDP2)
 ------------------------

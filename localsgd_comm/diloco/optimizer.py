@@ -17,6 +17,7 @@ from .ddp import Tripwire, find_ddp, make_ddp_local, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction, derive_seed
 from .hierarchical import HierarchicalGroups, HierarchicalSync
 from .inner import InnerWrapper, check_outer_args, resolve_block_size
+from .module_buffers import BufferSync, replicas_identical
 from .streaming import StreamingSync, check_streaming_args
 
 
@@ -43,7 +44,11 @@ class DiLoCo(InnerWrapper):
         overlap: delayed outer step with the all-reduce in the background (see the package docstring).
         state_device: device of anchor/momentum/residual (default: the parameters' device).
         on_nonfinite: ``"skip"`` or ``"raise"``.
-        broadcast_init: broadcast parameters and buffers from rank 0 at construction.
+        broadcast_init: broadcast parameters and buffers from rank 0 at construction, unless every
+            rank already holds the same bytes (checked with a digest: DDP broadcast them already).
+        sync_buffers: at every sync, average the module's floating buffers (BatchNorm statistics)
+            across the group and broadcast its other buffers from rank 0 (:mod:`.module_buffers`);
+            ``False`` leaves each rank's buffers its own.
         fragments, overlap_steps, mixing: streaming DiLoCo (:mod:`.streaming`): the model synced
             in ``fragments`` parts staggered over the ``sync_every`` steps, each reduce in flight
             for ``overlap_steps`` inner steps, then merged as
@@ -61,6 +66,8 @@ class DiLoCo(InnerWrapper):
 
     #: streaming mode's fragments (None: not streaming; subclasses that do not stream keep the default)
     _stream: Optional[StreamingSync] = None
+    #: module buffers synced at each sync (None: off, or a subclass that syncs them its own way)
+    _buffer_sync: Optional[BufferSync] = None
 
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, sync_every: int,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
@@ -68,7 +75,8 @@ class DiLoCo(InnerWrapper):
                  stochastic_rounding: bool = False, seed: int = 0, group=None,
                  hierarchy: Optional[HierarchicalGroups] = None, overlap: bool = False,
                  state_device=None, on_nonfinite: str = "skip", broadcast_init: bool = True,
-                 fragments: Optional[int] = None, overlap_steps: int = 0, mixing: Optional[float] = None):
+                 sync_buffers: bool = True, fragments: Optional[int] = None, overlap_steps: int = 0,
+                 mixing: Optional[float] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module (or DDP-wrapped one), got {type(model).__name__}")
         check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
@@ -144,10 +152,13 @@ class DiLoCo(InnerWrapper):
 
         # ---- identical start: broadcast from rank 0 of the sync group (world in hierarchical mode) ----
         bgroup = None if hierarchy is not None else self.group
-        if broadcast_init:
+        # Skipped when every rank already holds the same bytes (DDP broadcast them at its own
+        # construction): verified by a digest all-gather (16 bytes per rank), not assumed.
+        start = list(all_params) + list(module.buffers())
+        if broadcast_init and not replicas_identical(start, bgroup, all_params[0].device):
             src = dist.get_global_rank(bgroup, 0) if bgroup not in (None, dist.group.WORLD) else 0
             with torch.no_grad():
-                for t in list(all_params) + list(module.buffers()):
+                for t in start:
                     dist.broadcast(t.data, src=src, group=bgroup)
 
         align = self.block_size if self.compression != "none" else 1
@@ -188,6 +199,9 @@ class DiLoCo(InnerWrapper):
         # fp32 bytes of one all-reduce of the synced parameters: the scale of "gradient traffic"
         fp32_ring_bytes = sum(_backend.ddp_bytes_per_rank(f.numel, 1, self.sync_size) for f in self._flats)
         self._tripwire = Tripwire(groups, hook_state, fp32_ring_bytes, sync_every)
+        self.stats["buffer_bytes_sent"] = 0
+        self._buffer_sync = BufferSync(module, bgroup if bgroup is not None else dist.group.WORLD) \
+            if sync_buffers else None
 
     # ------------------------------------------------------------------ public API
     #: GradScaler.step(opt) calls step() with ``grad_scale``/``found_inf`` set instead of skipping
@@ -212,6 +226,10 @@ class DiLoCo(InnerWrapper):
         loss = self._inner_step(closure)
         self._local_step += 1
         if self._stream is not None:
+            if self._buffer_sync is not None and self._local_step % self.sync_every == 0:
+                # streaming: module buffers once per round of fragments, at its end (a fragment's
+                # reduce may be in flight on the group: its bytes are not the buffers')
+                self._buffer_sync.sync(self.stats, measure=not self._stream.in_flight)
             self._stream.after_step(self._local_step)
         elif self._local_step % self.sync_every == 0:
             self.sync()
@@ -229,6 +247,8 @@ class DiLoCo(InnerWrapper):
             # reduce could not start before this one ends anyway.
             self._pending.wait()
         self._tripwire.check(self.stats, self._sync_index + 1)
+        if self._buffer_sync is not None:
+            self._buffer_sync.sync(self.stats)  # module buffers: see module_buffers.py
         self._sync_index += 1
         # Without overlap a skipped (non-finite) update restores the residual. In overlap mode a skip
         # is decided one sync later, after the residual moved on: the engine zeroes its non-finite

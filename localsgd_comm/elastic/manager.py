@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
+import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional
@@ -26,6 +29,25 @@ from ..diloco.collectives import BackendReducer
 from .store import CoordinatorStore, CoordinatorUnreachable, Heartbeat, connect, namespace
 
 log = logging.getLogger("localsgd_comm.elastic")
+
+
+class _DefaultStderr(logging.StreamHandler):
+    """Membership changes on stderr by default, one line each, as torch's own distributed
+    warnings are: this handler writes only while the application has configured no logging
+    (the root logger has no handler); once it has, the records go through its handlers instead.
+    ``logging.getLogger("localsgd_comm.elastic").setLevel(logging.WARNING)`` silences them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        self.stream = sys.stderr  # the stderr of now (tests and launchers replace it)
+        super().emit(record)
+
+
+if not any(isinstance(h, _DefaultStderr) for h in log.handlers):
+    log.addHandler(_DefaultStderr())
+if log.level == logging.NOTSET:
+    log.setLevel(logging.INFO)
 
 PHASES = ("inner", "compress", "allreduce", "commit", "join")
 
@@ -41,15 +63,23 @@ class FaultInjection:
         if not spec:
             return
         parts = spec.split(":")
-        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in PHASES:
-            raise ValueError(f"LOCALSGD_ELASTIC_KILL: expected '<worker_id>:<round>:<phase>' with a phase of "
+        if len(parts) == 3:
+            parts.append("kill")
+        if len(parts) != 4 or not parts[1].isdigit() or parts[2] not in PHASES or parts[3] not in ("kill", "stop", "cut"):
+            raise ValueError(f"LOCALSGD_ELASTIC_KILL: expected '<worker_id>:<round>:<phase>[:stop|:cut]' with a phase of "
                              f"{PHASES}, got {spec!r}")
         wid, _, rank = parts[0].partition("/")
         if wid == worker_id and int(rank or 0) == replica_rank:
-            self.kill = (parts[0], int(parts[1]), parts[2])
+            self.kill = (parts[0], int(parts[1]), parts[2], parts[3])
 
     def armed(self, phase: str) -> bool:
-        return self.kill is not None and self.kill[2] == phase
+        return self.kill is not None and self.kill[2] == phase and self.kill[3] != "cut"
+
+    def cut(self) -> bool:
+        """``<id>:<round>:allreduce:cut``: from that round on this worker reaches the coordinator
+        but none of its peers (its round collectives and state transfers fail on its side; its
+        peers wait for it until their timeout, naming it)."""
+        return self.kill is not None and self.kill[3] == "cut" and self._round() >= self.kill[1]
 
     def __call__(self, phase: str) -> None:
         if not self.armed(phase):
@@ -58,8 +88,63 @@ class FaultInjection:
             time.sleep(0.001)  # the header is out and the worker thread is moving data
         r = self._round()
         if self.kill[1] == r or (phase == "join" and r >= self.kill[1]):
-            log.info("localsgd elastic %s: fault injection: SIGKILL in round %d at %s", self.kill[0], r, phase)
-            os.kill(os.getpid(), signal.SIGKILL)
+            # ":stop": SIGSTOP, a hung process (its heartbeat and its sockets stay as they are)
+            sig = signal.SIGSTOP if self.kill[3] == "stop" else signal.SIGKILL
+            log.info("localsgd elastic %s: fault injection: %s in round %d at %s", self.kill[0], sig.name, r, phase)
+            os.kill(os.getpid(), sig)
+
+
+class RoundWatch(threading.Thread):
+    """While the training thread is inside a round's collectives: reads the heartbeats of the
+    round's other trainers (on a store connection of its own) and aborts the round's group as
+    soon as one has not moved for ``dead_after_s``, so a hung member (paused, swapping, a stuck
+    device) costs about ``dead_after_s`` instead of the collective's ``timeout_s``."""
+
+    def __init__(self, store, ns: str, members: List[str], dead_after_s: float, period: float, abort: Callable,
+                 outcome_key: str = ""):
+        super().__init__(name="localsgd-elastic-round-watch", daemon=True)
+        self.store, self.ns, self.members, self.outcome_key = store, ns, list(members), outcome_key
+        self.dead_after_s, self.period, self._abort = dead_after_s, period, abort
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.reason: Optional[str] = None
+
+    def run(self) -> None:
+        seen: Dict[str, tuple] = {}
+        while not self.done.wait(self.period):
+            now = time.monotonic()
+            try:  # the attempt was already voted a redo (another member's failed): no use waiting here
+                redo = self.outcome_key and self.store.check([self.outcome_key]) and \
+                    self.store.get(self.outcome_key) == b"redo"
+            except Exception:  # noqa: BLE001
+                return
+            if redo:
+                self._trip("the attempt was voted a redo elsewhere")
+                return
+            for m in self.members:
+                try:
+                    v = self.store.get(f"{self.ns}/hb/{m}") if self.store.check([f"{self.ns}/hb/{m}"]) else b"-1"
+                except Exception:  # noqa: BLE001 - the coordinator is gone: the training thread reports it
+                    return
+                last = seen.get(m)
+                if last is None or last[0] != v:
+                    seen[m] = (v, now)
+                elif now - last[1] >= self.dead_after_s:
+                    self._trip(f"{m} stopped heartbeating ({now - last[1]:.1f} s without a beat)")
+                    return
+
+    def _trip(self, reason: str) -> None:
+        with self.lock:
+            if self.done.is_set():
+                return
+            self.reason = reason
+            self.done.set()
+        log.warning("localsgd elastic: %s: aborting the round's group", reason)
+        self._abort()
+
+    def finish(self) -> None:
+        with self.lock:
+            self.done.set()
 
 
 class MemberGroup:
@@ -97,7 +182,8 @@ class RoundManager:
                  quorum_timeout_s: float, timeout_s: float, dead_after_s: float, heartbeat_s: float,
                  stats: Dict[str, Any], events: List[Dict[str, Any]],
                  state_tensors: Callable[[], List[torch.Tensor]], local_step: Callable[[], int],
-                 on_state: Callable[[int], None], connected: bool = True):
+                 on_state: Callable[[int], None], connected: bool = True,
+                 options: Optional[Dict[str, Any]] = None):
         self.coordinator, self.worker_id, self.ns = coordinator, worker_id, namespace(run_id)
         self.compression, self.block_size = compression, block_size
         self.min_workers, self.initial_workers = min_workers, initial_workers
@@ -118,19 +204,42 @@ class RoundManager:
         if not connected:
             return
         self._store = CoordinatorStore(connect(coordinator, timeout_s), coordinator)
+        if options is not None:
+            self._agree_options(options)
         inc = self._store.add(f"{self.ns}/incarnation/{worker_id}", 1)
         self.me = f"{worker_id}#{inc}"
+        self.incarnation = inc
+        self._latest_inc: Dict[str, int] = {}
         self._heartbeat = Heartbeat(coordinator, f"{self.ns}/hb/{self.me}", heartbeat_s, timeout_s)
         self._heartbeat.start()
         self._seen_hb: Dict[str, tuple] = {}  # member -> (last counter, when it last moved)
         self._joiner_cursor = 0
+        self._watch_store = None  # the round watch's own connection (made at the first round)
+        self._prev_attempt = None  # (round, attempt, trainers) of the last failed attempt
         self._known_joiners: List[str] = []
+
+    def _agree_options(self, options: Dict[str, Any]) -> None:
+        """The job's options are recorded in the store by its first worker (compare_set); a
+        worker whose options differ raises here, in its constructor, naming each difference,
+        before it takes any part in the job (the others never see it)."""
+        mine = json.dumps(options, sort_keys=True)
+        job = json.loads(self._store.compare_set(f"{self.ns}/options", mine))
+        diffs = [f"{k}={options.get(k)!r} (the job's: {job.get(k)!r})"
+                 for k in sorted(set(job) | set(options)) if job.get(k) != options.get(k)]
+        if diffs:
+            raise ValueError(f"localsgd elastic {self.worker_id}: options differ from the job's, recorded in the "
+                             f"coordinator's store by its first worker (run_id {self.ns.rsplit('/', 1)[-1]!r}): "
+                             + "; ".join(diffs) + ". Start this worker with the job's options (or another run_id)")
 
     def close(self) -> None:
         """Leave the job: stop the heartbeat (peers see this worker as gone) and free the group."""
         if self._heartbeat is not None:
             self._heartbeat.stop.set()
             self._heartbeat.join(timeout=5.0)
+        w = getattr(self, "_last_watch", None)
+        if w is not None:
+            w.finish()
+            w.join(timeout=5.0)
         self._drop_group()
 
     # ------------------------------------------------------------------ store helpers
@@ -148,6 +257,28 @@ class RoundManager:
             self._seen_hb[member] = (count, now)
             return True
         return now - last[1] < self.dead_after_s
+
+    def _latest_incarnation(self, worker_id: str) -> int:
+        return int(self._store.add(f"{self.ns}/incarnation/{worker_id}", 0))
+
+    def _stale(self, key: str) -> bool:
+        """Whether ``key`` (``id#n``) is an older incarnation than the worker id's latest start."""
+        wid, sep, n = key.rpartition("#")
+        if not sep or not n.isdigit():
+            return False
+        if int(n) < self._latest_inc.get(wid, 0):
+            return True
+        self._latest_inc[wid] = self._latest_incarnation(wid)
+        return int(n) < self._latest_inc[wid]
+
+    def _check_current(self) -> None:
+        """A worker whose id was started again (it hung, and its restart joined) is turned away."""
+        latest = self._latest_incarnation(self.worker_id)
+        if latest > self.incarnation:
+            raise RuntimeError(
+                f"localsgd elastic {self.me}: this worker is a stale incarnation: worker id {self.worker_id!r} was "
+                f"started again since (incarnation {self.worker_id}#{latest}), so this process is no longer a member "
+                "and is not admitted again (it hung or was paused while its restart joined); stop it")
 
     def _check_heartbeat(self) -> None:
         if self._heartbeat.error is not None:
@@ -225,12 +356,16 @@ class RoundManager:
         """Arrive at round r attempt a and return the agreed members ([{key, joining}], in order),
         or None when they were decided without this worker."""
         self._check_heartbeat()
+        self._check_current()
         k = self._key(r, a, "members")
         i = self._store.add(self._key(r, a, "n"), 1)
         self._store.set(self._key(r, a, "arr", i), json.dumps({"key": self.me, "joining": joining}))
         t0 = time.monotonic()
         arrived: Dict[str, bool] = {}
         read = 0
+        # joiners that failed their transfer recently, and (read when proposing, once every live
+        # trainer of the failed attempt arrived, so its accusation is in) the previous attempt's suspects
+        blocked: set = set()
         while True:
             v = self._store.get(k)
             if v is not None:
@@ -242,16 +377,28 @@ class RoundManager:
                 m = self._store.get(self._key(r, a, "arr", read))
                 if m is not None:
                     m = json.loads(m)
-                    arrived[m["key"]] = m["joining"]
+                    if self._stale(m["key"]):  # an older copy of a restarted worker: never admitted
+                        pass
+                    elif m["key"] in blocked or (m["joining"] and self._quarantined(m["key"], r)):
+                        blocked.add(m["key"])
+                    else:
+                        arrived[m["key"]] = m["joining"]
                 else:
                     read -= 1  # counted but not written yet
                     break
             if expected_fn is not None:
-                live = {m for m in expected_fn() if self._alive(m)}
+                live = {m for m in expected_fn() if m not in blocked and self._alive(m)}
                 waited = time.monotonic() - t0
                 # joiners do not count towards min_workers: they did not train this round
                 need = self.initial_workers if r == "init" else self.min_workers
                 enough = sum(1 for j in arrived.values() if not j) >= need
+                if enough and (live <= set(arrived) or waited >= self.join_timeout_s):
+                    suspects = self._suspects() - blocked
+                    if suspects:
+                        self.event("suspected", who=sorted(suspects), attempt=a)
+                        arrived = {x: j for x, j in arrived.items() if x not in suspects}
+                        blocked |= suspects
+                        enough = sum(1 for j in arrived.values() if not j) >= need
                 if enough and (live <= set(arrived) or waited >= self.join_timeout_s):
                     order = sorted(arrived, key=lambda x: (arrived[x], x))  # trainers first, by name
                     proposal = json.dumps([{"key": x, "joining": arrived[x]} for x in order])
@@ -269,7 +416,10 @@ class RoundManager:
 
     def _expected(self) -> set:
         self._new_joiners()
-        return set(self.members) | {j for j in self._known_joiners if j not in self.members}
+        def stale(k):  # known from arrivals read so far (no store call in this loop)
+            wid, _, n = k.rpartition("#")
+            return n.isdigit() and int(n) < self._latest_inc.get(wid, 0)
+        return set(self.members) | {j for j in self._known_joiners if j not in self.members and not stale(j)}
 
     # ------------------------------------------------------------------ the round
     def run_round(self, attempt: Callable[[BackendReducer], Any], commit: Callable[[Any, int], None],
@@ -303,16 +453,30 @@ class RoundManager:
             if joiners:
                 self.faults("join")
             status, result = "ok", None
+            watch = None
             try:
-                result = attempt(self._group_for(r, a, trainers).reducer())
+                if self.faults.cut():
+                    raise RuntimeError("fault injection: no link to the peers")
+                group = self._group_for(r, a, trainers)
+                self._store_key_outcome = self._key(r, a, "outcome")
+                watch = self._watch(group, trainers)
+                try:
+                    result = attempt(group.reducer())
+                finally:
+                    watch.finish()
             except Exception as exc:  # noqa: BLE001 - a member died or hung: vote for a redo
                 status = f"failed: {exc}"
+                if watch is not None and watch.reason is not None:
+                    status = f"failed: {watch.reason} (the round's group was aborted: {exc})"
+                    exc = RuntimeError(status[len("failed: "):])
                 log.warning("localsgd elastic %s: round %d attempt %d: all-reduce failed (%s)", self.me, r, a, exc)
                 if a + 1 >= self.max_attempts:
                     # not a membership change: the same failure again and again (a bug, a bad link)
                     self._store.set(self._key(r, a, "vote", self.me), status)
                     raise RuntimeError(f"localsgd elastic {self.me}: round {r} failed {self.max_attempts} times in a "
                                        f"row; the last error: {exc}") from exc
+            if status != "ok":
+                self._accuse(r, a, trainers, status)
             self.faults("commit")
             self._store.set(self._key(r, a, "vote", self.me), status)
             outcome = self._await_outcome(r, a, trainers)
@@ -324,18 +488,35 @@ class RoundManager:
                 return self._rejoin(attempt=a, why="all-reduce failed here, committed elsewhere")
             abandon(result)
             self._drop_group()
+            self._prev_attempt = (r, a, trainers)  # its accusations pick the next attempt's suspects
             self.stats["redone_rounds"] += 1
             self.event("redo", attempt=a)
             t_fault = t_round
             a += 1
+        self._prev_attempt = None
         if joiners:
+            # The transfer is the joiners' connectivity check: they become members only if it
+            # went through (the donor publishes the outcome; a joiner it failed for sits out the
+            # next rounds, then tries again).
+            xfer = self._key(r, a, "xfer_ok")
             if self.me == trainers[0]:
+                ok = "1"
                 try:
                     self._transfer(r, a, [trainers[0]] + joiners, trainers[0], keys)
-                except Exception as exc:  # noqa: BLE001 - a joiner died mid transfer: it retries later
+                except Exception as exc:  # noqa: BLE001 - a joiner died or cannot reach us: it retries later
+                    ok = "0"
                     log.warning("localsgd elastic %s: state transfer to %s failed (%s)", self.me, joiners, exc)
-            self.stats["joined"] += len(joiners)
-            self.event("joined", who=joiners)
+                    for j in joiners:
+                        self._store.set(f"{self.ns}/quarantine/{j}", str(r + 2))
+                self._store.set(xfer, ok)
+            else:
+                ok = self._await_key(xfer, trainers[0])
+            if ok != "1":
+                keys = [k for k in keys if k not in joiners]
+                self.event("join_failed", who=joiners)
+            else:
+                self.stats["joined"] += len(joiners)
+                self.event("joined", who=joiners)
         if self.members and keys != self.members:
             self.event("members", members=keys)
         if t_fault is not None:
@@ -378,6 +559,58 @@ class RoundManager:
             self._check_heartbeat()
             time.sleep(0.005)
 
+    def _await_key(self, key: str, writer: str) -> str:
+        """The value ``writer`` sets at ``key``; "0" if it dies or takes longer than 2 x timeout_s."""
+        t0 = time.monotonic()
+        while True:
+            v = self._store.get(key)
+            if v is not None:
+                return v
+            if not self._alive(writer) or time.monotonic() - t0 > 2 * self.timeout_s:
+                return "0"
+            self._check_heartbeat()
+            time.sleep(0.01)
+
+    def _accuse(self, r, a, trainers: List[str], status: str) -> None:
+        """A failed attempt whose error names a peer ("... rank k ...", a rank of the round's
+        group): this worker suspects that peer (read by the next attempt's proposer)."""
+        named = [int(k) for k in re.findall(r"\brank (\d+)", status)]
+        peers = [trainers[k] for k in named if k < len(trainers) and trainers[k] != self.me]
+        if peers:
+            self._store.set(self._key(r, a, "accuse", self.me), peers[0])
+
+    def _suspects(self) -> set:
+        """Trainers of the previous (failed) attempt accused by a majority of its other trainers:
+        left out of this attempt. With 2 trainers a broken link cannot be pinned on either side:
+        nobody is suspected."""
+        if self._prev_attempt is None:
+            return set()
+        r, a, trainers = self._prev_attempt
+        if len(trainers) < 3:
+            return set()
+        count: Dict[str, int] = {}
+        for t in trainers:
+            v = self._store.get(self._key(r, a, "accuse", t))
+            if v is not None:
+                count[v] = count.get(v, 0) + 1
+        return {m for m, c in count.items() if 2 * c > len(trainers) - 1}
+
+    def _quarantined(self, key: str, r) -> bool:
+        """A joiner whose state transfer failed recently (round < the quarantine's end)."""
+        v = self._store.get(f"{self.ns}/quarantine/{key}")
+        return v is not None and isinstance(r, int) and r < int(v)
+
+    def _watch(self, group: MemberGroup, trainers: List[str]) -> RoundWatch:
+        """A :class:`RoundWatch` over the other trainers of ``group``, started."""
+        if self._watch_store is None:
+            self._watch_store = connect(self.coordinator, self.timeout_s)
+        backend = group.backend
+        w = RoundWatch(self._watch_store, self.ns, [t for t in trainers if t != self.me], self.dead_after_s,
+                       min(self.dead_after_s / 4, 0.25), backend.abort, self._store_key_outcome)
+        w.start()
+        self._last_watch = w
+        return w
+
     def _drop_group(self) -> None:
         if self._group is not None:
             self._group.close()
@@ -396,6 +629,8 @@ class RoundManager:
         """The donor broadcasts the state tensors and counters to the rest of ``group``."""
         if len(group) == 1:
             return
+        if self.faults.cut():
+            raise RuntimeError("fault injection: no link to the peers")
         g = MemberGroup(self._store.raw, self._key(r, a, "xfer") + "/", group, self.me, self.timeout_s, "none",
                         self.block_size)
         try:

@@ -145,7 +145,7 @@ class ElasticDiLoCo(InnerWrapper):
             join_timeout_s=join_timeout_s, quorum_timeout_s=quorum_timeout_s, timeout_s=timeout_s,
             dead_after_s=dead_after_s, heartbeat_s=heartbeat_s, stats=self.stats, events=self.events,
             state_tensors=self._state_tensors, local_step=lambda: self._local_step, on_state=self._took_state,
-            connected=self._leader)
+            connected=self._leader, options=self.job_options())
         self.ns = self._manager.ns
         if not self._leader:
             self._receive()  # the leader founds or joins the job, then hands the state over
@@ -157,6 +157,14 @@ class ElasticDiLoCo(InnerWrapper):
         except BaseException:
             self.close()  # the heartbeat stops: the others see this worker gone
             raise
+
+    def job_options(self) -> Dict[str, Any]:
+        """What every worker of a job must agree on: recorded in the coordinator's store by the
+        job's first worker; a worker whose options differ fails in its constructor."""
+        from .. import __version__
+        return {"compression": self.compression, "block_size": self.block_size, "sync_every": self.sync_every,
+                "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum, "nesterov": self.nesterov,
+                "error_feedback": self.error_feedback, "format_version": __version__}
 
     # ------------------------------------------------------------------ public API
     def step(self, closure=None):

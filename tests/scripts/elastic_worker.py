@@ -49,10 +49,12 @@ def main() -> int:
     ap.add_argument("--replica-rank", type=int, default=0)
     ap.add_argument("--replica-port", type=int, default=0, help="the replica's own rendezvous port")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (every worker on GPU 0)")
+    ap.add_argument("--plain-logging", action="store_true", help="configure no logging (the library's default)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    if not a.plain_logging:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     import localsgd_comm
     try:
         return train(a, localsgd_comm)

@@ -1,0 +1,124 @@
+"""Module buffers (BatchNorm's running statistics and the like) under DiLoCo, and the check that
+the replicas start identical.
+
+DDP broadcasts buffers from rank 0 before every forward; under DiLoCo nothing else touches them,
+so each rank's running statistics drift apart (measured before this module: up to 0.08 in
+``running_mean`` and 0.18 in ``running_var`` of a 2-rank MLP after the last sync, with the
+parameters bitwise equal). :class:`BufferSync` runs at every sync:
+
+1. each rank marks the buffers it changed since the previous sync (``torch.equal`` against a
+   copy taken then): a constant buffer such as a causal mask costs nothing after this step;
+2. the marks are summed across the group (one float per buffer, through :func:`exact_sum`, so
+   a "localsgd" group passes it through instead of quantizing it), so every rank agrees on which
+   buffers to sync whatever it changed itself;
+3. floating buffers changed anywhere are averaged in fp32 (exact fp32 sum, divided by p: the
+   same bytes on every rank), other ones (``num_batches_tracked``) are broadcast from rank 0.
+
+:func:`replicas_identical` is the construction-time check: a digest of every parameter and
+buffer all-gathered across the group; when all ranks hold the same bytes (DDP broadcast them
+already, or every rank seeded alike) DiLoCo skips its own construction broadcast.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import backend as _backend
+from .collectives import GroupReducer, carries, exact_sum, staged_broadcast
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _src(group) -> int:
+    return dist.get_global_rank(group, 0) if group not in (None, dist.group.WORLD) else 0
+
+
+def _group_bytes(group) -> Optional[int]:
+    g = group if group is not None else dist.group.WORLD
+    return _backend.bytes_sent_on(g)
+
+
+def digest(tensors: List[torch.Tensor]) -> bytes:
+    """16 bytes identifying the exact contents (dtype, shape and bytes) of ``tensors``."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+def replicas_identical(tensors: List[torch.Tensor], group, device: torch.device) -> bool:
+    """Whether every rank of ``group`` holds the same bytes in ``tensors`` (one all-gather of a
+    16-byte digest per rank; same answer on every rank)."""
+    p = dist.get_world_size(group)
+    if p == 1:
+        return True
+    dev = device if carries(group, device) else torch.device("cpu")
+    mine = torch.frombuffer(bytearray(digest(tensors)), dtype=torch.uint8).to(dev)
+    out = torch.empty(p * mine.numel(), dtype=torch.uint8, device=dev)
+    _all_gather(out, mine, group=group)
+    return bool((out.view(p, -1) == mine).all())
+
+
+class BufferSync:
+    """Averages a module's floating buffers (and broadcasts its other ones from rank 0) across
+    ``group`` at every call; see the module docstring."""
+
+    def __init__(self, module: nn.Module, group, stage_device: Optional[torch.device] = None):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.buffers = [b for b in module.buffers()]
+        self._snap = [b.detach().clone() for b in self.buffers]
+        self._reducer = GroupReducer(group, stage_device)
+        self._stage = stage_device
+
+    def sync(self, stats: Dict[str, int], measure: bool = True) -> None:
+        """Average/broadcast the buffers changed on any rank; their bytes go to
+        ``stats["buffer_bytes_sent"]`` and ``stats["bytes_sent"]``. ``measure=False`` (another
+        collective of the group may be in flight, whose bytes the counters would mix in): the
+        algorithms' volumes instead of the group's counters."""
+        if not self.buffers or self.size == 1:
+            return
+        before = _group_bytes(self.group) if measure else None
+        with torch.no_grad():
+            changed = torch.tensor([0.0 if torch.equal(b, s) else 1.0 for b, s in zip(self.buffers, self._snap)],
+                                   dtype=torch.float32)
+            dev = self.buffers[0].device
+            marks = changed.to(dev)
+            exact_sum(self._reducer, marks, async_op=False)
+            todo = [i for i, m in enumerate(marks.cpu().tolist()) if m > 0]
+            floats = [i for i in todo if self.buffers[i].is_floating_point()]
+            others = [i for i in todo if not self.buffers[i].is_floating_point()]
+            estimate = 4 * len(self.buffers) * 2 * (self.size - 1) // self.size
+            if floats:
+                by_device: Dict[torch.device, List[int]] = {}
+                for i in floats:
+                    by_device.setdefault(self.buffers[i].device, []).append(i)
+                for device, idx in by_device.items():
+                    flat = torch.cat([self.buffers[i].reshape(-1).to(torch.float32) for i in idx])
+                    exact_sum(self._reducer, flat, async_op=False)
+                    flat.div_(self.size)
+                    estimate += 4 * flat.numel() * 2 * (self.size - 1) // self.size
+                    off = 0
+                    for i in idx:
+                        b = self.buffers[i]
+                        b.copy_(flat[off:off + b.numel()].view_as(b))
+                        off += b.numel()
+            src = _src(self.group)
+            for i in others:
+                b = self.buffers[i]
+                staged_broadcast(b, src, self.group, self._stage)
+                if dist.get_rank() == src:
+                    estimate += b.numel() * b.element_size() * (self.size - 1)
+            for i in todo:
+                self._snap[i].copy_(self.buffers[i])
+        after = _group_bytes(self.group)
+        sent = after - before if before is not None and after is not None else estimate
+        stats["buffer_bytes_sent"] = stats.get("buffer_bytes_sent", 0) + sent
+        stats["bytes_sent"] += sent
