@@ -1,5 +1,8 @@
 // Every collective the backend does not compress, passed through to the inner group in order on
 // the worker, and counted; send/recv go straight to the inner group.
+#include <functional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -66,7 +69,6 @@ void LocalSGDBackend::count_op(const char* op, int64_t sent, int64_t received) {
 }
 
 // ---- pass-through -----------------------------------------------------------------------------
-#define LSG_DEV(t) ((t).device().type())
 
 namespace {
 int64_t nbytes_of(const at::Tensor& t) { return t.numel() * t.element_size(); }
@@ -104,181 +106,169 @@ int64_t alltoall_bytes(const at::Tensor& t, const std::vector<int64_t>& splits, 
 }
 }  // namespace
 
+// ---- the pass-through collectives ----------------------------------------------------------------
+// Each override says only what is particular to its collective: the tensor that picks the inner
+// group (checked to exist), the bytes this rank sends and receives under the inner backend's
+// algorithm, the call header's fields and the Work's outputs. call_inner() and passthrough() do
+// the rest, the same way for all of them.
+
+namespace {
+// `ts`' first tensor (the one that picks the inner group); "localsgd <what>: expected at least
+// one <noun>" when there is none.
+const at::Tensor& first_of(const char* what, const std::vector<at::Tensor>& ts, const char* noun) {
+  TORCH_CHECK(!ts.empty(), "localsgd ", what, ": expected at least one ", noun);
+  return ts[0];
+}
+std::vector<at::Tensor> flatten(const std::vector<std::vector<at::Tensor>>& tss) {
+  std::vector<at::Tensor> flat;
+  for (const auto& v : tss) flat.insert(flat.end(), v.begin(), v.end());
+  return flat;
+}
+c10::DeviceType device_type_of(const at::Tensor& t) { return t.device().type(); }
+// The worker's side of a pass-through collective: `method` of `inner`, called with copies of
+// `args` taken now, on the caller's thread.
+template <typename... Params, typename... Args>
+std::function<c10::intrusive_ptr<c10d::Work>()> call_inner(
+    c10::intrusive_ptr<c10d::Backend> inner, c10::intrusive_ptr<c10d::Work> (c10d::Backend::*method)(Params...),
+    Args... args) {
+  return [inner = std::move(inner), method, args = std::make_tuple(std::move(args)...)]() mutable {
+    return std::apply([&](auto&... a) { return (inner.get()->*method)(a...); }, args);
+  };
+}
+}  // namespace
+
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::broadcast(std::vector<at::Tensor>& tensors,
                                                           const c10d::BroadcastOptions& opts) {
-  TORCH_CHECK(!tensors.empty(), "localsgd broadcast: expected at least one tensor");
-  auto inner = inner_for(tensors[0]);
-  std::vector<at::Tensor> ts = tensors;
-  const int64_t p = getSize(), me = getRank();
-  {
-    const int64_t n = nbytes_of(ts);
-    const int64_t root = opts.rootRank;
-    count_op("broadcast", n * binomial_children(me, root, p), me == root ? 0 : n);
-  }
+  const at::Tensor& on = first_of("broadcast", tensors, "tensor");
+  auto inner = inner_for(on);
+  const int64_t p = getSize(), me = getRank(), n = nbytes_of(tensors), root = opts.rootRank;
+  count_op("broadcast", n * binomial_children(me, root, p), me == root ? 0 : n);
   return passthrough(c10d::OpType::BROADCAST,
-                     spec_for("broadcast", c10d::OpType::BROADCAST, ts, -1, opts.rootRank, opts.timeout), ts,
-                     LSG_DEV(ts[0]),
-                     [inner, ts, opts]() mutable { return inner->broadcast(ts, opts); });
+                     spec_for("broadcast", c10d::OpType::BROADCAST, tensors, -1, opts.rootRank, opts.timeout),
+                     tensors, device_type_of(on), call_inner(inner, &c10d::Backend::broadcast, tensors, opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce(std::vector<at::Tensor>& tensors,
                                                        const c10d::ReduceOptions& opts) {
-  TORCH_CHECK(!tensors.empty(), "localsgd reduce: expected at least one tensor");
-  auto inner = inner_for(tensors[0]);
-  std::vector<at::Tensor> ts = tensors;
-  {
-    // reduce-scatter then gather to the root: (p-1)/p of the tensor out of every rank.
-    const int64_t p = getSize(), n = nbytes_of(ts);
-    count_op("reduce", n - n / p, getRank() == opts.rootRank ? n - n / p : 0);
-  }
+  const at::Tensor& on = first_of("reduce", tensors, "tensor");
+  auto inner = inner_for(on);
+  // reduce-scatter then gather to the root: (p-1)/p of the tensor out of every rank.
+  const int64_t p = getSize(), n = nbytes_of(tensors);
+  count_op("reduce", n - n / p, getRank() == opts.rootRank ? n - n / p : 0);
   return passthrough(c10d::OpType::REDUCE,
-                     spec_for("reduce", c10d::OpType::REDUCE, ts, static_cast<int64_t>(opts.reduceOp.op_),
+                     spec_for("reduce", c10d::OpType::REDUCE, tensors, static_cast<int64_t>(opts.reduceOp.op_),
                               opts.rootRank, opts.timeout),
-                     ts, LSG_DEV(ts[0]),
-                     [inner, ts, opts]() mutable { return inner->reduce(ts, opts); });
+                     tensors, device_type_of(on), call_inner(inner, &c10d::Backend::reduce, tensors, opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather(std::vector<std::vector<at::Tensor>>& outputs,
                                                           std::vector<at::Tensor>& inputs,
                                                           const c10d::AllgatherOptions& opts) {
-  TORCH_CHECK(!inputs.empty(), "localsgd allgather: expected at least one input tensor");
-  auto inner = inner_for(inputs[0]);
-  auto outs = outputs;
-  auto ins = inputs;
-  std::vector<at::Tensor> flat;
-  for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
-  count_ring_share("allgather", (getSize() - 1) * nbytes_of(ins));
+  const at::Tensor& on = first_of("allgather", inputs, "input tensor");
+  auto inner = inner_for(on);
+  count_ring_share("allgather", (getSize() - 1) * nbytes_of(inputs));
   return passthrough(c10d::OpType::ALLGATHER,
-                     spec_for("all_gather", c10d::OpType::ALLGATHER, ins, -1, 0, opts.timeout), flat,
-                     LSG_DEV(ins[0]),
-                     [inner, outs, ins, opts]() mutable { return inner->allgather(outs, ins, opts); });
+                     spec_for("all_gather", c10d::OpType::ALLGATHER, inputs, -1, 0, opts.timeout), flatten(outputs),
+                     device_type_of(on), call_inner(inner, &c10d::Backend::allgather, outputs, inputs, opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::_allgather_base(at::Tensor& output, at::Tensor& input,
                                                                 const c10d::AllgatherOptions& opts) {
   auto inner = inner_for(input);
-  at::Tensor o = output, i = input;
-  count_ring_share("allgather", (getSize() - 1) * nbytes_of(i));
+  count_ring_share("allgather", (getSize() - 1) * nbytes_of(input));
   return passthrough(c10d::OpType::_ALLGATHER_BASE,
-                     spec_for("all_gather_into_tensor", c10d::OpType::_ALLGATHER_BASE, {i}, -1, 0, opts.timeout), {o},
-                     LSG_DEV(i),
-                     [inner, o, i, opts]() mutable { return inner->_allgather_base(o, i, opts); });
+                     spec_for("all_gather_into_tensor", c10d::OpType::_ALLGATHER_BASE, {input}, -1, 0, opts.timeout),
+                     {output}, device_type_of(input),
+                     call_inner(inner, &c10d::Backend::_allgather_base, output, input, opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather_coalesced(std::vector<std::vector<at::Tensor>>& outputs,
                                                                     std::vector<at::Tensor>& inputs,
                                                                     const c10d::AllgatherOptions& opts) {
-  TORCH_CHECK(!inputs.empty(), "localsgd allgather_coalesced: expected at least one input tensor");
-  auto inner = inner_for(inputs[0]);
-  auto outs = outputs;
-  auto ins = inputs;
-  std::vector<at::Tensor> flat;
-  for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
-  count_ring_share("allgather", (getSize() - 1) * nbytes_of(ins));
+  const at::Tensor& on = first_of("allgather_coalesced", inputs, "input tensor");
+  auto inner = inner_for(on);
+  count_ring_share("allgather", (getSize() - 1) * nbytes_of(inputs));
   return passthrough(c10d::OpType::ALLGATHER_COALESCED,
-                     spec_for("all_gather_coalesced", c10d::OpType::ALLGATHER_COALESCED, ins, -1, 0, opts.timeout),
-                     flat, LSG_DEV(ins[0]),
-                     [inner, outs, ins, opts]() mutable { return inner->allgather_coalesced(outs, ins, opts); });
+                     spec_for("all_gather_coalesced", c10d::OpType::ALLGATHER_COALESCED, inputs, -1, 0, opts.timeout),
+                     flatten(outputs), device_type_of(on),
+                     call_inner(inner, &c10d::Backend::allgather_coalesced, outputs, inputs, opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allgather_into_tensor_coalesced(std::vector<at::Tensor>& outputs,
                                                                                 std::vector<at::Tensor>& inputs,
                                                                                 const c10d::AllgatherOptions& opts) {
-  TORCH_CHECK(!inputs.empty(), "localsgd allgather_into_tensor_coalesced: expected at least one input tensor");
-  auto inner = inner_for(inputs[0]);
-  auto outs = outputs;
-  auto ins = inputs;
-  count_ring_share("allgather", (getSize() - 1) * nbytes_of(ins));
-  return passthrough(c10d::OpType::COALESCED,
-                     spec_for("all_gather_into_tensor_coalesced", c10d::OpType::COALESCED, ins, -1, 1, opts.timeout),
-                     outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
-    return inner->allgather_into_tensor_coalesced(outs, ins, opts);
-  });
+  const at::Tensor& on = first_of("allgather_into_tensor_coalesced", inputs, "input tensor");
+  auto inner = inner_for(on);
+  count_ring_share("allgather", (getSize() - 1) * nbytes_of(inputs));
+  return passthrough(
+      c10d::OpType::COALESCED,
+      spec_for("all_gather_into_tensor_coalesced", c10d::OpType::COALESCED, inputs, -1, 1, opts.timeout), outputs,
+      device_type_of(on), call_inner(inner, &c10d::Backend::allgather_into_tensor_coalesced, outputs, inputs, opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::gather(std::vector<std::vector<at::Tensor>>& outputs,
                                                        std::vector<at::Tensor>& inputs,
                                                        const c10d::GatherOptions& opts) {
-  TORCH_CHECK(!inputs.empty(), "localsgd gather: expected at least one input tensor");
-  auto inner = inner_for(inputs[0]);
-  auto outs = outputs;
-  auto ins = inputs;
-  std::vector<at::Tensor> flat;
-  for (auto& v : outs) flat.insert(flat.end(), v.begin(), v.end());
-  const int64_t p = getSize(), me = getRank();
-  {
-    const int64_t n = nbytes_of(ins);
-    const bool root = me == opts.rootRank;
-    count_op("gather", root ? 0 : n, root ? (p - 1) * n : 0);
-  }
+  const at::Tensor& on = first_of("gather", inputs, "input tensor");
+  auto inner = inner_for(on);
+  const int64_t p = getSize(), n = nbytes_of(inputs);
+  const bool root = getRank() == opts.rootRank;
+  count_op("gather", root ? 0 : n, root ? (p - 1) * n : 0);
   return passthrough(c10d::OpType::GATHER,
-                     spec_for("gather", c10d::OpType::GATHER, ins, -1, opts.rootRank, opts.timeout), flat,
-                     LSG_DEV(ins[0]),
-                     [inner, outs, ins, opts]() mutable { return inner->gather(outs, ins, opts); });
+                     spec_for("gather", c10d::OpType::GATHER, inputs, -1, opts.rootRank, opts.timeout),
+                     flatten(outputs), device_type_of(on),
+                     call_inner(inner, &c10d::Backend::gather, outputs, inputs, opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::scatter(std::vector<at::Tensor>& outputs,
                                                         std::vector<std::vector<at::Tensor>>& inputs,
                                                         const c10d::ScatterOptions& opts) {
-  TORCH_CHECK(!outputs.empty(), "localsgd scatter: expected at least one output tensor");
-  auto inner = inner_for(outputs[0]);
-  auto outs = outputs;
-  auto ins = inputs;
-  const int64_t p = getSize(), me = getRank();
-  {
-    const int64_t n = nbytes_of(outs);
-    const bool root = me == opts.rootRank;
-    count_op("scatter", root ? (p - 1) * n : 0, root ? 0 : n);
-  }
+  const at::Tensor& on = first_of("scatter", outputs, "output tensor");
+  auto inner = inner_for(on);
+  const int64_t p = getSize(), n = nbytes_of(outputs);
+  const bool root = getRank() == opts.rootRank;
+  count_op("scatter", root ? (p - 1) * n : 0, root ? 0 : n);
   return passthrough(c10d::OpType::SCATTER,
-                     spec_for("scatter", c10d::OpType::SCATTER, outs, -1, opts.rootRank, opts.timeout), outs,
-                     LSG_DEV(outs[0]),
-                     [inner, outs, ins, opts]() mutable { return inner->scatter(outs, ins, opts); });
+                     spec_for("scatter", c10d::OpType::SCATTER, outputs, -1, opts.rootRank, opts.timeout), outputs,
+                     device_type_of(on), call_inner(inner, &c10d::Backend::scatter, outputs, inputs, opts));
 }
 
+// gloo reduces the whole input with its all-reduce, then keeps this rank's part: the three
+// reduce-scatters count as a ring all-reduce of their input.
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce_scatter(std::vector<at::Tensor>& outputs,
                                                                std::vector<std::vector<at::Tensor>>& inputs,
                                                                const c10d::ReduceScatterOptions& opts) {
-  TORCH_CHECK(!outputs.empty(), "localsgd reduce_scatter: expected at least one output tensor");
-  auto inner = inner_for(outputs[0]);
-  auto outs = outputs;
-  auto ins = inputs;
-  // gloo reduces the whole input with its all-reduce, then keeps this rank's part
-  count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(ins) / getSize());
+  const at::Tensor& on = first_of("reduce_scatter", outputs, "output tensor");
+  auto inner = inner_for(on);
+  count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(inputs) / getSize());
   return passthrough(c10d::OpType::REDUCE_SCATTER,
-                     spec_for("reduce_scatter", c10d::OpType::REDUCE_SCATTER, outs,
+                     spec_for("reduce_scatter", c10d::OpType::REDUCE_SCATTER, outputs,
                               static_cast<int64_t>(opts.reduceOp.op_), 0, opts.timeout),
-                     outs, LSG_DEV(outs[0]),
-                     [inner, outs, ins, opts]() mutable { return inner->reduce_scatter(outs, ins, opts); });
+                     outputs, device_type_of(on),
+                     call_inner(inner, &c10d::Backend::reduce_scatter, outputs, inputs, opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::_reduce_scatter_base(at::Tensor& output, at::Tensor& input,
                                                                      const c10d::ReduceScatterOptions& opts) {
   auto inner = inner_for(input);
-  at::Tensor o = output, i = input;
-  // gloo reduces the whole input with its all-reduce, then keeps this rank's part
-  count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(i) / getSize());
+  count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(input) / getSize());
   return passthrough(c10d::OpType::_REDUCE_SCATTER_BASE,
-                     spec_for("reduce_scatter_tensor", c10d::OpType::_REDUCE_SCATTER_BASE, {o},
+                     spec_for("reduce_scatter_tensor", c10d::OpType::_REDUCE_SCATTER_BASE, {output},
                               static_cast<int64_t>(opts.reduceOp.op_), 0, opts.timeout),
-                     {o}, LSG_DEV(i),
-                     [inner, o, i, opts]() mutable { return inner->_reduce_scatter_base(o, i, opts); });
+                     {output}, device_type_of(input),
+                     call_inner(inner, &c10d::Backend::_reduce_scatter_base, output, input, opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::reduce_scatter_tensor_coalesced(
     std::vector<at::Tensor>& outputs, std::vector<at::Tensor>& inputs, const c10d::ReduceScatterOptions& opts) {
-  TORCH_CHECK(!inputs.empty(), "localsgd reduce_scatter_tensor_coalesced: expected at least one input tensor");
-  auto inner = inner_for(inputs[0]);
-  auto outs = outputs;
-  auto ins = inputs;
-  // gloo reduces the whole input with its all-reduce, then keeps this rank's part
-  count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(ins) / getSize());
+  const at::Tensor& on = first_of("reduce_scatter_tensor_coalesced", inputs, "input tensor");
+  auto inner = inner_for(on);
+  count_ring_share("reduce_scatter", 2 * (getSize() - 1) * nbytes_of(inputs) / getSize());
   return passthrough(c10d::OpType::COALESCED,
-                     spec_for("reduce_scatter_tensor_coalesced", c10d::OpType::COALESCED, outs,
+                     spec_for("reduce_scatter_tensor_coalesced", c10d::OpType::COALESCED, outputs,
                               static_cast<int64_t>(opts.reduceOp.op_), 2, opts.timeout),
-                     outs, LSG_DEV(ins[0]), [inner, outs, ins, opts]() mutable {
-    return inner->reduce_scatter_tensor_coalesced(outs, ins, opts);
-  });
+                     outputs, device_type_of(on),
+                     call_inner(inner, &c10d::Backend::reduce_scatter_tensor_coalesced, outputs, inputs, opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::alltoall_base(at::Tensor& output, at::Tensor& input,
@@ -286,46 +276,39 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::alltoall_base(at::Tensor& output
                                                               std::vector<int64_t>& input_splits,
                                                               const c10d::AllToAllOptions& opts) {
   auto inner = inner_for(input);
-  at::Tensor o = output, i = input;
-  auto os = output_splits, is = input_splits;
   const int64_t p = getSize(), me = getRank();
-  count_op("alltoall", alltoall_bytes(i, is, me, p), alltoall_bytes(o, os, me, p));
-  CallSpec spec = spec_for("all_to_all_single", c10d::OpType::ALLTOALL_BASE, {i}, -1, 0, opts.timeout);
-  if (!is.empty() || !os.empty()) spec.numel = -1;  // uneven splits: sizes may differ between ranks
-  return passthrough(c10d::OpType::ALLTOALL_BASE, spec, {o}, LSG_DEV(i),
-                     [inner, o, i, os, is, opts]() mutable { return inner->alltoall_base(o, i, os, is, opts); });
+  count_op("alltoall", alltoall_bytes(input, input_splits, me, p), alltoall_bytes(output, output_splits, me, p));
+  CallSpec spec = spec_for("all_to_all_single", c10d::OpType::ALLTOALL_BASE, {input}, -1, 0, opts.timeout);
+  if (!input_splits.empty() || !output_splits.empty()) spec.numel = -1;  // uneven splits: sizes may differ
+  return passthrough(c10d::OpType::ALLTOALL_BASE, spec, {output}, device_type_of(input),
+                     call_inner(inner, &c10d::Backend::alltoall_base, output, input, output_splits, input_splits,
+                                opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::alltoall(std::vector<at::Tensor>& outputs,
                                                          std::vector<at::Tensor>& inputs,
                                                          const c10d::AllToAllOptions& opts) {
-  TORCH_CHECK(!inputs.empty(), "localsgd alltoall: expected at least one input tensor");
-  auto inner = inner_for(inputs[0]);
-  auto outs = outputs;
-  auto ins = inputs;
+  const at::Tensor& on = first_of("alltoall", inputs, "input tensor");
+  auto inner = inner_for(on);
   const int64_t me = getRank();
-  {
-    int64_t sent = 0, received = 0;
-    for (int64_t r = 0; r < static_cast<int64_t>(ins.size()); ++r) {
-      if (r != me) sent += nbytes_of(ins[r]);
-    }
-    for (int64_t r = 0; r < static_cast<int64_t>(outs.size()); ++r) {
-      if (r != me) received += nbytes_of(outs[r]);
-    }
-    count_op("alltoall", sent, received);
+  int64_t sent = 0, received = 0;
+  for (int64_t r = 0; r < static_cast<int64_t>(inputs.size()); ++r) {
+    if (r != me) sent += nbytes_of(inputs[r]);
   }
-  CallSpec spec = spec_for("all_to_all", c10d::OpType::ALLTOALL, ins, -1, 0, opts.timeout);
+  for (int64_t r = 0; r < static_cast<int64_t>(outputs.size()); ++r) {
+    if (r != me) received += nbytes_of(outputs[r]);
+  }
+  count_op("alltoall", sent, received);
+  CallSpec spec = spec_for("all_to_all", c10d::OpType::ALLTOALL, inputs, -1, 0, opts.timeout);
   spec.numel = -1;  // the list's sizes may differ between ranks
-  return passthrough(c10d::OpType::ALLTOALL, spec, outs, LSG_DEV(ins[0]),
-                     [inner, outs, ins, opts]() mutable { return inner->alltoall(outs, ins, opts); });
+  return passthrough(c10d::OpType::ALLTOALL, spec, outputs, device_type_of(on),
+                     call_inner(inner, &c10d::Backend::alltoall, outputs, inputs, opts));
 }
 
 c10::intrusive_ptr<c10d::Work> LocalSGDBackend::barrier(const c10d::BarrierOptions& opts) {
   // A barrier orders after every collective queued before it (FIFO), like gloo's.
-  auto inner = cpu_inner_;
   return passthrough(c10d::OpType::BARRIER, spec_for("barrier", c10d::OpType::BARRIER, {}, -1, 0, opts.timeout), {},
-                     c10::DeviceType::CPU,
-                     [inner, opts]() mutable { return inner->barrier(opts); });
+                     c10::DeviceType::CPU, call_inner(cpu_inner_, &c10d::Backend::barrier, opts));
 }
 
 void LocalSGDBackend::check_user_tag(const char* what, int tag) const {
