@@ -10,6 +10,7 @@
 
 #include "call_header.h"
 #include "common.h"
+#include "inner_collective.h"
 #include "localsgd_backend.h"
 #include "pipeline.h"
 
@@ -146,10 +147,10 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce(std::vector<at::Tensor
     const bool divide = avg && dev == c10::DeviceType::CPU;
     const CallSpec spec = spec_for("all_reduce", c10d::OpType::ALLREDUCE, ts, static_cast<int64_t>(opts.reduceOp.op_),
                                    0, opts.timeout);
-    return passthrough(c10d::OpType::ALLREDUCE, spec, ts, dev, [inner, ts, o, divide, p]() mutable {
+    return passthrough(c10d::OpType::ALLREDUCE, spec, ts, dev, [inner, ts, o, divide, p, state = state_]() mutable {
       auto w = inner->allreduce(ts, o);
       if (!divide) return w;
-      w->wait();  // CPU only: divide after the sum, still on the worker and in order
+      wait_inner(state, w);  // CPU only: divide after the sum, still on the worker and in order
       for (auto& x : ts) x.div_(static_cast<double>(p));
       return w;
     });
@@ -240,7 +241,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_coalesced(std::vector<
         c10d::AllreduceOptions oi = o;
         const bool divide = avg && ts[i].device().is_cpu();
         if (divide) oi.reduceOp = c10d::ReduceOp::SUM;
-        inner->allreduce(one, oi)->wait();
+        wait_inner(state_, inner->allreduce(one, oi));
         if (divide) ts[i].div_(static_cast<double>(p));
       }
       work->complete(nullptr);

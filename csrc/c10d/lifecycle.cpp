@@ -10,9 +10,35 @@
 #include <torch/extension.h>
 
 #include "localsgd_backend.h"
+#include "inner_collective.h"
 #include "posted_works.h"
 
 namespace localsgd {
+namespace {
+// Drops the inner groups. After abort() with an inner collective still running (a pass-through
+// whose peer stopped without closing its connections), destroying a gloo group would join its
+// threads, which wait inside the collective until gloo's own timeout: the inner groups are then
+// left to the end of the process instead (their threads and connections are not reclaimed).
+void drop_inner(GroupState& state, c10::intrusive_ptr<c10d::Backend>& cpu, c10::intrusive_ptr<c10d::Backend>& cuda) {
+  int64_t running = 0;
+  {
+    std::lock_guard<std::mutex> lk(state.mu);
+    if (state.aborted) {
+      for (auto& [id, w] : state.inflight) running += dynamic_cast<InnerCollective*>(w.get()) != nullptr;
+    }
+  }
+  if (running > 0) {
+    TORCH_WARN("localsgd: ", running, " collective(s) of an aborted process group still wait inside its inner group "
+               "(gloo cannot abort a collective; it ends at gloo's timeout): the inner group is left to the end of "
+               "the process instead of being destroyed");
+    (void)cpu.release();  // owning pointers, never freed: leaked on purpose
+    (void)cuda.release();
+    return;
+  }
+  cpu.reset();
+  cuda.reset();
+}
+}  // namespace
 
 // ---- Backend ------------------------------------------------------------------------------------
 LocalSGDBackend::LocalSGDBackend(int rank, int size, c10::intrusive_ptr<c10d::Backend> cpu_inner,
@@ -74,8 +100,7 @@ void LocalSGDBackend::shutdown() {
 LocalSGDBackend::~LocalSGDBackend() {
   auto drop = [this] {
     stop_worker();
-    cpu_inner_.reset();   // ~ProcessGroupGloo joins gloo's threads
-    cuda_inner_.reset();
+    drop_inner(*state_, cpu_inner_, cuda_inner_);  // ~ProcessGroupGloo joins gloo's threads
   };
   if (Py_IsInitialized() && PyGILState_Check()) {
     pybind11::gil_scoped_release nogil;
@@ -104,6 +129,8 @@ void LocalSGDBackend::abort() {
     state_->aborted = true;
     for (auto& [id, w] : state_->inflight) inflight.push_back(w);
   }
+  // (inflight also holds the inner collectives in flight: InnerCollective::abort fails their Work
+  // at once, and a worker waiting for one stops waiting)
   for (auto& w : inflight) {
     try {
       w->abort();
@@ -140,8 +167,7 @@ void LocalSGDBackend::exit_shutdown(int64_t grace_ms) {
   // interpreter is whole, by dropping the inner groups (measured: a job exiting without
   // destroy_process_group aborted in ~1 of 3 runs in ~AsyncBarrierWork on gloo's thread).
   // Later calls fail at the failed-state check before any inner group is touched.
-  cpu_inner_.reset();
-  cuda_inner_.reset();
+  drop_inner(*state_, cpu_inner_, cuda_inner_);
 }
 
 uint64_t LocalSGDBackend::getSequenceNumberForGroup() {

@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include "call_header.h"
+#include "inner_collective.h"
 #include "localsgd_backend.h"
 #include "tags.h"
 
@@ -30,7 +31,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::passthrough(
       if (call.stream) {
         // Issued on the caller's stream (NCCL orders its stream after it); wait() on the inner
         // work makes that stream wait for the collective, then the Work completes.
-        issue()->wait();
+        wait_inner(state_, issue());
         work->complete(nullptr);
         return;
       }
@@ -46,11 +47,8 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::passthrough(
         work->complete(nullptr);
         return;
       }
-      auto state = state_;
-      fut->addCallback([work, state](c10::ivalue::Future& f) {
-        if (f.hasError()) state->fail(f.exception_ptr());
-        work->complete(f.hasError() ? f.exception_ptr() : nullptr);
-      });
+      // completes the Work when the inner collective ends, or at abort() (gloo cannot abort it)
+      InnerCollective::track(state_, inner, work);
     } catch (...) {
       finish(work, std::current_exception());
     }
