@@ -8,7 +8,7 @@
     dist.new_group(backend="localsgd")
     dist.init_process_group("cpu:localsgd,cuda:nccl")
 
-The backend itself is C++ (``csrc/c10d/localsgd_backend.cpp``): it wraps inner backends created
+The backend itself is C++ (``csrc/c10d/``): it wraps inner backends created
 here (gloo on a PrefixStore for CPU tensors; NCCL, or gloo when ``cuda_inner="gloo"``, for CUDA
 tensors) and runs the quantized all-reduce of docs/design.md for floating tensors of at least
 ``threshold_bytes`` with SUM/AVG; everything else passes through to the inner backend.

@@ -151,9 +151,25 @@ def _cuda_headers():
     return None
 
 
+def _backend_units_with_cuda_branches():
+    """The backend's source files (csrc/c10d/*.cpp) with LOCALSGD_WITH_CUDA code in them or in a
+    csrc/c10d header they include, directly or not."""
+    d = os.path.join(ROOT, "csrc", "c10d")
+
+    def has_cuda(name, seen):
+        if name in seen or not os.path.isfile(os.path.join(d, name)):
+            return False
+        seen.add(name)
+        with open(os.path.join(d, name)) as f:
+            text = f.read()
+        return "LOCALSGD_WITH_CUDA" in text or any(has_cuda(h, seen) for h in re.findall(r'#include "([^"/]+)"', text))
+
+    return [f"csrc/c10d/{n}" for n in sorted(os.listdir(d)) if n.endswith(".cpp") and has_cuda(n, set())]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["csrc/c10d/localsgd_backend.cpp", "csrc/bindings/ops_cuda.cpp",
-                                    "csrc/bindings/module.cpp"])
+@pytest.mark.parametrize("source", _backend_units_with_cuda_branches() + ["csrc/bindings/ops_cuda.cpp",
+                                                                           "csrc/bindings/module.cpp"])
 def test_cuda_branches_of_the_extension_compile(source, tmp_path):
     """The backend's and the bindings' LOCALSGD_WITH_CUDA code (streams, guards, CUDA launches)
     is compiled (-fsyntax-only: full semantic analysis, no code generation) against this torch's

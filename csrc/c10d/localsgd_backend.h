@@ -4,7 +4,7 @@
 // for CUDA tensors) and passes every other collective through to them.
 //
 // Limitations, in plain words:
-//  - Every collective of the group runs on one FIFO worker thread (see "Ordering" below), so
+//  - Every collective of the group runs on one FIFO worker thread (see "Ordering" in worker.cpp), so
 //    collectives of one group never overlap each other (gloo with 2 threads could overlap two).
 //  - send/recv/recvAnysource go straight to the inner backend (they carry user tags); tags from
 //    0x40000000 up are reserved for the backend's own messages and refused.
@@ -47,61 +47,11 @@
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
 #include "localsgd/format.h"
+#include "call_header.h"
+#include "work.h"
 
 namespace localsgd {
 
-// A Work whose completion is driven by the backend's worker thread (or an inner future's
-// callback): complete() runs there, never inside wait(), so that work.get_future().wait() and
-// work.wait() both return (completing inside wait() deadlocks get_future().wait()).
-struct GroupState;
-
-class LocalSGDWork : public c10d::Work {
- public:
-  // state: counts the Work as outstanding until it completes (exit_shutdown waits for that)
-  LocalSGDWork(c10d::OpType op, std::vector<at::Tensor> outputs,
-               std::vector<c10::Device> devices, std::shared_ptr<GroupState> state = nullptr);
-  void complete(std::exception_ptr eptr);
-  c10::intrusive_ptr<c10::ivalue::Future> getFuture() override { return future_; }
-  // Status reads the future (completed first), wait() the base flag (set right after): so
-  // after get_future().wait() the Work reads completed, and after wait() the future is done.
-  bool isCompleted() override { return future_->completed(); }
-  bool isSuccess() const override { return future_->completed() && !future_->hasError(); }
-  std::exception_ptr exception() const override {
-    return future_->completed() && future_->hasError() ? future_->exception_ptr() : nullptr;
-  }
-  std::vector<at::Tensor> result() override { return outputs_; }
-  // CPU: block until done (and raise its error). CUDA: then make the caller's current stream
-  // wait for the work's events (the future's), so a wait from another stream is ordered too.
-  bool wait(std::chrono::milliseconds timeout) override;
-  void synchronize() override;
-
- private:
-  std::vector<at::Tensor> outputs_;
-  c10::intrusive_ptr<c10::ivalue::Future> future_;
-  std::shared_ptr<GroupState> state_;
-};
-
-// State shared by a backend and the callbacks of its in-flight works: the group's first error
-// (after it every collective fails at once) and the point-to-point works of the collective in
-// flight (abort() aborts them). Held by shared_ptr so that a callback never outlives it.
-struct GroupState {
-  std::mutex mu;
-  std::string first_error;  // empty while the group is healthy
-  bool aborted = false;
-  // Inner point-to-point works posted and not yet finished (call headers of queued calls, the
-  // messages of the call in flight): abort() aborts them. Keyed by a registration number.
-  std::map<uint64_t, c10::intrusive_ptr<c10d::Work>> inflight;
-  uint64_t next_inflight = 0;
-  int64_t outstanding = 0;  // Works created and not yet completed
-  std::condition_variable idle;  // notified when outstanding drops to 0
-  // Record the first failure (later ones are consequences of it).
-  void fail(const std::string& what);
-  void fail(std::exception_ptr e);
-  std::string error() {
-    std::lock_guard<std::mutex> lk(mu);
-    return first_error;
-  }
-};
 
 struct BackendStats {
   int64_t bytes_sent = 0;
@@ -117,34 +67,6 @@ struct BackendStats {
   int64_t header_bytes = 0;
 };
 
-// What every rank must agree on for one collective: the fields of its call header.
-struct CallSpec {
-  const char* what = "collective";  // for messages: "all_reduce", "broadcast", ...
-  int64_t kind = 0;                 // c10d::OpType, or kKindCompressed (all_reduce_compressed)
-  int64_t format = 0;               // the compressed format code; 0 when the call passes through
-  int64_t op = -1;                  // c10d::ReduceOp (-1: none)
-  int64_t dtype = -1;               // at::ScalarType of the data (-1: none)
-  int64_t numel = 0;                // elements (-1: may differ between ranks, e.g. uneven all-to-all)
-  int64_t extra = 0;                // block size (compressed), root rank, or a digest of a tensor list
-  std::chrono::milliseconds timeout{-1};  // the call's own timeout; < 0: the group's
-};
-
-class PostedWorks;  // the inner point-to-point works of one call (localsgd_backend.cpp)
-
-// One queued collective: its sequence number, its header and the header messages posted when
-// it was called, and its deadline once the worker starts it.
-struct Call {
-  uint64_t seq = 0;
-  CallSpec spec;
-  std::vector<int64_t> mine;  // this rank's header words
-  at::Tensor rows;            // every rank's header (p x 8 int64, CPU)
-  std::shared_ptr<PostedWorks> header;
-  std::chrono::steady_clock::time_point deadline;
-  std::chrono::milliseconds timeout{0};
-  // CUDA tensors: the caller's current stream on the tensor's device, captured when the call is
-  // made; the worker runs the call under a guard of it (device and stream).
-  std::optional<c10::Stream> stream;
-};
 
 class LocalSGDBackend : public c10d::Backend {
  public:
