@@ -100,3 +100,15 @@ class InnerWrapper(torch.optim.Optimizer):
                 dummy = torch.zeros(1, dtype=torch.float32, device=dev)
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, dummy, inv.to(dev))
         return inner.step()
+
+
+def check_common_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback,
+                      block_size, on_nonfinite, stochastic_rounding) -> int:
+    """The argument checks every DiLoCo constructor shares; returns the block size to use."""
+    check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
+    block_size = resolve_block_size(block_size)
+    if on_nonfinite not in ("skip", "raise"):
+        raise ValueError(f"on_nonfinite: expected 'skip' or 'raise', got {on_nonfinite!r}")
+    if stochastic_rounding and compression == "none":
+        raise ValueError("stochastic_rounding: expected a quantizing compression (int8/int4/fp8), got 'none'")
+    return block_size

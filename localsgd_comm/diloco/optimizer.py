@@ -16,7 +16,7 @@ from .collectives import GroupReducer
 from .ddp import Tripwire, find_ddp, make_ddp_local, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction, derive_seed
 from .hierarchical import HierarchicalGroups, HierarchicalSync
-from .inner import InnerWrapper, check_outer_args, resolve_block_size
+from .inner import InnerWrapper, check_common_args
 from .module_buffers import BufferSync, replicas_identical
 from .streaming import StreamingSync, check_streaming_args
 
@@ -79,12 +79,8 @@ class DiLoCo(InnerWrapper):
                  mixing: Optional[float] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module (or DDP-wrapped one), got {type(model).__name__}")
-        check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
-        block_size = resolve_block_size(block_size)
-        if on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f"on_nonfinite: expected 'skip' or 'raise', got {on_nonfinite!r}")
-        if stochastic_rounding and compression == "none":
-            raise ValueError("stochastic_rounding: expected a quantizing compression (int8/int4/fp8), got 'none'")
+        block_size = check_common_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression,
+                                       error_feedback, block_size, on_nonfinite, stochastic_rounding)
         if hierarchy is not None and overlap:
             raise ValueError("overlap=True with hierarchy: expected one of the two, got both (not supported together)")
         check_streaming_args(fragments, overlap_steps, mixing, sync_every, overlap, hierarchy)
@@ -93,21 +89,10 @@ class DiLoCo(InnerWrapper):
         if not dist.is_initialized():
             raise RuntimeError("DiLoCo: expected an initialized process group (dist.init_process_group), got none")
 
-        self.model = model
-        self._wrap(inner_optimizer)
-        self.sync_every = sync_every
-        self.outer_lr = float(outer_lr)
-        self.outer_momentum = float(outer_momentum)
-        self.nesterov = bool(nesterov)
-        self.compression = compression
-        self.block_size = block_size
-        self.error_feedback = bool(error_feedback)
-        self.stochastic_rounding = bool(stochastic_rounding)
-        self.seed = int(seed)
+        self._set_common(model, inner_optimizer, sync_every, outer_lr, outer_momentum, nesterov, compression,
+                         block_size, error_feedback, stochastic_rounding, seed, overlap, on_nonfinite)
         self.hierarchy = hierarchy
         self.group = hierarchy.cross if hierarchy is not None else (group if group is not None else dist.group.WORLD)
-        self.overlap = bool(overlap)
-        self.on_nonfinite = on_nonfinite
         self.rank = dist.get_rank()
         self._reducer = GroupReducer(self.group)
         self.sync_size = self._reducer.size
@@ -202,6 +187,23 @@ class DiLoCo(InnerWrapper):
         self.stats["buffer_bytes_sent"] = 0
         self._buffer_sync = BufferSync(module, bgroup if bgroup is not None else dist.group.WORLD) \
             if sync_buffers else None
+
+    def _set_common(self, model, inner_optimizer, sync_every, outer_lr, outer_momentum, nesterov, compression,
+                    block_size, error_feedback, stochastic_rounding, seed, overlap, on_nonfinite) -> None:
+        """The settings every DiLoCo (plain, hierarchical, streaming, sharded) keeps as attributes."""
+        self.model = model
+        self._wrap(inner_optimizer)
+        self.sync_every = sync_every
+        self.outer_lr = float(outer_lr)
+        self.outer_momentum = float(outer_momentum)
+        self.nesterov = bool(nesterov)
+        self.compression = compression
+        self.block_size = block_size
+        self.error_feedback = bool(error_feedback)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.seed = int(seed)
+        self.overlap = bool(overlap)
+        self.on_nonfinite = on_nonfinite
 
     # ------------------------------------------------------------------ public API
     #: GradScaler.step(opt) calls step() with ``grad_scale``/``found_inf`` set instead of skipping

@@ -69,7 +69,7 @@ from .buffers import FLOAT_DTYPES
 from .collectives import GroupReducer
 from .ddp import Tripwire, find_ddp, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction
-from .inner import check_outer_args, resolve_block_size
+from .inner import check_common_args
 from .optimizer import DiLoCo
 
 try:  # torch >= 2.4
@@ -239,12 +239,8 @@ class ShardedDiLoCo(DiLoCo):
                              "replicas (yet)")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-        check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
-        block_size = resolve_block_size(block_size)
-        if on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f"on_nonfinite: expected 'skip' or 'raise', got {on_nonfinite!r}")
-        if stochastic_rounding and compression == "none":
-            raise ValueError("stochastic_rounding: expected a quantizing compression (int8/int4/fp8), got 'none'")
+        block_size = check_common_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression,
+                                       error_feedback, block_size, on_nonfinite, stochastic_rounding)
         if hierarchy is not None:
             raise ValueError("hierarchy: not supported with an FSDP2 model (FSDP's shard group is the intra-replica "
                              "link); pass group=mesh.get_group('replicate') instead")
@@ -258,20 +254,9 @@ class ShardedDiLoCo(DiLoCo):
         fsdp = _fsdp_modules(module)
         for m in fsdp:  # a no-grad forward can leave the root unsharded: register the sharded parameters
             m.reshard()
-        self.model = model
-        self._wrap(inner_optimizer)
-        self.sync_every = sync_every
-        self.outer_lr = float(outer_lr)
-        self.outer_momentum = float(outer_momentum)
-        self.nesterov = bool(nesterov)
-        self.compression = compression
-        self.block_size = block_size
-        self.error_feedback = bool(error_feedback)
-        self.stochastic_rounding = bool(stochastic_rounding)
-        self.seed = int(seed)
+        self._set_common(model, inner_optimizer, sync_every, outer_lr, outer_momentum, nesterov, compression,
+                         block_size, error_feedback, stochastic_rounding, seed, overlap, on_nonfinite)
         self.hierarchy = None
-        self.overlap = bool(overlap)
-        self.on_nonfinite = on_nonfinite
         self.rank = dist.get_rank()
         self._fsdp_modules = fsdp
 
