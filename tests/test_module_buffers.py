@@ -25,10 +25,11 @@ def bn_model(seed):
     return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 8))
 
 
-def _bn_worker(rank, world, sync_buffers, ddp):
+def _bn_worker(rank, world, sync_buffers, ddp, streaming=None):
     m = bn_model(seed=rank)
     model = nn.parallel.DistributedDataParallel(m) if ddp else m
     kw = {} if sync_buffers else {"sync_buffers": False}  # the default is on
+    kw.update(streaming or {})
     opt = DiLoCo(model, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=3, **kw)
     bn = m[1]
     before_last = None
@@ -65,6 +66,19 @@ def test_module_buffers_are_averaged_at_every_sync(ddp):
         # two syncs; at least BatchNorm's 2 x 32 fp32 statistics each time, ring share 2 (p-1)/p = 1
         assert st.get("buffer_bytes_sent", 0) >= 2 * 2 * 32 * 4, st
         assert st["bytes_sent"] > st["buffer_bytes_sent"], st  # counted as DiLoCo's own traffic too
+
+
+def test_streaming_syncs_buffers_once_per_round_of_fragments():
+    """Streaming mode (fragments, a reduce in flight): the buffers are averaged at the end of
+    each round of fragments like a plain sync's, and their bytes counted."""
+    out = run_ranks(_bn_worker, 2, True, False, {"fragments": 2, "overlap_steps": 1}, backend="localsgd",
+                    timeout=TIMEOUT)
+    for k in range(2):
+        a, b = out[0]["after"][k], out[1]["after"][k]
+        assert torch.equal(a, b), (k, (a - b).abs().max())
+        oracle = (out[0]["before"][k].double() + out[1]["before"][k].double()) / 2
+        assert torch.allclose(a.double(), oracle, rtol=2 ** -23, atol=0), (a.double() - oracle).abs().max()
+    assert out[0]["stats"]["buffer_bytes_sent"] >= 2 * 2 * 32 * 4
 
 
 def test_sync_buffers_false_leaves_each_ranks_buffers_its_own():
