@@ -50,14 +50,6 @@ def flat_params(model):
     return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
 
 
-@pytest.fixture
-def single_group():
-    """A world-size-1 gloo group in this process (repeatable)."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 # ---- single process ---------------------------------------------------------------------------------
 def test_one_worker_local_sgd_equals_plain_training(single_group):
     """sync_every=1, outer_lr=1, outer_momentum=0, fp32: model averaging over one worker is the

@@ -46,13 +46,6 @@ def flat_params(model):
     return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
 
 
-@pytest.fixture
-def single_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 # ---- float64 simulation of the documented algorithm (the oracle) -------------------------------------
 def simulate(world, steps, H, P, tau, mixing, ranges, lr=0.05, outer_lr=0.7, mu=0.9):
     """Streaming DiLoCo in float64 over flat parameter vectors: inner SGD(lr) per worker, fragment
