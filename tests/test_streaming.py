@@ -96,29 +96,68 @@ def fragment_ranges(opt):
 
 
 # ---- single process (quick) ---------------------------------------------------------------------------
-def test_fragment_rule_contiguous_balanced_split_only_when_larger(single_group):
-    # sizes 512, 32, 256, 8 (block 64 -> padded 512, 64, 256, 8 = 840)
-    m = make_model()
-    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), sync_every=8, compression="int8", block_size=64,
-                 fragments=2)
-    segs = opt._stream.segments
-    # 840 / 2 = 420: the 512-element weight alone is larger than a fragment -> two 256 pieces
-    # (256, 256, 64, 256, 8); the cut with the smallest largest fragment is after 512 (512 | 328).
-    assert [(s.lo, s.hi) for s in segs[0]] == [(0, 512)]
-    assert [(s.lo, s.hi) for s in segs[1]] == [(512, 840)]
-    assert all(s.lo % 64 == 0 for ss in segs for s in ss)
-    # 4 fragments: 210 each; no parameter is split unless larger than 210 (the 512 and 256 ones)
-    m = make_model()
-    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), sync_every=8, compression="int8", block_size=64,
-                 fragments=4)
-    sizes = opt._stream.fragment_numels()
-    assert sum(sizes) == 840 and len(sizes) == 4
-    covered = sorted((s.lo, s.hi) for ss in opt._stream.segments for s in ss)
-    assert covered[0][0] == 0 and covered[-1][1] == 840
-    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # a partition, in order
-    assert max(sizes) <= 1.6 * 840 / 4, sizes
-    # the small bias (512..576) is never split
-    assert any(s.lo <= 512 and s.hi >= 576 for ss in opt._stream.segments for s in ss)
+class Sizes(nn.Module):
+    """One 1-D parameter per size, in order (the fragment rule only sees sizes and order)."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.ps = nn.ParameterList([nn.Parameter(torch.zeros(n)) for n in sizes])
+
+
+def plan(sizes, P, block=64):
+    m = Sizes(sizes)
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), sync_every=8, compression="int8", block_size=block,
+                 fragments=P)
+    return [[(s.lo, s.hi) for s in segs] for segs in opt._stream.segments], opt._stream.fragment_numels()
+
+
+def check_partition(segs, total, block=64):
+    covered = sorted(r for ss in segs for r in ss)
+    assert covered[0][0] == 0 and covered[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # a partition of the flat buffer
+    flat_order = [r for ss in segs for r in ss]
+    assert flat_order == covered  # fragments in parameter order (contiguous runs)
+    assert all(lo % block == 0 for lo, _ in covered)  # every piece starts on a quantization block
+
+
+def test_fragment_rule_whole_parameters_when_balanced(single_group):
+    # 8 parameters of 640 (block-aligned), P = 4: whole parameters give 4 x 1280, exactly total / P
+    segs, sizes = plan([640] * 8, 4)
+    assert segs == [[(0, 1280)], [(1280, 2560)], [(2560, 3840)], [(3840, 5120)]]
+    # 640, 576, 512, 576 (2304), P = 2: 1216 | 1088 is 1.056x of 1152, within 1.1x: no parameter split
+    segs, sizes = plan([640, 576, 512, 576], 2)
+    assert segs == [[(0, 1216)], [(1216, 2304)]]
+    # a parameter larger than a fragment is split into equal block-aligned pieces
+    segs, sizes = plan([2048, 64, 64, 64, 64, 64, 64, 64, 64], 2)  # 2560 / 2 = 1280
+    check_partition(segs, 2560)
+    assert max(sizes) <= 1.1 * 2560 / 2, sizes
+
+
+def test_fragment_rule_splits_straddling_parameters_when_whole_ones_unbalance(single_group):
+    # 3 x 4096, P = 2: whole parameters give 8192 | 4096 (1.33x of 6144): pieces of at most
+    # total / (16 P) = 384 -> 384-multiples; the cut lands inside the middle parameter
+    segs, sizes = plan([4096, 4096, 4096], 2)
+    check_partition(segs, 3 * 4096)
+    assert max(sizes) <= 1.1 * 3 * 4096 / 2 and max(sizes) - min(sizes) <= 2 * 384, sizes
+    cuts = [ss[-1][1] for ss in segs[:-1]]
+    assert len(cuts) == 1 and 4096 < cuts[0] < 8192  # only the middle parameter straddles
+    # the small GPT's shape at P = 4 (a 49K, 16K, 2 x 65K matrices per block, 4 blocks, embeddings):
+    # whole parameters give 1.15x of total / 4; with pieces every fragment is within 1.1x
+    from localsgd_comm.model import GPT, config_for
+    m = GPT(config_for("small"))
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), sync_every=24, compression="int4", fragments=4)
+    n = opt._stream.fragment_numels()
+    assert max(n) <= 1.1 * sum(n) / 4, n
+    # at most P - 1 parameters straddle a cut, each in two fragments
+    (fb,) = opt._flats
+    spans = [(fb.offsets[j], fb.offsets[j + 1] if j + 1 < len(fb.params) else fb.numel) for j in range(len(fb.params))]
+    frags_of = [{f for f, segs in enumerate(opt._stream.segments) for sg in segs if sg.lo < hi and sg.hi > lo}
+                for lo, hi in spans]
+    assert all(1 <= len(x) <= 2 for x in frags_of) and 1 <= sum(len(x) == 2 for x in frags_of) <= 3
+    # too small to split: a one-block bias is never cut
+    segs, sizes = plan([512, 32, 256, 8], 2)
+    check_partition(segs, 840)
+    assert any(lo <= 512 and hi >= 576 for ss in segs for lo, hi in ss)
 
 
 def test_min_max_cut_against_brute_force():

@@ -14,10 +14,16 @@ contiguous runs (``total`` counts the block-alignment padding, which is what cro
 Cuts fall on parameter boundaries, chosen so that the largest fragment is as small as the
 parameter sizes allow (the peak bytes of one sync event; ties: earlier fragments as large as
 that bound allows, every fragment at least one piece). A parameter is split only when it alone
-is larger than ``total / P``: then into
-``ceil(numel / (total / P))`` pieces of equal size, rounded up to the quantization block, so a
-piece starts on a block boundary and quantizes exactly as in the whole buffer. ``fragments``
-must be between 1 and the number of synced parameters.
+is larger than ``total / P`` (then into ``ceil(numel / (total / P))`` pieces of equal size,
+rounded up to the quantization block, so a piece starts on a block boundary and quantizes
+exactly as in the whole buffer), or when whole parameters cannot keep the largest fragment
+within ``BALANCE = 1.1`` x ``total / P``: a few large parameters against a small P (the small
+GPT's 65K-element matrices are a third of a quarter of it: 1.15x with whole parameters at
+P = 4). Then every parameter is cut into block-aligned pieces of at most ``total / (16 P)``
+elements (at least one block), so the largest fragment is within about 1/16 of ``total / P``,
+and the pieces of one parameter that land in the same fragment stay one segment: only the
+parameters that straddle a cut (at most P - 1) sync in two fragments. ``fragments`` must be between 1 and
+the number of synced parameters.
 
 Schedule
 --------
@@ -96,6 +102,11 @@ from .buffers import FlatBuffer, Segment
 from .engine import Reduction
 
 
+#: the largest fragment's bound, as a multiple of total / P, that whole-parameter cuts must meet
+#: before parameters are split further (the fragment rule in the module docstring)
+BALANCE = 1.1
+
+
 def check_streaming_args(fragments, overlap_steps, mixing, sync_every: int, overlap: bool, hierarchy) -> None:
     """The streaming arguments, each with a message naming the problem (those that need the
     parameters are checked by :func:`plan_fragments`)."""
@@ -143,17 +154,14 @@ def plan_fragments(flats: Sequence[FlatBuffer], order: Sequence[torch.nn.Paramet
     units = [where[id(p)] for p in order]
     total = sum(hi - lo for _, lo, hi in units)
     target = total / fragments
-    pieces: List[Tuple[int, int, int]] = []
-    for fi, lo, hi in units:
-        n = hi - lo
-        if fragments > 1 and n > target:  # larger than a fragment: equal block-aligned pieces
-            k = math.ceil(n / target)
-            step = max(align, -(-math.ceil(n / k) // align) * align)
-            pieces.extend((fi, a, min(a + step, hi)) for a in range(lo, hi, step))
-        else:
-            pieces.append((fi, lo, hi))
+    pieces = _pieces(units, target, align) if fragments > 1 else list(units)
     sizes = [hi - lo for _, lo, hi in pieces]
     bounds = _min_max_cuts(sizes, fragments)
+    if max(sum(sizes[bounds[k]:bounds[k + 1]]) for k in range(fragments)) > BALANCE * target:
+        # whole parameters leave a fragment too large: pieces of 1/16 fragment (module docstring)
+        pieces = _pieces(units, max(align, target / 16), align)
+        sizes = [hi - lo for _, lo, hi in pieces]
+        bounds = _min_max_cuts(sizes, fragments)
     out = []
     for k in range(fragments):
         ranges = sorted(pieces[bounds[k]:bounds[k + 1]])
@@ -164,6 +172,21 @@ def plan_fragments(flats: Sequence[FlatBuffer], order: Sequence[torch.nn.Paramet
             else:
                 merged.append([fi, lo, hi])
         out.append([flats[fi].segment(lo, hi) for fi, lo, hi in merged])
+    return out
+
+
+def _pieces(units: Sequence[Tuple[int, int, int]], limit: float, align: int) -> List[Tuple[int, int, int]]:
+    """Each ``(flat, lo, hi)`` unit larger than ``limit`` cut into ``ceil(n / limit)`` equal pieces,
+    rounded up to ``align`` (so every piece starts on a block boundary); the others whole."""
+    out: List[Tuple[int, int, int]] = []
+    for fi, lo, hi in units:
+        n = hi - lo
+        if n > limit:
+            k = math.ceil(n / limit)
+            step = max(align, -(-math.ceil(n / k) // align) * align)
+            out.extend((fi, a, min(a + step, hi)) for a in range(lo, hi, step))
+        else:
+            out.append((fi, lo, hi))
     return out
 
 
