@@ -564,6 +564,9 @@ def test_bench_streaming_rank_side_on_loopback():
     assert st["syncs"] == 4 and st["skipped_syncs"] == 0  # after steps 2, 4, 6, 8
     assert 0.4 < r["peak_event_bytes"] / r["whole_model_event_bytes"] < 0.75
     assert st["bytes_sent"] == pytest.approx(2 * r["whole_model_event_bytes"], rel=0.05)
+    # the time blocked on in-flight reduces is measured per rank and is part of the time in sync
+    assert len(r["reduce_wait_s_per_rank"]) == 2
+    assert all(0 <= w <= s + 1e-3 for w, s in zip(r["reduce_wait_s_per_rank"], r["sync_s_per_rank"]))
 
 
 @pytest.mark.slow

@@ -106,6 +106,20 @@ def _worker(a) -> None:
         whole = sum(wire_bytes(spec["fmt"], f.numel, blk, world) for f in step_fn._flats)
         peak = whole if step_fn._stream is None else max(
             sum(wire_bytes(spec["fmt"], s.numel, blk, world) for s in segs) for segs in step_fn._stream.segments)
+    # time blocked in a reduce's wait (DiLoCo's sync, a fragment's merge): the communication the
+    # inner steps did not hide, apart from compression and outer-step compute
+    waits = [0.0]
+    if spec["kind"] == "diloco":
+        from localsgd_comm.diloco.engine import Reduction
+        _wait = Reduction.wait
+
+        def timed_wait(red):
+            t = time.perf_counter()
+            try:
+                return _wait(red)
+            finally:
+                waits[0] += time.perf_counter() - t
+        Reduction.wait = timed_wait
     sched = torch.optim.lr_scheduler.LambdaLR(inner, lr_schedule(a.steps))
     batches = [data.batch(rank, i, a.batch) for i in range(a.steps)]
     dist.barrier()
@@ -150,7 +164,7 @@ def _worker(a) -> None:
     rec = torch.tensor([losses, times, tx if tx else [0.0] * a.steps], dtype=torch.float64)
     allrec = [torch.empty_like(rec) for _ in range(world)]
     dist.all_gather(allrec, rec)
-    small = torch.tensor([compute_s, total, in_loop, blocked], dtype=torch.float64)
+    small = torch.tensor([compute_s, total, in_loop, blocked, waits[0]], dtype=torch.float64)
     alls = [torch.empty_like(small) for _ in range(world)]
     dist.all_gather(alls, small)
     if rank == 0:
@@ -162,7 +176,7 @@ def _worker(a) -> None:
             "tx_bytes_per_rank_mean": A[:, 2].mean(0).tolist() if tx else None,
             "compute_s_per_rank": [float(s[0]) for s in alls], "total_s_per_rank": [float(s[1]) for s in alls],
             "in_loop_compute_s_per_rank": [float(s[2]) for s in alls],
-            "sync_s_per_rank": [float(s[3]) for s in alls],
+            "sync_s_per_rank": [float(s[3]) for s in alls], "reduce_wait_s_per_rank": [float(s[4]) for s in alls],
             "whole_model_event_bytes": whole, "peak_event_bytes": peak, "diloco_stats": stats,
         })
     dist.barrier()
@@ -212,6 +226,8 @@ def analyse(runs: List[dict], window: int) -> List[dict]:
                 "compute_util": compute * r["steps"] / total, "loop_compute_util": loop_util,
                 "sync_share": None if spec["kind"] != "diloco" or "sync_s_per_rank" not in r else max(
                     b / t for b, t in zip(r["sync_s_per_rank"], r["total_s_per_rank"])), "total_s": total, "compute_step_s": compute,
+                "wait_share": None if not spec.get("overlap_steps") or "reduce_wait_s_per_rank" not in r else max(
+                    w / t for w, t in zip(r["reduce_wait_s_per_rank"], r["total_s_per_rank"])),
                 "final_loss": sl[-1],
                 "loss_vs_diloco": None if ref is None or spec["kind"] == "ddp" else sl[-1] / smooth(
                     ref["loss_mean"], window)[-1],
@@ -292,18 +308,21 @@ def markdown(out: dict) -> str:
             "utilisation = the time a rank spent in forward, backward and the inner optimizer's step during the "
             "loop / its loop time (lowest rank; not for DDP, whose backward carries its all-reduce); time in sync = "
             "what step() and the closing flush spent besides the inner optimizer's step (compression, waits, outer "
-            "steps, merges) / loop time (highest rank); loss = mean "
+            "steps, merges) / loop time (highest rank); of which waiting = the part spent blocked on a reduce started "
+            "TAU steps earlier (streaming with TAU > 0: the communication the inner steps did not hide; highest "
+            "rank); loss = mean "
             "over ranks, moving average of "
             f"{out['smoothing_window']} steps.\n\n")
     has_ddp = any(r["method"] == "ddp" for r in out["table"])
     rows = [(r["net"], r["method"], f"{100 * r['compute_util']:.1f}%",
              "-" if r["loop_compute_util"] is None else f"{100 * r['loop_compute_util']:.1f}%",
-             "-" if r.get("sync_share") is None else f"{100 * r['sync_share']:.1f}%", r["total_s"], 1e3 * r["compute_step_s"],
+             "-" if r.get("sync_share") is None else f"{100 * r['sync_share']:.1f}%",
+             "-" if r.get("wait_share") is None else f"{100 * r['wait_share']:.1f}%", r["total_s"], 1e3 * r["compute_step_s"],
              r["final_loss"], r["loss_vs_diloco"],
              (r["time_to_ddp_loss_s"] or "not reached") if has_ddp else "no DDP run", r["bytes_sent_mb"],
              r["bytes_vs_diloco"], r["tx_mb"], r["peak_event_kb"], r["peak_vs_model_over_p"], r["max_step_tx_kb"])
             for r in out["table"]]
-    return head + md_table(["link", "method", "compute util", "in-loop compute util", "time in sync", "loop s", "compute ms/step", "final loss",
+    return head + md_table(["link", "method", "compute util", "in-loop compute util", "time in sync", "of which waiting", "loop s", "compute ms/step", "final loss",
                             "loss / DiLoCo's", "time to DDP loss s", "DiLoCo MB/rank", "bytes / DiLoCo's",
                             "tx MB/rank", "peak kB/event", "peak / (model/P)", "max tx kB in a step"], rows) + "\n"
 
