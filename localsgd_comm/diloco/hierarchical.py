@@ -4,13 +4,14 @@ runs on, one decision on a non-finite result per cluster, and the anchor all-gat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .buffers import FlatBuffer, Segment
 from .collectives import carries
+from .streaming import StreamingSync
 
 
 
@@ -68,15 +69,24 @@ class HierarchicalSync:
     over ``hierarchy.cross``."""
 
     def __init__(self, hierarchy: HierarchicalGroups, buffers: List[FlatBuffer], block_size: int):
-        self.h, self.buffers = hierarchy, buffers
+        self.h, self.buffers, self.block_size = hierarchy, buffers, block_size
         self.segments: List[Segment] = []
         self.shard_len: List[int] = []
         for f in buffers:
-            per = -(-f.numel // hierarchy.cluster_size)
-            L = -(-per // block_size) * block_size  # block-aligned shards
-            lo = min(hierarchy.local_index * L, f.numel)
-            self.segments.append(f.segment(lo, min(lo + L, f.numel)))
+            seg, L = self.owned_piece(f.segment())
+            self.segments.append(seg)
             self.shard_len.append(L)
+
+    def owned_piece(self, seg: Segment) -> Tuple[Segment, int]:
+        """This rank's shard of ``seg`` and the shard length ``L``: ``seg`` cut into
+        ``cluster_size`` block-aligned shards of ``L = ceil(ceil(numel / c) / block) * block``
+        elements (the last ones shorter or empty), member ``j`` owning ``[j L, (j + 1) L)``.
+        A whole buffer's shard is the owned shard of hierarchical mode."""
+        c, j = self.h.cluster_size, self.h.local_index
+        per = -(-seg.numel // c)
+        L = -(-per // self.block_size) * self.block_size  # block-aligned shards
+        lo = min(j * L, seg.numel)
+        return seg.buffer.segment(seg.lo + lo, seg.lo + min(lo + L, seg.numel)), L
 
     def average_gradients(self, stats: Dict[str, int]) -> None:
         """fp32 gradient all-reduce (AVG) inside the cluster over one flat buffer per dtype."""
@@ -126,3 +136,59 @@ class HierarchicalSync:
             f.anchor.copy_(torch.cat(parts)[:f.numel])
             stats["intra_bytes_sent"] += (h.cluster_size - 1) * L * 4
             f.write_params(f.anchor)
+
+    def gather_segments(self, segments: Sequence[Segment], stats: Dict[str, int]) -> None:
+        """The updated anchor of ``segments`` (a fragment, each member holding the outer step of
+        its :meth:`owned_piece` of every segment) all-gathered in fp32 inside the cluster: one
+        all-gather per state device, of the owned pieces each padded to its shard length, in the
+        order of ``segments`` (the same on every member). The parameters are not written."""
+        h = self.h
+        by_dev: Dict[torch.device, list] = {}
+        for seg in segments:
+            if seg.numel == 0:
+                continue
+            f = seg.buffer
+            dev = f.state_device if carries(h.intra, f.state_device) else f.device
+            piece, L = self.owned_piece(seg)
+            by_dev.setdefault(dev, []).append((seg, piece, L))
+        for dev, items in by_dev.items():
+            total = sum(L for _, _, L in items)
+            mine = torch.zeros(total, dtype=torch.float32, device=dev)
+            off = 0
+            for _, piece, L in items:
+                mine[off:off + piece.numel].copy_(piece.anchor)
+                off += L
+            parts = [torch.empty_like(mine) for _ in range(h.cluster_size)]
+            dist.all_gather(parts, mine, group=h.intra)
+            off = 0
+            for seg, _, L in items:
+                seg.anchor.copy_(torch.cat([p[off:off + L] for p in parts])[:seg.numel])
+                off += L
+            stats["intra_bytes_sent"] += (h.cluster_size - 1) * total * 4
+
+
+class HierarchicalStreamingSync(StreamingSync):
+    """Streaming DiLoCo across clusters (the module docstring): the fragments, schedule, overlap
+    and merge of :class:`~.streaming.StreamingSync`, each fragment's sync run on this rank's
+    :meth:`~HierarchicalSync.owned_piece` of each of its segments over ``hierarchy.cross``, one
+    non-finite decision per cluster, and the fragment's anchor all-gathered inside the cluster
+    before the merge."""
+
+    def __init__(self, owner, hier: HierarchicalSync, order, fragments: int, overlap_steps: int,
+                 mixing: Optional[float], align: int):
+        super().__init__(owner, order, fragments, overlap_steps, mixing, align)
+        self.hier = hier
+        self.owned = [[hier.owned_piece(seg)[0] for seg in segs] for segs in self.segments]
+
+    def reduced_segments(self, f: int) -> List[Segment]:
+        return self.owned[f]
+
+    def agree_finite(self, finite: bool) -> bool:
+        return self.hier.agree_finite(finite)
+
+    def _apply(self, item) -> None:
+        # outer step of the owned pieces, the fragment's anchor gathered, then the merge of the
+        # whole fragment (with mixing = 0: params <- anchor, as hierarchical mode's gather does)
+        self.owner._engine.apply(item.red, write_params=False)
+        self.hier.gather_segments(self.segments[item.fragment], self.owner.stats)
+        self._mix(self.segments[item.fragment])
