@@ -129,6 +129,30 @@ def _suite_worker(rank, world):
     anchors = []
     train_steps(m, opt, rank, 0, 13, after_step=lambda t: anchors.append(opt.anchors()[0].clone()))
     out["int4"] = (anchors, flat_params(m), opt.sync_count, dict(opt.stats))
+    # a non-finite gradient on rank 0 only, at fragment 0's sync (step 2): it reaches cluster 0's
+    # parameters through the gradient average, then member 0's owned piece of fragment 0 in both
+    # clusters through the cross reduce; member 1's piece is finite, so only the per-cluster
+    # decision makes all four ranks skip (and issue the same collectives after)
+    import warnings
+    m = make_model(seed=rank)
+    opt = DiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.05), sync_every=4, compression="int8",
+                 error_feedback=True, hierarchy=h, fragments=2, overlap_steps=0)
+    seg0 = opt._stream.segments[0][0]
+    anchor0 = opt._flats[0].anchor[seg0.lo:seg0.hi].clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in range(9):
+            x, y = batch(rank, s)
+            ((m(x) - y) ** 2).mean().backward()
+            if s == 1 and rank == 0:
+                m[0].weight.grad[0, 0] = float("nan")
+            opt.step()
+            opt.zero_grad()
+            if s == 1:
+                after_skip = (opt._flats[0].anchor[seg0.lo:seg0.hi].clone(), opt._flats[0].flat[seg0.lo:seg0.hi].clone())
+    out["nonfinite"] = (anchor0, after_skip, opt.anchors()[0].clone(), flat_params(m), dict(opt.stats),
+                        [str(w.message) for w in caught if w.category is RuntimeWarning],
+                        (seg0.lo, seg0.hi), [(s.lo, s.hi) for s in opt._stream.owned[0]])
     # resume with a fragment in flight: save after step 6 (fragment 1 of 2 started at 4, merged at 5;
     # fragment 0 started at 6, due at 7)
     def make():
@@ -212,6 +236,22 @@ def test_resume_with_fragment_in_flight_bitwise(suite4):
         in_flight, (pf, af), (pr, ar) = r["resume"]
         assert in_flight == 1
         assert torch.equal(pf, pr) and torch.equal(af, ar)
+
+
+def test_nonfinite_piece_is_skipped_by_every_rank(suite4):
+    stats = [r["nonfinite"][4] for r in suite4]
+    lo, hi = suite4[0]["nonfinite"][6]
+    # the poisoned element (0) is in member 0's piece only; member 1 owns a finite piece
+    assert suite4[0]["nonfinite"][7][0][0] == lo == 0 and suite4[1]["nonfinite"][7][0][0] > 0
+    for r in suite4:
+        anchor0, (anchor_after, params_after), anchor_end, params_end, st, msgs, _, _ = r["nonfinite"]
+        assert torch.equal(anchor_after, anchor0)                      # nothing applied
+        assert torch.equal(params_after, anchor0)                      # fragment reset to its anchor
+        assert st["skipped_syncs"] == 1 and st["syncs"] == 4           # syncs after steps 2, 4, 6, 8
+        assert any("sync 1 (fragment 0): non-finite" in m for m in msgs), msgs
+        assert torch.isfinite(params_end).all() and torch.equal(anchor_end, suite4[0]["nonfinite"][2])
+    # members of a cluster reduce pieces of different sizes: bytes differ, decisions do not
+    assert len({(st["syncs"], st["skipped_syncs"]) for st in stats}) == 1
 
 
 # ---- construction errors (single process) ------------------------------------------------------------
