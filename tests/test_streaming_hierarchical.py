@@ -79,7 +79,12 @@ def simulate(world, steps, H, P, tau, mixing, ranges, lr=0.05, outer_lr=0.7, mu=
               for c, x in enumerate(xs)]
         for f, s in enumerate(offs):
             if t % H == s % H:
+                first = tau == H and not any(it[0] == f for it in in_flight)
                 in_flight.append((f, t + tau, sum(theta - x for x in xs) / nc))
+                if first:  # tau = H: the first sync merges the unchanged anchor
+                    m = masks[f]
+                    for x in xs:
+                        x[m] = mixing * x[m] + (1 - mixing) * theta[m]
         while in_flight and in_flight[0][1] <= t:
             f, _, g = in_flight.pop(0)
             m = masks[f]
@@ -91,7 +96,7 @@ def simulate(world, steps, H, P, tau, mixing, ranges, lr=0.05, outer_lr=0.7, mu=
 
 
 # ---- the 4-rank suite ----------------------------------------------------------------------------------
-SIM_CASES = [(2, 0), (2, 1), (4, 0), (4, 1)]  # (P, TAU), H = 4, 10 steps, fp32 across clusters
+SIM_CASES = [(2, 0), (2, 1), (4, 0), (4, 1), (2, 4)]  # (P, TAU), H = 4, 10 steps, fp32 across clusters
 SIM_STEPS, SIM_H = 10, 4
 
 
@@ -153,6 +158,14 @@ def _suite_worker(rank, world):
     out["nonfinite"] = (anchor0, after_skip, opt.anchors()[0].clone(), flat_params(m), dict(opt.stats),
                         [str(w.message) for w in caught if w.category is RuntimeWarning],
                         (seg0.lo, seg0.hi), [(s.lo, s.hi) for s in opt._stream.owned[0]])
+    # a DDP-wrapped model (DDP over hierarchy.intra averages the gradients), int8, P=2, TAU=1
+    m = make_model(seed=rank)
+    net = nn.parallel.DistributedDataParallel(m, process_group=h.intra)
+    opt = DiLoCo(net, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=4, compression="int8", hierarchy=h,
+                 fragments=2, overlap_steps=1)
+    anchors = []
+    train_steps(net, opt, rank, 0, 9, after_step=lambda t: anchors.append(opt.anchors()[0].clone()))
+    out["ddp"] = (anchors, flat_params(m), dict(opt.stats))
     # resume with a fragment in flight: save after step 6 (fragment 1 of 2 started at 4, merged at 5;
     # fragment 0 started at 6, due at 7)
     def make():
@@ -196,7 +209,7 @@ def test_one_fragment_no_overlap_is_hierarchical_diloco_bitwise(suite4, name):
 @pytest.mark.parametrize("P,tau", SIM_CASES)
 def test_fragments_across_clusters_match_float64_simulation(suite4, P, tau):
     anchors0, _, ranges, mixing, stats = suite4[0][("sim", P, tau)]
-    assert mixing == (0.5 if tau else 0.0)
+    assert mixing == (0.5 if tau else 0.0)  # the default
     # anchors identical on all 4 ranks after every step, hence after every full cycle of fragments
     for r in suite4[1:]:
         for a, b in zip(anchors0, r[("sim", P, tau)][0]):
@@ -207,11 +220,9 @@ def test_fragments_across_clusters_match_float64_simulation(suite4, P, tau):
     params = [r[("sim", P, tau)][1] for r in suite4]
     assert torch.equal(params[0], params[1]) and torch.equal(params[2], params[3])
     assert not torch.equal(params[0], params[2])
-    # every fragment sync of the 10 steps started (P per round of 4, 2 full rounds + the third's
-    # first 2 steps) and merged (TAU = 1: the one started at step 10 is still in flight)
-    started = sum(1 for t in range(1, SIM_STEPS + 1) for s in fragment_offsets(SIM_H, P) if t % SIM_H == s % SIM_H)
-    last_in_flight = sum(1 for s in fragment_offsets(SIM_H, P) if tau and SIM_STEPS % SIM_H == s % SIM_H)
-    assert stats["syncs"] == started - last_in_flight and stats["skipped_syncs"] == 0
+    # every fragment sync of the 10 steps that is due by step 10 merged (started at t, due at t + TAU)
+    started = [t for t in range(1, SIM_STEPS + 1) for s in fragment_offsets(SIM_H, P) if t % SIM_H == s % SIM_H]
+    assert stats["syncs"] == sum(t + tau <= SIM_STEPS for t in started) and stats["skipped_syncs"] == 0
     theta, xs = simulate(4, SIM_STEPS, SIM_H, P, tau, mixing, ranges)
     for r, out in enumerate(suite4):
         # fp32 run vs float64 oracle: ~10 inner + 5 outer fp32 roundings of O(1) values, and the
@@ -229,6 +240,16 @@ def test_int4_error_feedback_fragments_keep_anchors_identical(suite4):
             assert torch.equal(a, b)
     assert torch.equal(p0, suite4[1]["int4"][1]) and torch.equal(suite4[2]["int4"][1], suite4[3]["int4"][1])
     assert all(torch.isfinite(a).all() for a in anchors0) and not torch.equal(anchors0[3], anchors0[7])
+
+
+def test_ddp_over_the_cluster_streams_across_clusters(suite4):
+    anchors0, p0, st = suite4[0]["ddp"]
+    assert st["syncs"] == 4 and st["skipped_syncs"] == 0 and st["ddp_hook_calls"] == 0  # merged at 3, 5, 7, 9
+    for r in suite4[1:]:
+        for a, b in zip(anchors0, r["ddp"][0]):
+            assert torch.equal(a, b)
+    assert torch.equal(p0, suite4[1]["ddp"][1]) and torch.equal(suite4[2]["ddp"][1], suite4[3]["ddp"][1])
+    assert not torch.equal(anchors0[0], anchors0[-1])
 
 
 def test_resume_with_fragment_in_flight_bitwise(suite4):

@@ -1,6 +1,63 @@
 """Hierarchical mode (see the package docstring): its process groups, and what it adds around the
 engine: the per-step gradient average inside a cluster, the owned shards the cross-cluster sync
-runs on, one decision on a non-finite result per cluster, and the anchor all-gather."""
+runs on, one decision on a non-finite result per cluster, and the anchor all-gather.
+
+Streaming across clusters (``DiLoCo(hierarchy=..., fragments=P, overlap_steps=TAU)``)
+----------------------------------------------------------------------------------
+Inside a cluster nothing changes: the fp32 gradient average every inner step (DDP's, or
+:meth:`HierarchicalSync.average_gradients`) keeps the members' parameters identical. Across
+clusters the sync is streaming mode's (:mod:`.streaming`): the same fragments (cut over the
+whole model, the same on every rank), schedule, bound on TAU, mixing, flush and checkpoints.
+What changes is who syncs which elements (:class:`HierarchicalStreamingSync`):
+
+* **Pieces.** Every segment of a fragment is cut as hierarchical mode cuts a whole buffer
+  (:meth:`HierarchicalSync.owned_piece`): ``c = cluster_size`` block-aligned shards of
+  ``L = ceil(ceil(n / c) / block) * block`` elements, member ``j`` owning ``[j L, (j + 1) L)``
+  of it (the last shards shorter, or empty). A piece starts on a block boundary, so it
+  quantizes as in the whole buffer.
+* **Start** (fragment ``f``'s sync step): member ``j`` compresses the pseudo-gradient of its
+  pieces of ``f`` (residuals are per element, hence per piece) and starts their all-reduce over
+  ``hierarchy.cross`` (member ``j`` of every cluster), in the background for TAU steps. Each
+  byte of the fragment crosses the slow link once: a member's peak per sync event is about
+  ``1 / (c P)`` of the model.
+* **Merge** (TAU steps later): the reduce is awaited; one decision on a non-finite result per
+  cluster (:meth:`HierarchicalSync.agree_finite`, 4 bytes over ``hierarchy.intra``: member
+  ``j`` of every cluster holds the same reduced bytes, so every cluster reaches the same
+  decision); if finite, the outer step on the owned pieces, the fragment's updated anchor
+  all-gathered in fp32 inside the cluster (:meth:`HierarchicalSync.gather_segments`: one
+  all-gather per state device, each piece padded to its ``L``), then
+  ``params_f <- mixing * params_f + (1 - mixing) * anchor_f`` over the whole fragment. If not
+  finite, on every rank: anchor and momentum kept, the residuals of the pieces restored, the
+  fragment's parameters reset to its anchor, no all-gather.
+* ``fragments=1, overlap_steps=0``: the one fragment's pieces are hierarchical mode's owned
+  shards, with the same start, decision, outer step and all-gather: hierarchical DiLoCo bit
+  for bit (tested). ``overlap=True`` with ``hierarchy`` stays refused;
+  ``fragments=1, overlap_steps=H, mixing=0`` is its streaming form.
+
+Anchors are identical on every rank after every merge (so after every cycle of fragments);
+live parameters are identical inside a cluster, and across clusters only where a merge with
+``mixing = 0`` just replaced them by the anchor.
+
+**Ordering of collectives.** Every collective is issued from ``step()`` (``flush()``,
+``state_dict()``), at points that depend only on the step number, H, P and TAU (the same on
+every rank) and on a non-finite decision that is agreed before any rank branches on it:
+
+* ``hierarchy.intra`` (blocking): each inner step's gradient all-reduce (before the inner
+  step; DDP's in the backward); then, after the inner step, for each fragment merged at that
+  step, in the order their syncs started, its decision all-reduce and (when finite) its
+  anchor all-gather.
+* ``hierarchy.cross``: for each fragment started at that step, after the merges due (streaming
+  mode's order), one all-reduce per non-empty piece, in segment order; with fp32 without
+  averaging on a "localsgd" group, the all-gather half of the exact sum at the merge.
+* the default group: module buffers at the end of each round of fragments, before that step's
+  merges and starts.
+
+So c10d, which matches the collectives of a group by their sequence, pairs the same calls on
+every rank. Members of one cluster reduce on different cross groups (member ``j``'s), so their
+different piece sizes never meet in one collective. No wait cycle: a merge blocks on a cross
+reduce that every member of that cross group started at the same earlier step, and the intra
+collectives after it are reached by every member of the cluster at the same step.
+"""
 from __future__ import annotations
 
 import dataclasses

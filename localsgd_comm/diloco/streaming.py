@@ -71,6 +71,10 @@ steps before and after, and c10d matches collectives of a group by that sequence
 collectives on the group from another thread while ``step()`` runs, and must call ``step()``,
 ``flush()`` and ``state_dict()`` at the same steps on every rank.
 
+Across clusters (``hierarchy=...``): each fragment synced on this rank's shards of it, one
+non-finite decision per cluster, the fragment's anchor all-gathered inside the cluster before
+the merge, and the ordering of collectives on the intra and cross groups: :mod:`.hierarchical`.
+
 Non-finite results, stats, checkpoints
 --------------------------------------
 A fragment whose reduced bytes are not finite is skipped at its merge: its anchor and momentum
