@@ -141,7 +141,8 @@ def _quick_worker(rank, world):
             opt.step()
             opt.zero_grad()
             if s == 1:
-                after_skip = (opt._flats[0].anchor[seg0.lo:seg0.hi].clone(), opt._flats[0].flat[seg0.lo:seg0.hi].clone())
+                fb = opt._flats[0]
+                after_skip = (fb.anchor[seg0.lo:seg0.hi].clone(), fb.flat[seg0.lo:seg0.hi].clone())
     out["nonfinite"] = (anchor0, after_skip, opt.anchors()[0].clone(), flat_params(m), dict(opt.stats),
                         [str(w.message) for w in caught if w.category is RuntimeWarning],
                         (seg0.lo, seg0.hi), [(s.lo, s.hi) for s in opt._stream.owned[0]])
