@@ -303,7 +303,7 @@ def test_bad_streaming_arguments(single_group):
         (dict(fragments=2, mixing=1.0), ValueError, "mixing: expected a number in \\[0, 1\\)"),
         (dict(overlap_steps=1), ValueError, "expected fragments=P"),
         (dict(fragments=1, overlap=True), ValueError, "overlap=True with fragments"),
-        (dict(fragments=2, hierarchy=object()), ValueError, "fragments with hierarchy"),
+        (dict(fragments=2, hierarchy=object()), TypeError, "hierarchy: expected HierarchicalGroups"),
     ]
     for kw, exc, msg in cases:
         kw.setdefault("sync_every", 4)

@@ -150,6 +150,11 @@ then merged: ``params_f <- ALPHA params_f + (1 - ALPHA) anchor_f``. ``fragments=
 overlap_steps=0`` is plain DiLoCo bit for bit; ``fragments=1, overlap_steps=H, mixing=0`` is
 ``overlap=True``. The fragment rule, the schedule, the bound on TAU, the ordering with other
 collectives, the non-finite policy and checkpoints: :mod:`localsgd_comm.diloco.streaming`.
+With ``hierarchy``, the gradients are still averaged in fp32 inside each cluster every step
+and the cross-cluster sync is streamed: member ``j`` of every cluster syncs the ``j``-th
+block-aligned shard of each fragment, the fragment's anchor is all-gathered inside the cluster
+at its merge (:mod:`localsgd_comm.diloco.hierarchical`); ``fragments=1, overlap_steps=0`` is
+hierarchical DiLoCo bit for bit.
 """
 from __future__ import annotations
 

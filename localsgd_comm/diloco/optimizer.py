@@ -15,7 +15,7 @@ from .buffers import FLOAT_DTYPES, build_buffers, unique_parameters
 from .collectives import GroupReducer
 from .ddp import Tripwire, find_ddp, make_ddp_local, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction, derive_seed
-from .hierarchical import HierarchicalGroups, HierarchicalSync
+from .hierarchical import HierarchicalGroups, HierarchicalStreamingSync, HierarchicalSync
 from .inner import InnerWrapper, check_common_args
 from .module_buffers import BufferSync, replicas_identical
 from .streaming import StreamingSync, check_streaming_args
@@ -173,8 +173,12 @@ class DiLoCo(InnerWrapper):
         self._sync_index = 0   # syncs started
         self._pending: Optional[Reduction] = None  # overlap mode: the reduce in flight
         # streaming mode: the fragments, their schedule and their reduces in flight
-        self._stream = (StreamingSync(self, trainable, fragments, overlap_steps, mixing, align)
-                        if fragments is not None else None)
+        # (across clusters in hierarchical mode: each fragment synced on this rank's shards of it)
+        if fragments is not None:
+            self._stream = (StreamingSync(self, trainable, fragments, overlap_steps, mixing, align)
+                            if self._hier is None else
+                            HierarchicalStreamingSync(self, self._hier, trainable, fragments, overlap_steps,
+                                                      mixing, align))
         self.stats = {"syncs": 0, "skipped_syncs": 0, "bytes_sent": 0, "intra_bytes_sent": 0, "foreign_bytes": 0,
                       "ddp_hook_calls": 0}
         # Tripwire (see "DDP under DiLoCo"): traffic on the watched groups between syncs.

@@ -77,6 +77,10 @@ steps before and after, and c10d matches collectives of a group by that sequence
 collectives on the group from another thread while ``step()`` runs, and must call ``step()``,
 ``flush()`` and ``state_dict()`` at the same steps on every rank.
 
+Across clusters (``hierarchy=...``): each fragment synced on this rank's shards of it, one
+non-finite decision per cluster, the fragment's anchor all-gathered inside the cluster before
+the merge, and the ordering of collectives on the intra and cross groups: :mod:`.hierarchical`.
+
 Non-finite results, stats, checkpoints
 --------------------------------------
 A fragment whose reduced bytes are not finite is skipped at its merge: its anchor and momentum
@@ -130,9 +134,7 @@ def check_streaming_args(fragments, overlap_steps, mixing, sync_every: int, over
     if overlap:
         raise ValueError("overlap=True with fragments: expected one of the two, got both (overlap=True is "
                          f"fragments=1, overlap_steps=sync_every, mixing=0)")
-    if hierarchy is not None:
-        raise ValueError("fragments with hierarchy: expected one of the two, got both (streaming fragments "
-                         "across clusters are not built yet)")
+    # with hierarchy: fragments across clusters (.hierarchical.HierarchicalStreamingSync)
 
 
 def fragment_offsets(sync_every: int, fragments: int) -> List[int]:
@@ -294,7 +296,7 @@ class StreamingSync:
             o._tripwire.check(o.stats, o._sync_index + 1)
         o._sync_index += 1
         h = o.sync_every
-        red = o._engine.start(self.segments[f], o._reducer, async_op=self.overlap_steps > 0,
+        red = o._engine.start(self.reduced_segments(f), o._reducer, async_op=self.overlap_steps > 0,
                               keep_backup=self.overlap_steps < h, seed=o._seed(), wire_seed=o._wire_seed())
         o.stats["bytes_sent"] += red.bytes_sent
         self.in_flight.append(_InFlight(f, t + self.overlap_steps, o._sync_index, red))
@@ -302,12 +304,12 @@ class StreamingSync:
     def _merge(self, item: _InFlight) -> None:
         o, red = self.owner, item.red
         red.wait()
-        finite = o._engine.is_finite(red)
+        finite = self.agree_finite(o._engine.is_finite(red))
         o.stats["syncs"] += 1
         if not finite:
             o.stats["skipped_syncs"] += 1
             o._engine.restore_residuals(red)
-            for seg in red.segments:
+            for seg in self.segments[item.fragment]:
                 seg.write_params(seg.anchor)
             msg = (f"DiLoCo sync {item.sync_index} (fragment {item.fragment}): non-finite pseudo-gradient on at least "
                    "one rank; outer step skipped on every rank, the fragment's parameters reset to its anchor")
@@ -315,6 +317,20 @@ class StreamingSync:
                 raise FloatingPointError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=4)
             return
+        self._apply(item)
+
+    # ---- what hierarchical mode changes (.hierarchical.HierarchicalStreamingSync)
+    def reduced_segments(self, f: int) -> List[Segment]:
+        """The segments of fragment ``f`` this rank reduces: all of them."""
+        return self.segments[f]
+
+    def agree_finite(self, finite: bool) -> bool:
+        """The decision on a non-finite result: every rank of the group already sees the same."""
+        return finite
+
+    def _apply(self, item: _InFlight) -> None:
+        """The outer step of a finite result, and the merge of the fragment's live parameters."""
+        o, red = self.owner, item.red
         if self.mixing == 0.0:
             o._engine.apply(red)  # params <- anchor in the outer step's fused pass
             return
@@ -350,5 +366,6 @@ class StreamingSync:
                                  f"got {state[k]!r}")
         o = self.owner
         self.in_flight = [_InFlight(it["fragment"], it["due"], it["sync_index"],
-                                    Reduction.from_state(it["reduction"], self.segments[it["fragment"]], o.sync_size))
+                                    Reduction.from_state(it["reduction"], self.reduced_segments(it["fragment"]),
+                                                         o.sync_size))
                           for it in state["in_flight"]]
