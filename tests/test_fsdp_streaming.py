@@ -15,6 +15,7 @@ int8 is compared within a written-down tolerance.
 """
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -179,6 +180,57 @@ def test_two_fragments_match_unsharded_streaming():
         for f in range(2):
             both = sh[0][c]["local_numels"][f] + sh[1][c]["local_numels"][f]
             assert 0.45 * both <= local[f] <= 0.55 * both, (f, local)
+
+
+# ---- a non-finite fragment: skipped by every shard and replica together, the other fragment unaffected -------------
+def _nonfinite_worker(rank, world_size):
+    mesh = mesh22()
+    replica, shard = rank // 2, rank % 2
+    model = shard_model(make_gpt(), mesh)
+    opt = localsgd_comm.DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=LR), sync_every=4,
+                               compression="int8", error_feedback=True, fragments=2, overlap_steps=0,
+                               group=mesh.get_group("replicate"))
+    frags = _names_by_fragment(opt, model)
+    init = full_params(model)
+    snaps = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in range(8):
+            lm_loss(model, tokens(replica, s)[shard * 4:(shard + 1) * 4]).backward()
+            if s == 1 and rank == 0:  # one shard of one replica, a parameter of fragment 0, after its gradient
+                with torch.no_grad():
+                    next(iter(model.parameters())).to_local()[0].fill_(float("nan"))
+            opt.step()
+            opt.zero_grad()
+            snaps.append((dict(opt.stats), full_params(model)))
+    return {"frags": frags, "init": init, "snaps": snaps, "warnings": [str(w.message) for w in caught
+                                                                      if issubclass(w.category, RuntimeWarning)]}
+
+
+@pytest.mark.slow
+def test_nonfinite_fragment_skips_on_every_shard_and_replica():
+    """int8 + error feedback, P=2, TAU=0, H=4: a NaN in rank 0's shard of a fragment-0 parameter before
+    fragment 0's sync (after step 2): all 4 ranks skip that merge (shard 1's groups saw finite bytes:
+    the shard group's MIN makes them skip too), fragment 0 is back at its anchor (the initial
+    parameters) on every rank, bitwise; fragment 1's sync after step 4 and the next round go through;
+    everything finite at the end, fragment 1 identical on every rank after its merge at step 8."""
+    out = run_ranks(_nonfinite_worker, 4, backend="localsgd", timeout=TIMEOUT)
+    frag0 = out[0]["frags"][0]
+    assert "emb.weight" in frag0
+    for r in range(4):
+        assert any("fragment 0" in w and "non-finite" in w for w in out[r]["warnings"]), (r, out[r]["warnings"])
+    for r in range(4):
+        stats, after2 = out[r]["snaps"][1]
+        assert stats["syncs"] == 1 and stats["skipped_syncs"] == 1, (r, stats)
+        for n in frag0:
+            assert torch.equal(after2[n], out[0]["init"][n]), (r, n)
+        for n in out[0]["frags"][1]:
+            assert not torch.equal(after2[n], out[0]["init"][n]), (r, n)  # fragment 1: local progress kept
+        stats, end = out[r]["snaps"][-1]
+        assert stats["syncs"] == 4 and stats["skipped_syncs"] == 1, (r, stats)
+        assert all(torch.isfinite(t).all() for t in end.values()), r
+        for n in out[0]["frags"][1]:  # merged after step 8 (fragment 0 after step 6, then 2 local steps)
+            assert torch.equal(end[n], out[0]["snaps"][-1][1][n]), (r, n)
 
 
 # ---- resume with fragments in flight: DCP, fresh processes, bitwise ---------------------------------------------------

@@ -41,17 +41,49 @@ What is supported with it: ``MixedPrecisionPolicy`` (outer state is fp32 over th
 parameters), ``reshard_after_forward`` either way, activation checkpointing, ``torch.compile`` of
 blocks, gradient accumulation with ``set_requires_gradient_sync(False)``, ``clip_grad_norm_`` on
 the DTensor parameters, lr schedulers on the wrapper, tied embeddings (synced once), the delayed
-outer step (``overlap=True``). Not supported (a clear error at construction): hierarchical mode
+outer step (``overlap=True``), streaming fragments (below). Not supported (a clear error at construction): hierarchical mode
 (FSDP's shard group is the fast intra-replica link already), a DDP wrapper, parameters sharded
 on the 2-D mesh itself (``fully_shard(mesh=mesh2d)`` is HSDP: it all-reduces gradients across
 replicas every step), a model with some parameters sharded and others not.
+
+Streaming (``fragments=P, overlap_steps=TAU, mixing=ALPHA``)
+-----------------------------------------------------------
+The schedule, the bound on TAU, the merge ``local shards <- ALPHA local + (1 - ALPHA) anchor`` and
+the ordering with other collectives are those of unsharded streaming (:mod:`.streaming`); what
+differs is the cut. A fragment must be the same parameters on every shard rank and every replica,
+or a fragment sync would update one half of a parameter at one step and its other half at another,
+and each shard rank's cut would depend on its local sizes (FSDP2 chunks dimension 0, so the shard
+ranks' sizes differ when it does not divide evenly). So the cut is planned over the whole
+(unsharded) parameters in the model's order (:func:`plan_sharded_fragments`): each parameter
+weighs its full ``numel`` rounded up to the quantization block (the last of each dtype buffer not
+rounded: the weights the unsharded plan uses), and the same min-max rule cuts them into P
+contiguous runs whose largest is as small as possible. Unlike the unsharded rule a parameter is
+never split: a parameter larger than ``total / P`` makes its fragment that large (FSDP has already
+divided it by S on every rank). Balance is measured on those full sizes
+(``opt._stream.fragment_full_numels()``), the same numbers on every rank; each rank's share of
+fragment f (``fragment_numels()``, its local shards' elements with their padding) is about 1/S of
+it. When no parameter is split the cuts are the unsharded plan's (the same parameter names), and a
+fp32 run with whole batches on every shard rank equals unsharded streaming bit for bit
+(``tests/test_fsdp_streaming.py``).
+
+Each rank's fragment f is one :class:`ShardSegment` per buffer (its local shards of those
+parameters, contiguous in its flat outer state); the fragment's reduce runs over ``group`` like a
+whole sync. At a merge the fragment's finiteness is agreed by a 4-byte MIN over the shard group
+(as a whole sync does), so a non-finite fragment is skipped by every shard and replica together;
+the other fragments are unaffected. After a merge modules a no-grad forward left unsharded are
+resharded so the next forward gathers the new shards. ``fragments=1, overlap_steps=0`` is the
+non-streaming sync bit for bit.
 
 Checkpoints: :meth:`ShardedDiLoCo.state_dict` returns a nested dict ready for
 ``torch.distributed.checkpoint`` (DCP). DCP treats tensors under the same key on several ranks as
 copies and keeps one; between syncs replicas differ (local parameters, inner optimizer moments,
 residuals), so everything that is per rank sits under a key naming the rank's replica and shard
 (``"replica{r}.shard{s}"``): the model's local parameters, the inner optimizer's state, anchor,
-momentum, residual and the pending reduce. Save ``{"diloco": opt.state_dict()}`` with
+momentum, residual and the pending reduce; in streaming mode one slot per fragment
+(``fragments.{f}``, at most one reduce per fragment is in flight between steps) holds the awaited
+result of its reduce in flight, or zeros, and ``meta.streaming.in_flight`` lists
+``[fragment, due step, sync index]`` of those in flight, so a fresh process's ``state_dict()``
+has every key ``dcp.load`` fills and the resumed run merges them at the same steps (bitwise). Save ``{"diloco": opt.state_dict()}`` with
 ``dcp.save``; to resume build the same layout, call ``sd = {"diloco": opt.state_dict()}``,
 ``dcp.load(sd, ...)`` and ``opt.load_state_dict(sd["diloco"])``: bit-exact with the same number of
 replicas and shards.
@@ -307,7 +339,9 @@ def _replicate_ranks(mesh, rank: int) -> Optional[List[int]]:
 class ShardedDiLoCo(DiLoCo):
     """DiLoCo over FSDP2-sharded replicas; see the module docstring. ``DiLoCo(...)`` returns one
     when the model's or the inner optimizer's parameters are DTensors; the sync schedule, the
-    non-finite policy and overlap mode are DiLoCo's, over :class:`ShardSegment` segments."""
+    non-finite policy, overlap mode and streaming (``fragments``, ``overlap_steps``, ``mixing``:
+    fragments cut over whole parameters, see the module docstring) are DiLoCo's, over
+    :class:`ShardSegment` segments."""
 
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, sync_every: int,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
@@ -603,6 +637,9 @@ class ShardedDiLoCo(DiLoCo):
         process's state_dict() has every key ``dcp.load`` may fill."""
         st = self._stream
         flying = {it.fragment: it.red for it in st.in_flight}
+        if len(flying) != len(st.in_flight):  # cannot happen between steps (see the module docstring)
+            raise RuntimeError("DiLoCo.state_dict: expected at most one reduce in flight per fragment, got "
+                               f"{[it.fragment for it in st.in_flight]}")
         slots = {}
         for f in range(st.fragments):
             if f in flying:
