@@ -145,8 +145,10 @@ def test_two_fragments_match_unsharded_streaming():
     """P=2, H=4, 10 steps (the run ends with fragment 0 in flight for TAU=1; flush merges it):
     the fragment cuts are the unsharded plan's (the same parameter names); fp32 with TAU 0 and 1
     (mixing 0 and the default 0.5) bitwise equal to unsharded DiLoCo(fragments=2, overlap_steps=TAU)
-    on every rank; int8 + error feedback with TAU=1 within 2e-3 absolute of it per element (the
-    quantization blocks differ; measured max 1e-4 .. 1e-3) and the evaluation loss within 1%.
+    on every rank; int8 + error feedback with TAU=1 within 1e-3 absolute of it per element (the
+    quantization blocks differ; measured max 1.13e-4, parameters up to 1.03 in magnitude) and the
+    evaluation loss within 0.1% (measured 2e-6 relative). Balance: fragments of 71168 and 82240
+    full elements (1.07x total/2), each shard rank holding exactly half of each.
     Replicas' anchors bitwise identical (ranks holding the same shard), every fragment merged
     5 times."""
     sh = run_ranks(_streaming_worker, 4, 10, STREAM_CFGS, backend="localsgd", timeout=TIMEOUT)
@@ -163,9 +165,9 @@ def test_two_fragments_match_unsharded_streaming():
                     assert torch.equal(got["full"][n], t), (c, r, n)
                 else:
                     err = (got["full"][n] - t).abs().max().item()
-                    assert err <= 2e-3, (c, r, n, err)
+                    assert err <= 1e-3, (c, r, n, err)
             if cfg["compression"] != "none":
-                assert abs(got["eval"] - want["eval"]) <= 0.01 * want["eval"], (c, got["eval"], want["eval"])
+                assert abs(got["eval"] - want["eval"]) <= 0.001 * want["eval"], (c, got["eval"], want["eval"])
         # replicas' anchors identical: the ranks holding the same shard (0 & 2, 1 & 3)
         for r in (0, 1):
             for a, b in zip(sh[r][c]["anchors"], sh[r + 2][c]["anchors"]):
