@@ -132,6 +132,31 @@ def test_one_fragment_no_overlap_is_todays_sharded_diloco_bitwise():
         assert torch.equal(t, out[2][1]["per_step"][5][n])
 
 
+def _delayed_worker(rank, world_size, steps, common):
+    mesh = mesh22()
+    today = _sharded_run(rank, mesh, steps, dict(common, overlap=True), whole_batch=False, record_every_step=True)
+    full = _sharded_run(rank, mesh, steps, dict(common, fragments=1, overlap_steps=common["sync_every"], mixing=0.0),
+                        whole_batch=False, record_every_step=True)
+    return today, full
+
+
+@pytest.mark.slow
+def test_one_fragment_full_overlap_is_todays_delayed_sharded_diloco_bitwise():
+    """fragments=1, overlap_steps=H, mixing=0 is the sharded overlap=True (the delayed outer step),
+    bit for bit after every step and after the final flush (int4, H=3, 7 steps)."""
+    common = {"sync_every": 3, "compression": "int4"}
+    out = run_ranks(_delayed_worker, 4, 7, common, backend="localsgd", timeout=TIMEOUT)
+    for r, (today, full) in enumerate(out):
+        assert full["stats"]["syncs"] == today["stats"]["syncs"] == 2  # the second sync's reduce merged by flush
+        assert full["stats"]["bytes_sent"] == today["stats"]["bytes_sent"] > 0
+        for s, (a, b) in enumerate(zip(today["per_step"], full["per_step"])):
+            for n, t in a.items():
+                assert torch.equal(t, b[n]), (r, s, n)
+        for n, t in today["full"].items():
+            assert torch.equal(t, full["full"][n]), (r, n)
+    assert any(not torch.equal(out[0][0]["per_step"][2][n], out[0][0]["per_step"][5][n]) for n in out[0][0]["full"])
+
+
 # ---- (b) P=2, TAU in {0, 1}: the sharded run equals the unsharded streaming run ------------------------------------
 STREAM_CFGS = [
     {"sync_every": 4, "compression": "none", "fragments": 2, "overlap_steps": 0},
