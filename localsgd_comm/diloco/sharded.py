@@ -41,17 +41,49 @@ What is supported with it: ``MixedPrecisionPolicy`` (outer state is fp32 over th
 parameters), ``reshard_after_forward`` either way, activation checkpointing, ``torch.compile`` of
 blocks, gradient accumulation with ``set_requires_gradient_sync(False)``, ``clip_grad_norm_`` on
 the DTensor parameters, lr schedulers on the wrapper, tied embeddings (synced once), the delayed
-outer step (``overlap=True``). Not supported (a clear error at construction): hierarchical mode
+outer step (``overlap=True``), streaming fragments (below). Not supported (a clear error at construction): hierarchical mode
 (FSDP's shard group is the fast intra-replica link already), a DDP wrapper, parameters sharded
 on the 2-D mesh itself (``fully_shard(mesh=mesh2d)`` is HSDP: it all-reduces gradients across
 replicas every step), a model with some parameters sharded and others not.
+
+Streaming (``fragments=P, overlap_steps=TAU, mixing=ALPHA``)
+-----------------------------------------------------------
+The schedule, the bound on TAU, the merge ``local shards <- ALPHA local + (1 - ALPHA) anchor`` and
+the ordering with other collectives are those of unsharded streaming (:mod:`.streaming`); what
+differs is the cut. A fragment must be the same parameters on every shard rank and every replica,
+or a fragment sync would update one half of a parameter at one step and its other half at another,
+and each shard rank's cut would depend on its local sizes (FSDP2 chunks dimension 0, so the shard
+ranks' sizes differ when it does not divide evenly). So the cut is planned over the whole
+(unsharded) parameters in the model's order (:func:`plan_sharded_fragments`): each parameter
+weighs its full ``numel`` rounded up to the quantization block (the last of each dtype buffer not
+rounded: the weights the unsharded plan uses), and the same min-max rule cuts them into P
+contiguous runs whose largest is as small as possible. Unlike the unsharded rule a parameter is
+never split: a parameter larger than ``total / P`` makes its fragment that large (FSDP has already
+divided it by S on every rank). Balance is measured on those full sizes
+(``opt._stream.fragment_full_numels()``), the same numbers on every rank; each rank's share of
+fragment f (``fragment_numels()``, its local shards' elements with their padding) is about 1/S of
+it. When no parameter is split the cuts are the unsharded plan's (the same parameter names), and a
+fp32 run with whole batches on every shard rank equals unsharded streaming bit for bit
+(``tests/test_fsdp_streaming.py``).
+
+Each rank's fragment f is one :class:`ShardSegment` per buffer (its local shards of those
+parameters, contiguous in its flat outer state); the fragment's reduce runs over ``group`` like a
+whole sync. At a merge the fragment's finiteness is agreed by a 4-byte MIN over the shard group
+(as a whole sync does), so a non-finite fragment is skipped by every shard and replica together;
+the other fragments are unaffected. After a merge modules a no-grad forward left unsharded are
+resharded so the next forward gathers the new shards. ``fragments=1, overlap_steps=0`` is the
+non-streaming sync bit for bit.
 
 Checkpoints: :meth:`ShardedDiLoCo.state_dict` returns a nested dict ready for
 ``torch.distributed.checkpoint`` (DCP). DCP treats tensors under the same key on several ranks as
 copies and keeps one; between syncs replicas differ (local parameters, inner optimizer moments,
 residuals), so everything that is per rank sits under a key naming the rank's replica and shard
 (``"replica{r}.shard{s}"``): the model's local parameters, the inner optimizer's state, anchor,
-momentum, residual and the pending reduce. Save ``{"diloco": opt.state_dict()}`` with
+momentum, residual and the pending reduce; in streaming mode one slot per fragment
+(``fragments.{f}``, at most one reduce per fragment is in flight between steps) holds the awaited
+result of its reduce in flight, or zeros, and ``meta.streaming.in_flight`` lists
+``[fragment, due step, sync index]`` of those in flight, so a fresh process's ``state_dict()``
+has every key ``dcp.load`` fills and the resumed run merges them at the same steps (bitwise). Save ``{"diloco": opt.state_dict()}`` with
 ``dcp.save``; to resume build the same layout, call ``sd = {"diloco": opt.state_dict()}``,
 ``dcp.load(sd, ...)`` and ``opt.load_state_dict(sd["diloco"])``: bit-exact with the same number of
 replicas and shards.
@@ -71,6 +103,7 @@ from .ddp import Tripwire, find_ddp, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction
 from .inner import check_common_args
 from .optimizer import DiLoCo
+from .streaming import StreamingSync, _InFlight, _min_max_cuts, check_streaming_args
 
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor
@@ -137,54 +170,134 @@ class ShardedBuffer:
     def locals(self) -> List[torch.Tensor]:
         return [_local(p) for p in self.params]
 
-    def gather(self) -> torch.Tensor:
-        """The local shards packed into a new flat tensor (parameter dtype and device, zero padding)."""
-        flat = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+    def span(self, j0: int = 0, j1: Optional[int] = None) -> "tuple[int, int]":
+        """The range ``[lo, hi)`` of the flat layout holding parameters ``j0 .. j1 - 1`` (with
+        their block padding; the last parameter's range ends at ``numel``)."""
+        j1 = len(self.params) if j1 is None else j1
+        lo = self.offsets[j0] if j0 < len(self.params) else self.numel
+        hi = self.offsets[j1] if j1 < len(self.params) else self.numel
+        return lo, hi
+
+    def gather(self, j0: int = 0, j1: Optional[int] = None) -> torch.Tensor:
+        """The local shards of parameters ``j0 .. j1 - 1`` (default: all) packed into a new flat
+        tensor laid out like ``anchor[lo:hi]`` (parameter dtype and device, zero padding)."""
+        lo, hi = self.span(j0, j1)
+        flat = torch.zeros(hi - lo, dtype=self.dtype, device=self.device)
         with torch.no_grad():
-            for t, off in zip(self.locals(), self.offsets):
-                flat[off:off + t.numel()].copy_(t.reshape(-1))
+            for t, off in zip(self.locals()[j0:j1], self.offsets[j0:j1]):
+                flat[off - lo:off - lo + t.numel()].copy_(t.reshape(-1))
         return flat
 
     @property
     def flat(self) -> torch.Tensor:
         return self.gather()
 
-    def write_params(self, src: torch.Tensor) -> None:
-        """local shards <- src (laid out like the anchor), rounded to nearest once."""
+    def write_params(self, src: torch.Tensor, j0: int = 0, j1: Optional[int] = None) -> None:
+        """local shards of parameters ``j0 .. j1 - 1`` (default: all) <- src (laid out like
+        ``anchor[lo:hi]``), rounded to nearest once."""
+        lo, _ = self.span(j0, j1)
         with torch.no_grad():
-            for t, off in zip(self.locals(), self.offsets):
+            for t, off in zip(self.locals()[j0:j1], self.offsets[j0:j1]):
                 n = t.numel()
                 if n:
-                    t.copy_(src[off:off + n].view(t.shape))
+                    t.copy_(src[off - lo:off - lo + n].view(t.shape))
 
     def packed(self, buf: torch.Tensor) -> torch.Tensor:
         return torch.cat([buf[o:o + s.numel()] for s, o in zip(self.shapes, self.offsets)])
 
-    def segment(self) -> "ShardSegment":
-        return ShardSegment(self)
+    def segment(self, j0: int = 0, j1: Optional[int] = None) -> "ShardSegment":
+        return ShardSegment(self, j0, j1)
 
 
 class ShardSegment:
-    """A whole :class:`ShardedBuffer` as the engine sees a segment (see ``buffers.Segment``): the
-    parameters are never in place (they live in FSDP's storage), so the engine writes them back
-    through :meth:`write_params` after the outer step."""
+    """The local shards of parameters ``j0 .. j1 - 1`` of a :class:`ShardedBuffer` (default: all of
+    them) as the engine sees a segment (see ``buffers.Segment``): the parameters are never in place
+    (they live in FSDP's storage), so the engine writes them back through :meth:`write_params`
+    after the outer step. A streaming fragment is one such segment per buffer."""
 
-    def __init__(self, buffer: ShardedBuffer):
+    def __init__(self, buffer: ShardedBuffer, j0: int = 0, j1: Optional[int] = None):
         self.buffer = buffer
-        self.lo, self.hi = 0, buffer.numel
-        self.numel = buffer.numel
+        self.j0, self.j1 = j0, len(buffer.params) if j1 is None else j1
+        self.lo, self.hi = buffer.span(self.j0, self.j1)
+        self.numel = self.hi - self.lo
         self.state_device = buffer.state_device
-        self.anchor, self.momentum, self.residual = buffer.anchor, buffer.momentum, buffer.residual
+        lo, hi = self.lo, self.hi
+        self.anchor = buffer.anchor[lo:hi]
+        self.momentum = None if buffer.momentum is None else buffer.momentum[lo:hi]
+        self.residual = None if buffer.residual is None else buffer.residual[lo:hi]
 
     def params_in_place(self) -> Optional[torch.Tensor]:
         return None
 
     def params_on_state_device(self) -> torch.Tensor:
-        flat = self.buffer.gather()
+        flat = self.buffer.gather(self.j0, self.j1)
         return flat if flat.device == self.state_device else flat.to(self.state_device)
 
     def write_params(self, src: torch.Tensor) -> None:
-        self.buffer.write_params(src)
+        self.buffer.write_params(src, self.j0, self.j1)
+
+
+def plan_sharded_fragments(flats: List[ShardedBuffer], order: List[nn.Parameter], fragments: int,
+                           align: int) -> "tuple[List[List[ShardSegment]], List[int]]":
+    """The fragments of a sharded model (see "Streaming" in the module docstring): cut over the
+    whole (unsharded) parameters in model order, each parameter's size its full ``numel`` rounded
+    up to ``align`` (the last of each buffer unrounded: the sizes the unsharded plan weighs), by the
+    unsharded plan's min-max cut; never inside a parameter. Fragment f is, on every rank, this
+    rank's local shards of the same parameters: one :class:`ShardSegment` per buffer.
+
+    Returns the fragments' segments and each fragment's full size (the balanced quantity)."""
+    if isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 1:
+        raise ValueError(f"fragments: expected an integer >= 1, got {fragments!r}")
+    if fragments > len(order):
+        raise ValueError(f"fragments: expected at most the number of synced parameters ({len(order)}), "
+                         f"got {fragments}")
+    where = {}
+    for fi, fb in enumerate(flats):
+        for j, p in enumerate(fb.params):
+            where[id(p)] = (fi, j)
+    sizes = []
+    for p in order:
+        fi, j = where[id(p)]
+        n = p.numel()  # a DTensor's numel is the full parameter's
+        last = j == len(flats[fi].params) - 1
+        sizes.append(n if last else -(-n // align) * align)
+    bounds = _min_max_cuts(sizes, fragments)
+    full = [sum(sizes[bounds[k]:bounds[k + 1]]) for k in range(fragments)]
+    out = []
+    for k in range(fragments):
+        runs: Dict[int, List[int]] = {}
+        for p in order[bounds[k]:bounds[k + 1]]:
+            fi, j = where[id(p)]
+            runs.setdefault(fi, []).append(j)
+        segs = []
+        for fi in sorted(runs):
+            js = runs[fi]
+            # a contiguous run of the model order is a contiguous run of each buffer's (ordered) parameters
+            assert js == list(range(js[0], js[-1] + 1)), js
+            segs.append(flats[fi].segment(js[0], js[-1] + 1))
+        out.append(segs)
+    return out, full
+
+
+class ShardedStreamingSync(StreamingSync):
+    """Streaming over sharded replicas: the fragments of :func:`plan_sharded_fragments`; a fragment's
+    finiteness agreed over the shard group at its merge (the whole fragment, every shard, skips
+    together); the schedule, reduces in flight and merge are :class:`~.streaming.StreamingSync`'s."""
+
+    def _plan(self, flats, order, fragments: int, align: int):
+        segments, self._full_numels = plan_sharded_fragments(flats, order, fragments, align)
+        return segments
+
+    def _finite(self, red: Reduction) -> bool:
+        o = self.owner
+        flag = torch.tensor([1 if o._engine.is_finite(red) else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=o.mesh.get_group())
+        return bool(flag.item())
+
+    def fragment_full_numels(self) -> List[int]:
+        """Each fragment's full (unsharded) element count, block padding included: the sizes the
+        cut balances, the same on every rank."""
+        return list(self._full_numels)
 
 
 def _mesh_desc(mesh) -> str:
@@ -226,13 +339,16 @@ def _replicate_ranks(mesh, rank: int) -> Optional[List[int]]:
 class ShardedDiLoCo(DiLoCo):
     """DiLoCo over FSDP2-sharded replicas; see the module docstring. ``DiLoCo(...)`` returns one
     when the model's or the inner optimizer's parameters are DTensors; the sync schedule, the
-    non-finite policy and overlap mode are DiLoCo's, over :class:`ShardSegment` segments."""
+    non-finite policy, overlap mode and streaming (``fragments``, ``overlap_steps``, ``mixing``:
+    fragments cut over whole parameters, see the module docstring) are DiLoCo's, over
+    :class:`ShardSegment` segments."""
 
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, sync_every: int,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
                  compression: str = "int8", block_size: Optional[int] = None, error_feedback: bool = False,
                  stochastic_rounding: bool = False, seed: int = 0, group=None, hierarchy=None,
                  overlap: bool = False, state_device=None, on_nonfinite: str = "skip", broadcast_init: bool = True,
+                 fragments: Optional[int] = None, overlap_steps: int = 0, mixing: Optional[float] = None,
                  **unsupported):
         if unsupported:
             raise ValueError(f"DiLoCo over an FSDP2 model: {sorted(unsupported)} not supported with sharded "
@@ -244,6 +360,7 @@ class ShardedDiLoCo(DiLoCo):
         if hierarchy is not None:
             raise ValueError("hierarchy: not supported with an FSDP2 model (FSDP's shard group is the intra-replica "
                              "link); pass group=mesh.get_group('replicate') instead")
+        check_streaming_args(fragments, overlap_steps, mixing, sync_every, overlap, None)
         if find_ddp(model) is not None:
             raise ValueError("model: expected an FSDP2 model (fully_shard), got a DistributedDataParallel wrapper "
                              "around DTensor parameters")
@@ -352,7 +469,7 @@ class ShardedDiLoCo(DiLoCo):
                     f"holds shard {fingerprint[0]} ({len(fingerprint[1])} parameters)")
 
         averaging = (self.outer_lr == 1.0 and self.outer_momentum == 0.0 and compression == "none"
-                     and not self.overlap)
+                     and not self.overlap and not (fragments is not None and overlap_steps == sync_every))
         self._engine = OuterEngine(OuterConfig(compression, block_size, self.outer_lr, self.outer_momentum,
                                                self.nesterov, averaging))
         self._ddp = False
@@ -391,6 +508,9 @@ class ShardedDiLoCo(DiLoCo):
         self._local_step = 0
         self._sync_index = 0
         self._pending: Optional[Reduction] = None
+        # streaming: fragments over whole parameters, the same on every rank (plan_sharded_fragments)
+        self._stream = (ShardedStreamingSync(self, params, fragments, overlap_steps, mixing, align)
+                        if fragments is not None else None)
         fp32_ring_bytes = sum(_backend.ddp_bytes_per_rank(f.numel, 1, self.sync_size) for f in self._flats)
         self._tripwire = Tripwire([group], {"calls": 0}, fp32_ring_bytes, sync_every)
 
@@ -419,6 +539,16 @@ class ShardedDiLoCo(DiLoCo):
 
     def _reset_params(self) -> None:
         super()._reset_params()
+        self._drop_unsharded()
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        if self._stream is not None:
+            self._drop_unsharded()  # a merge may have written the local shards
+        return loss
+
+    def flush(self) -> None:
+        super().flush()
         self._drop_unsharded()
 
     def _drop_unsharded(self) -> None:
@@ -464,6 +594,8 @@ class ShardedDiLoCo(DiLoCo):
             pending_kinds = None
         else:
             pending_kinds = None if pending is None else [None if it is None else it[0] for it in pending["items"]]
+        if self._stream is not None:
+            per_rank["fragments"] = self._fragment_slots()
         if pending is not None:
             per_rank["pending"] = {
                 "items": {str(i): {str(j): t for j, t in enumerate(it[1:])} for i, it in enumerate(pending["items"])
@@ -474,11 +606,79 @@ class ShardedDiLoCo(DiLoCo):
             "meta": {"local_step": self._local_step, "sync_index": self._sync_index,
                      "param_groups": inner["param_groups"], "inner_state_keys": sorted(inner["state"]),
                      "pending_kinds": pending_kinds,
+                     "streaming": None if self._stream is None else {
+                         "fragments": self._stream.fragments, "overlap_steps": self._stream.overlap_steps,
+                         "mixing": self._stream.mixing,
+                         # [fragment, due, sync_index] lists: a list of dicts would be flattened by
+                         # index by DCP, and a fresh process (nothing in flight) has no such keys
+                         "in_flight": [[it.fragment, it.due, it.sync_index] for it in self._stream.in_flight]},
                      "config": {"sync_every": self.sync_every, "compression": self.compression,
                                 "block_size": self.block_size, "seed": self.seed, "overlap": self.overlap,
                                 "numels": [f.numel for f in self._flats],
                                 "replicas": self.sync_size, "shards": self.mesh.size()}},
         }
+
+    def _fragment_slot_template(self, f: int) -> Reduction:
+        """A zeroed Reduction shaped like fragment f's reduce in flight (items and residual backups)."""
+        st = self._stream
+        red = self._engine.received(st.segments[f], self.sync_size)
+        for it in red.items:
+            if it is not None:
+                for t in it[1:]:
+                    t.zero_()
+        keep = st.overlap_steps < self.sync_every
+        red.residual_backup = [torch.zeros_like(seg.residual) if keep and seg.residual is not None and seg.numel
+                               else None for seg in red.segments]
+        return red
+
+    def _fragment_slots(self) -> Dict[str, Any]:
+        """Streaming: one slot per fragment (at most one reduce per fragment is in flight between
+        steps), holding the awaited result of its reduce in flight or zeros, so that a fresh
+        process's state_dict() has every key ``dcp.load`` may fill."""
+        st = self._stream
+        flying = {it.fragment: it.red for it in st.in_flight}
+        if len(flying) != len(st.in_flight):  # cannot happen between steps (see the module docstring)
+            raise RuntimeError("DiLoCo.state_dict: expected at most one reduce in flight per fragment, got "
+                               f"{[it.fragment for it in st.in_flight]}")
+        slots = {}
+        for f in range(st.fragments):
+            if f in flying:
+                got = flying[f].state()
+                items, backups = got["items"], got["residual_backup"]
+            else:
+                red = self._fragment_slot_template(f)
+                items, backups = red.items, red.residual_backup
+            slots[str(f)] = {"items": {str(i): {str(j): t for j, t in enumerate(it[1:])} for i, it in enumerate(items)
+                                       if it is not None},
+                             "residual_backup": {str(i): b for i, b in enumerate(backups) if b is not None}}
+        return slots
+
+    def _load_fragments(self, meta_stream: Optional[Dict[str, Any]], mine: Dict[str, Any]) -> None:
+        st = self._stream
+        if st is None:
+            if meta_stream is not None:
+                raise ValueError("load_state_dict: expected a state without fragments as constructed, got a streaming "
+                                 f"state (fragments={meta_stream['fragments']})")
+            return
+        if meta_stream is None:
+            raise ValueError(f"load_state_dict: expected a streaming state (fragments={st.fragments} as constructed), "
+                             "got a state saved without fragments")
+        for k in ("fragments", "overlap_steps", "mixing"):
+            if meta_stream[k] != getattr(st, k):
+                raise ValueError(f"load_state_dict: expected {k}={getattr(st, k)!r} as constructed, "
+                                 f"got {meta_stream[k]!r}")
+        in_flight = []
+        for f, due, sync_index in meta_stream["in_flight"]:
+            slot = mine["fragments"][str(f)]
+            template = self._fragment_slot_template(f)
+            items = [None if it is None else (it[0],) + tuple(slot["items"][str(i)][str(j)] for j in range(len(it) - 1))
+                     for i, it in enumerate(template.items)]
+            backups = [None if b is None else slot["residual_backup"][str(i)]
+                       for i, b in enumerate(template.residual_backup)]
+            red = Reduction.from_state({"items": items, "residual_backup": backups}, st.segments[f], self.sync_size)
+            in_flight.append(_InFlight(f, int(due), int(sync_index), red))
+        st.in_flight = in_flight
+        st._held = []
 
     def _init_inner_state(self) -> None:
         """Create the inner optimizer's state (as torch.distributed.checkpoint.state_dict does): one
@@ -514,6 +714,7 @@ class ShardedDiLoCo(DiLoCo):
             raise ValueError(f"load_state_dict: expected (replicas, shards, buffer sizes) {layout} as constructed, "
                              f"got {(cfg['replicas'], cfg['shards'], cfg['numels'])}")
         mine = state[self._key()]
+        self._load_fragments(meta.get("streaming"), mine)  # checks the settings before anything changes
         inner_state = {}
         params_by_index = [p for g in self.inner_optimizer.param_groups for p in g["params"]]
         for k in meta["inner_state_keys"]:

@@ -239,10 +239,19 @@ class StreamingSync:
         self.fragments = fragments
         self.overlap_steps = overlap_steps
         self.mixing = float(mixing) if mixing is not None else (0.5 if overlap_steps > 0 else 0.0)
-        self.segments = plan_fragments(owner._flats, order, fragments, align)
+        self.segments = self._plan(owner._flats, order, fragments, align)
         self.offsets = fragment_offsets(owner.sync_every, fragments)
         self.in_flight: List[_InFlight] = []
         self._held: List[_InFlight] = []  # due now, merged after the starts of this step (TAU = H)
+
+    # ---- hooks (sharded replicas override them: .sharded.ShardedStreamingSync)
+    def _plan(self, flats, order, fragments: int, align: int) -> List[List[Segment]]:
+        """The fragments' segments (the fragment rule of the module docstring)."""
+        return plan_fragments(flats, order, fragments, align)
+
+    def _finite(self, red: Reduction) -> bool:
+        """Whether a fragment's (awaited) result is finite, the same answer on every rank."""
+        return self.agree_finite(self.owner._engine.is_finite(red))
 
     # ---- sizes (for reports and the planner's figures)
     def fragment_numels(self) -> List[int]:
@@ -304,7 +313,7 @@ class StreamingSync:
     def _merge(self, item: _InFlight) -> None:
         o, red = self.owner, item.red
         red.wait()
-        finite = self.agree_finite(o._engine.is_finite(red))
+        finite = self._finite(red)
         o.stats["syncs"] += 1
         if not finite:
             o.stats["skipped_syncs"] += 1
