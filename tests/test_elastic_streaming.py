@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from localsgd_comm import DiLoCo
+from localsgd_comm.bench.launch import free_port
 from localsgd_comm.elastic import ElasticDiLoCo
 
 from _dist import run_ranks
-from test_elastic import _survivors_identical, job_factory  # noqa: F401  (fixture)
+from test_elastic import job_factory  # noqa: F401  (fixture)
 
 
 def make_model():
@@ -120,6 +121,20 @@ def test_bad_streaming_values_are_clear_errors_at_construction():
 
 
 # ---- faults: real coordinator and worker processes -------------------------------------------------
+def _survivors_identical(job, ids, rounds):
+    """Every survivor finished without error at ``rounds`` or later, with the same anchor, momentum,
+    counters and members (the live parameters of the fragments synced before the last are each
+    worker's own: they moved on since their fragment's round)."""
+    res = {w: job.result(w) for w in ids}
+    for w, r in res.items():
+        assert r is not None and "error" not in r, (w, r, job.log(w))
+        assert r["round"] >= rounds, (w, r["round"])
+    for w in ids[1:]:
+        for k in ("anchor", "momentum", "local_step", "round", "members"):
+            assert res[w][k] == res[ids[0]][k], (k, {x: res[x][k] for x in ids})
+    return res
+
+
 def _per_fragment(rounds, fragments):
     """Committed rounds per fragment after ``rounds`` fragment rounds (round r syncs fragment r mod P)."""
     return [len(range(f, rounds, fragments)) for f in range(fragments)]
@@ -219,3 +234,24 @@ def test_a_restarted_worker_joins_mid_cycle_with_every_fragments_state(job_facto
     assert res["w1"]["stats"]["join_bytes_received"] >= 2 * 4 * numel, res["w1"]["stats"]
     assert res["w0"]["stats"]["fragment_rounds"] == _per_fragment(res["w0"]["round"], 3), res["w0"]["stats"]
     assert res["w0"]["stats"]["redone_rounds"] == 0, res["w0"]["stats"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_ddp_cluster_worker_with_fragments_hands_each_fragment_round_to_its_ranks(job_factory):  # noqa: F811
+    """Worker B is 2 processes with DDP inside (replica_group): its leader takes part in every
+    fragment round and hands each fragment's reduced bytes to its rank 1. A third worker dies mid
+    fragment round 3; A and both ranks of B end bitwise identical."""
+    job = job_factory(**{"initial-workers": 3, "fragments": 3, "sync-every": 6, "rounds": 12})
+    port = free_port()
+    job.start("A")
+    job.start("C", kill="C:3:allreduce")
+    for r in (0, 1):
+        job.start("B", name=f"B{r}", **{"replica-size": 2, "replica-rank": r, "replica-port": port})
+    codes = job.wait(timeout=200)
+    assert codes == {"A": 0, "C": -9, "B0": 0, "B1": 0}, (codes, job.log("A"))
+    res = _survivors_identical(job, ["A", "B0", "B1"], 12)
+    assert res["B0"]["params"] == res["B1"]["params"], (res["B0"]["params"], res["B1"]["params"])  # one replica
+    st = res["A"]["stats"]
+    assert st["redone_rounds"] == 1 and st["fragment_redos"] == [1, 0, 0], st
+    assert st["fragment_rounds"] == [4, 4, 4], st
