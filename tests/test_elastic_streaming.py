@@ -255,3 +255,24 @@ def test_a_ddp_cluster_worker_with_fragments_hands_each_fragment_round_to_its_ra
     st = res["A"]["stats"]
     assert st["redone_rounds"] == 1 and st["fragment_redos"] == [1, 0, 0], st
     assert st["fragment_rounds"] == [4, 4, 4], st
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_with_other_fragments_than_the_job_fails_alone_in_its_constructor():
+    """The job's options include fragments and overlap_steps: a worker joining a job founded with
+    fragments=2 with fragments=3 (or none) raises naming the option; the founder is untouched."""
+    from datetime import timedelta
+    import torch.distributed as dist
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    coord = f"127.0.0.1:{store.port}"
+    m = make_model()
+    kw = dict(coordinator=coord, sync_every=4, timeout_s=10, dead_after_s=2.0, heartbeat_s=0.5, run_id="opts")
+    founder = ElasticDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), worker_id="w0", fragments=2, **kw)
+    try:
+        for frag, msg in ((3, "fragments=3 \\(the job's: 2\\)"), (None, "fragments=None \\(the job's: 2\\)")):
+            m2 = make_model()
+            with pytest.raises(ValueError, match=msg):
+                ElasticDiLoCo(m2, torch.optim.SGD(m2.parameters(), lr=0.1), worker_id="w1", fragments=frag, **kw)
+        assert founder.members == [founder.me] and founder.stats["rounds"] == 0
+    finally:
+        founder.close()
