@@ -219,7 +219,7 @@ def test_a_restarted_worker_joins_mid_cycle_with_every_fragments_state(job_facto
                          "until-members": 3})
     for w in ("w0", "w1", "w2"):
         job.start(w, kill="w1:2:inner")
-    job.procs["w1"].wait(timeout=60)
+    assert job.procs["w1"].wait(timeout=60) == -9, job.log("w1")
     job.wait_round(4)
     del job.procs["w1"]
     job.start("w1")

@@ -32,7 +32,8 @@ through the round's inner steps), ``compress`` (pseudo-gradient compressed, noth
 ``allreduce`` (its call header sent and the data exchange started), ``commit`` (the all-reduce
 done, its vote not yet cast), ``join`` (in the first round from ``round`` on whose members include
 a joiner, before the all-reduce). With ``fragments=P`` a round is a fragment round (P per
-``sync_every`` steps).
+``sync_every`` steps), and ``inner`` fires at its first inner step that syncs no fragment (never
+when ``fragments == sync_every``).
 """
 from __future__ import annotations
 

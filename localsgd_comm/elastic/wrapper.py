@@ -180,18 +180,22 @@ class ElasticDiLoCo(InnerWrapper):
 
     # ------------------------------------------------------------------ public API
     def step(self, closure=None):
-        """One inner step; every ``sync_every`` steps an outer round with the live workers."""
+        """One inner step; every ``sync_every`` steps an outer round with the live workers (with
+        ``fragments``: each fragment's round at its step of the schedule)."""
         loss = self._inner_step(closure)
         self._local_step += 1
         pos = self._local_step % self.sync_every
         faults = self._manager.faults
-        if faults.armed("inner") and pos == max(self.sync_every // 2, 1) % self.sync_every:
-            faults("inner")
         if self._schedule is not None:
             f = self._schedule.due(self._local_step)
+            if f is None and faults.armed("inner"):
+                faults("inner")  # a fragment round's inner steps: any step that syncs nothing
             if f is not None:
                 self._sync_fragment(f)
-        elif pos == 0:
+            return loss
+        if faults.armed("inner") and pos == max(self.sync_every // 2, 1) % self.sync_every:
+            faults("inner")
+        if pos == 0:
             self.sync()
         return loss
 
