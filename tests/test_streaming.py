@@ -309,8 +309,8 @@ def test_bad_streaming_arguments(single_group):
         kw.setdefault("sync_every", 4)
         with pytest.raises(exc, match=msg):
             DiLoCo(m, inner, **kw)
-    with pytest.raises(NotImplementedError, match="ElasticDiLoCo: streaming"):
-        ElasticDiLoCo(m, inner, coordinator="127.0.0.1:1", worker_id="w", sync_every=4, fragments=2)
+    with pytest.raises(NotImplementedError, match="ElasticDiLoCo: streaming with overlap_steps=1 is not built"):
+        ElasticDiLoCo(m, inner, coordinator="127.0.0.1:1", worker_id="w", sync_every=4, fragments=2, overlap_steps=1)
     opt = DiLoCo(m, inner, sync_every=4, fragments=2)
     with pytest.raises(RuntimeError, match="streaming mode"):
         opt.sync()

@@ -22,18 +22,24 @@ sends it anchor, outer momentum and counters over a process group of their own, 
 on it is bitwise identical to the others. ``stats`` and ``events`` record every membership
 change; the ``localsgd_comm.elastic`` logger logs them.
 
+Streaming (``fragments=P``, ``overlap_steps=0``; :mod:`.streaming`): every fragment sync is a
+round of its own (its own members and commit); a death mid-fragment redoes that fragment only,
+and a joiner receives the anchors and momenta of every fragment.
+
 Fault injection for tests and the faults benchmark: ``LOCALSGD_ELASTIC_KILL=<worker_id>:<round>:
 <phase>`` makes that worker SIGKILL itself in round ``round`` at ``phase``: ``inner`` (half way
 through the round's inner steps), ``compress`` (pseudo-gradient compressed, nothing sent),
 ``allreduce`` (its call header sent and the data exchange started), ``commit`` (the all-reduce
 done, its vote not yet cast), ``join`` (in the first round from ``round`` on whose members include
-a joiner, before the all-reduce).
+a joiner, before the all-reduce). With ``fragments=P`` a round is a fragment round (P per
+``sync_every`` steps), and ``inner`` fires at its first inner step that syncs no fragment (never
+when ``fragments == sync_every``).
 """
 from __future__ import annotations
 
 # By concern: wrapper.py (ElasticDiLoCo: the optimizer, DiLoCo's engine in rounds, replicas of several
 # processes), manager.py (membership, commit votes, joins and state transfer, fault injection),
-# store.py (the coordinator's store and the heartbeat).
+# streaming.py (fragments: a round per fragment sync), store.py (the coordinator's store and the heartbeat).
 from .store import CoordinatorUnreachable, connect, job_round, parse_address
 from .wrapper import ElasticDiLoCo
 

@@ -195,6 +195,8 @@ class RoundManager:
         self.stats, self.events = stats, events
         self._state_tensors, self._local_step, self._on_state = state_tensors, local_step, on_state
         self.round = 0
+        #: added to every event (streaming: the fragment of the current round)
+        self.context: Dict[str, Any] = {}
         self.members: List[str] = []
         self.me = f"{worker_id}/{replica_rank}"
         self.faults = FaultInjection(os.environ.get("LOCALSGD_ELASTIC_KILL", ""), worker_id, replica_rank,
@@ -294,9 +296,9 @@ class RoundManager:
                 self._known_joiners.append(v)
 
     def event(self, kind: str, **kw) -> None:
-        ev = {"kind": kind, "round": self.round, "time": time.time(), **kw}
+        ev = {"kind": kind, "round": self.round, "time": time.time(), **self.context, **kw}
         self.events.append(ev)
-        log.info("localsgd elastic %s: %s %s", self.me, kind, json.dumps({k: v for k, v in kw.items()}))
+        log.info("localsgd elastic %s: %s %s", self.me, kind, json.dumps({**self.context, **kw}))
 
     # ------------------------------------------------------------------ membership
     def start(self) -> None:

@@ -16,6 +16,7 @@ from ..diloco.ddp import find_ddp, unwrap_compiled
 from ..diloco.engine import OuterConfig, OuterEngine, Reduction
 from ..diloco.inner import InnerWrapper, check_outer_args, resolve_block_size
 from .manager import RoundManager
+from .streaming import FragmentSchedule, check_elastic_streaming_args
 
 
 class ElasticDiLoCo(InnerWrapper):
@@ -44,6 +45,11 @@ class ElasticDiLoCo(InnerWrapper):
             each outcome to the others (the reduced bytes, or the whole state after a join); a
             replica whose process dies fails as a whole (its DDP or the hand-over raises) and
             comes back as a whole.
+        fragments, overlap_steps: streaming (:mod:`.streaming`): the model synced in ``fragments``
+            parts staggered over the ``sync_every`` steps (the rules of ``DiLoCo(fragments=P)``),
+            each fragment sync a round of its own (quorum, all-reduce, commit); a death mid-fragment
+            redoes that fragment only. ``overlap_steps`` must be 0 (a reduce in flight across a
+            membership change is not built). ``fragments=None`` (default): whole-model rounds.
     """
 
     _step_supports_amp_scaling = False
@@ -56,11 +62,6 @@ class ElasticDiLoCo(InnerWrapper):
                  heartbeat_s: float = 0.5, run_id: str = "run", initial_workers: Optional[int] = None,
                  replica_group=None, overlap: bool = False, fragments: Optional[int] = None,
                  overlap_steps: int = 0):
-        if fragments is not None or overlap_steps:
-            raise NotImplementedError(
-                f"ElasticDiLoCo: streaming (fragments={fragments!r}, overlap_steps={overlap_steps!r}) is not built "
-                "yet: a fragment round's membership and commit are not implemented (use DiLoCo(fragments=...) for a "
-                "fixed set of workers)")
         if overlap:
             raise ValueError("ElasticDiLoCo: overlap=True is not supported: the delayed outer step keeps a reduce in "
                              "flight across the round boundary, which a membership change would have to cancel half "
@@ -84,6 +85,7 @@ class ElasticDiLoCo(InnerWrapper):
                                  f"{dist.get_world_size(replica_group)}), got a DDP group of size "
                                  f"{dist.get_world_size(ddp.process_group)}")
         check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
+        check_elastic_streaming_args(fragments, overlap_steps, sync_every)
         if not isinstance(worker_id, str) or not worker_id or any(c in worker_id for c in "#/ "):
             raise ValueError(f"worker_id: expected a non-empty name without '#', '/' or spaces, got {worker_id!r}")
         if isinstance(min_workers, bool) or not isinstance(min_workers, int) or min_workers < 1:
@@ -126,12 +128,21 @@ class ElasticDiLoCo(InnerWrapper):
                                     residual=self.error_feedback, align=align)
         self._stage = next((f.device for f in self._flats if f.device.type == "cuda"), None)
         self._segments = [f.segment() for f in self._flats]
+        # streaming: the fragments and their schedule (None: whole-model rounds)
+        self._schedule = (FragmentSchedule(self._flats, params, fragments, sync_every, align)
+                          if fragments is not None else None)
+        self.fragments, self.overlap_steps = fragments, overlap_steps
+        self._round_segments = self._segments  # what the current round reduces
         self._engine = OuterEngine(OuterConfig(compression, block_size, self.outer_lr, self.outer_momentum,
                                                self.nesterov))
 
         self.stats: Dict[str, Any] = {"rounds": 0, "attempts": 0, "redone_rounds": 0, "left": 0, "joined": 0,
                                       "left_out": 0, "recovery_s": 0.0, "bytes_sent": 0, "join_bytes_sent": 0,
                                       "join_bytes_received": 0}
+        if fragments is not None:
+            # committed fragment rounds per fragment, and redone attempts per fragment
+            self.stats["fragment_rounds"] = [0] * fragments
+            self.stats["fragment_redos"] = [0] * fragments
         self.events: List[Dict[str, Any]] = []
         self._local_step = 0
         self._replica = replica_group
@@ -164,15 +175,24 @@ class ElasticDiLoCo(InnerWrapper):
         from .. import __version__
         return {"compression": self.compression, "block_size": self.block_size, "sync_every": self.sync_every,
                 "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum, "nesterov": self.nesterov,
-                "error_feedback": self.error_feedback, "format_version": __version__}
+                "error_feedback": self.error_feedback, "fragments": self.fragments,
+                "overlap_steps": self.overlap_steps, "format_version": __version__}
 
     # ------------------------------------------------------------------ public API
     def step(self, closure=None):
-        """One inner step; every ``sync_every`` steps an outer round with the live workers."""
+        """One inner step; every ``sync_every`` steps an outer round with the live workers (with
+        ``fragments``: each fragment's round at its step of the schedule)."""
         loss = self._inner_step(closure)
         self._local_step += 1
         pos = self._local_step % self.sync_every
         faults = self._manager.faults
+        if self._schedule is not None:
+            f = self._schedule.due(self._local_step)
+            if f is None and faults.armed("inner"):
+                faults("inner")  # a fragment round's inner steps: any step that syncs nothing
+            if f is not None:
+                self._sync_fragment(f)
+            return loss
         if faults.armed("inner") and pos == max(self.sync_every // 2, 1) % self.sync_every:
             faults("inner")
         if pos == 0:
@@ -229,6 +249,9 @@ class ElasticDiLoCo(InnerWrapper):
         """One outer round with the live workers (``step`` calls this every ``sync_every`` steps).
         In a replica of several processes the leader takes part in the round and then hands its
         outcome to the replica's other ranks (``replica_group``)."""
+        if self._schedule is not None:
+            raise RuntimeError("ElasticDiLoCo.sync(): in streaming mode (fragments=...) each fragment syncs in its own "
+                               "round inside step()")
         if not self._leader:
             self._receive()
             return
@@ -236,11 +259,30 @@ class ElasticDiLoCo(InnerWrapper):
         if self._replica is not None:
             self._share(red, p)
 
+    def _sync_fragment(self, f: int) -> None:
+        """Fragment ``f``'s round (streaming): the round of :meth:`sync` over its segments only."""
+        self._round_segments = self._schedule.segments[f]
+        self._manager.context = {"fragment": f}
+        redos = self.stats["redone_rounds"]
+        try:
+            if not self._leader:
+                self._receive()
+                return
+            red, p = self._manager.run_round(self._attempt, self._commit, self._abandon)
+            if red is not None:  # committed here (not left out and given the whole state)
+                self.stats["fragment_rounds"][f] += 1
+            if self._replica is not None:
+                self._share(red, p)
+        finally:
+            self.stats["fragment_redos"][f] += self.stats["redone_rounds"] - redos
+            self._round_segments = self._segments
+            self._manager.context = {}
+
     def _attempt(self, reducer) -> Reduction:
         """Compress every buffer's pseudo-gradient and all-reduce it over the round's trainers. A
         redo starts from the same residual (kept here): anchor and parameters are unchanged until
         the commit."""
-        red = self._engine.start(self._segments, reducer, keep_backup=True, probe=self._manager.faults)
+        red = self._engine.start(self._round_segments, reducer, keep_backup=True, probe=self._manager.faults)
         self.stats["bytes_sent"] += red.bytes_sent
         return red
 
@@ -280,7 +322,7 @@ class ElasticDiLoCo(InnerWrapper):
         self._rbcast(members)
         self._manager.members = json.loads(bytes(members.tolist()).decode())  # the leader's view of the job
         if kind == 0:
-            red = self._engine.received(self._segments, p)
+            red = self._engine.received(self._round_segments, p)
             for t in red.tensors():
                 self._rbcast(t)
             self._engine.apply(red)

@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--min-workers", type=int, default=1)
     ap.add_argument("--initial-workers", type=int, default=None)
     ap.add_argument("--compression", default="int8")
+    ap.add_argument("--fragments", type=int, default=None, help="streaming: fragments of the model, a round each")
     ap.add_argument("--error-feedback", action="store_true")
     ap.add_argument("--join-timeout", type=float, default=5.0)
     ap.add_argument("--dead-after", type=float, default=1.0)
@@ -83,6 +84,7 @@ def train(a, localsgd_comm) -> int:
         wrapped, torch.optim.AdamW(model.parameters(), lr=3e-3), replica_group=replica,
         coordinator=a.coordinator, worker_id=a.id,
         sync_every=a.sync_every, compression=a.compression, error_feedback=a.error_feedback,
+        fragments=a.fragments,
         min_workers=a.min_workers, initial_workers=a.initial_workers, join_timeout_s=a.join_timeout,
         dead_after_s=a.dead_after, heartbeat_s=a.dead_after / 4, timeout_s=a.timeout, quorum_timeout_s=a.quorum_timeout)
     loss = torch.tensor(float("nan"))
