@@ -72,12 +72,16 @@ STORE_PORT = 29520
 
 
 def parse_torchft_method(m: str) -> dict:
-    """``torchft-<fp32|quant>-P<p>-T<tau>`` -> {"quantize", "fragments", "delay"}; ValueError if not."""
+    """``torchft-<fp32|quant>-P<p>-T<tau>[-triton]`` -> {"quantize", "fragments", "delay", "triton"};
+    ValueError if not. ``-triton``: the ranks also see ``--triton-path`` (a folder holding triton),
+    which torchft's quantized all-reduce needs; without it torchft sends fp32 even when asked to
+    quantize (its ``Manager.allreduce`` falls back when triton cannot be imported)."""
     import re
-    s = re.fullmatch(r"torchft-(fp32|quant)-P(\d+)-T(\d+)", m)
+    s = re.fullmatch(r"torchft-(fp32|quant)-P(\d+)-T(\d+)(-triton)?", m)
     if not s:
-        raise ValueError(f"torchft method: expected torchft-<fp32|quant>-P<p>-T<tau>, got {m!r}")
-    return {"quantize": s.group(1) == "quant", "fragments": int(s.group(2)), "delay": int(s.group(3))}
+        raise ValueError(f"torchft method: expected torchft-<fp32|quant>-P<p>-T<tau>[-triton], got {m!r}")
+    return {"quantize": s.group(1) == "quant", "fragments": int(s.group(2)), "delay": int(s.group(3)),
+            "triton": bool(s.group(4))}
 
 
 def fragment_bounds(sizes: Sequence[int], parts: int) -> List[int]:
@@ -192,6 +196,10 @@ def _torchft_worker(a) -> None:
         timeout=to, quorum_timeout=to, connect_timeout=to,
         rank=0, world_size=1, store_addr=my_ip, store_port=STORE_PORT,
         lighthouse_addr=f"http://{ip0}:{LIGHTHOUSE_PORT}", replica_id=f"replica{rank}", hostname=my_ip)
+    # torchft turns a failed collective into a skipped commit (Manager.report_error): count them
+    errors: List[str] = []
+    _report = manager.report_error
+    manager.report_error = lambda e: (errors.append(f"{type(e).__name__}: {e}"), _report(e))[-1]
 
     sched = torch.optim.lr_scheduler.LambdaLR(inner, ttl.lr_schedule(a.steps))
     batches = [data.batch(rank, i, a.batch) for i in range(a.steps)]
@@ -236,7 +244,7 @@ def _torchft_worker(a) -> None:
     # on every replica after the last sync: a checksum per rank, compared by the driver
     digest = sum(float(t.double().sum()) + float(t.double().abs().sum())
                  for fr in diloco._fragments for t in fr.original_parameters.values())
-    small = torch.tensor([compute_s, total, in_loop, blocked, commits, digest], dtype=torch.float64)
+    small = torch.tensor([compute_s, total, in_loop, blocked, commits, digest, len(errors)], dtype=torch.float64)
     alls = [torch.empty_like(small) for _ in range(world)]
     dist.all_gather(alls, small)
     if rank == 0:
@@ -256,6 +264,8 @@ def _torchft_worker(a) -> None:
             "sync_s_per_rank": [float(s[3]) for s in alls],
             "torchft_commits_per_rank": [int(s[4]) for s in alls],
             "global_params_checksum_per_rank": [float(s[5]) for s in alls],
+            "torchft_errors_per_rank": [int(s[6]) for s in alls],
+            "torchft_first_error_rank0": errors[0][:2000] if errors else None,
             "fragment_numels": [sum(p.numel() for _, p in named[cuts[f]:cuts[f + 1]])
                                 for f in range(spec["fragments"])],
             "versions": {"torch": torch.__version__, "torchft": getattr(torchft, "__version__", None)
@@ -284,7 +294,8 @@ def _dist_version(name: str) -> Optional[str]:
 # ------------------------------------------------------------------------------------------
 # driver side (runs in the main environment)
 # ------------------------------------------------------------------------------------------
-def _run_torchft_ranks(python: str, cfg: dict, method: str, net, alpha: float, timeout_s: float) -> dict:
+def _run_torchft_ranks(python: str, cfg: dict, method: str, net, alpha: float, timeout_s: float,
+                       triton_path: Optional[str] = None) -> dict:
     """The launcher of ``localsgd_comm.bench.launch.run_ranks``, with the torchft environment's
     interpreter running this file's rank side."""
     from localsgd_comm.bench.launch import free_port, kill_all, supervise
@@ -300,6 +311,10 @@ def _run_torchft_ranks(python: str, cfg: dict, method: str, net, alpha: float, t
             for r in range(world):
                 env = dict(os.environ)
                 env.pop("PYTHONPATH", None)  # the torchft environment sees only its own packages
+                if parse_torchft_method(method)["triton"]:
+                    if not triton_path:
+                        raise ValueError(f"{method}: expected --triton-path (a folder holding triton)")
+                    env["PYTHONPATH"] = triton_path
                 env.update({"RANK": str(r), "WORLD_SIZE": str(world), "MASTER_ADDR": net.addr(0),
                             "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": net.ifname, "OMP_NUM_THREADS": "1"})
                 log = open(os.path.join(tmp, f"rank{r}.log"), "w+")
@@ -338,6 +353,10 @@ def analyse(runs: List[dict], window: int) -> List[dict]:
             "loop_compute_util": min(c / t for c, t in zip(r["in_loop_compute_s_per_rank"], r["total_s_per_rank"])),
             "sync_share": max(b / t for b, t in zip(r["sync_s_per_rank"], r["total_s_per_rank"])),
             "replicas_agree": None if sums is None else max(sums) == min(sums),
+            # fragment syncs whose outer step was applied: ours counts merges, torchft its commits
+            "outer_updates": (min(r["torchft_commits_per_rank"]) if "torchft_commits_per_rank" in r
+                              else (r.get("diloco_stats") or {}).get("syncs")),
+            "errors": max(r.get("torchft_errors_per_rank") or [0]),
         })
     return rows
 
@@ -360,18 +379,23 @@ def markdown(out: dict) -> str:
     rows = [(r["net"], r["side"], r["method"], r["final_loss"], r["loss_vs_ours_fp32"], r["tx_mb_per_rank"],
              r["tx_mb_max_rank"], r["tx_vs_ours_fp32"], r["total_s"], 1e3 * r["compute_step_s"],
              f"{100 * r['compute_util']:.1f}%", f"{100 * r['loop_compute_util']:.1f}%",
-             f"{100 * r['sync_share']:.1f}%", {None: "-", True: "yes", False: "NO"}[r["replicas_agree"]])
+             f"{100 * r['sync_share']:.1f}%", r["outer_updates"], r["errors"],
+             {None: "-", True: "yes", False: "NO"}[r["replicas_agree"]])
             for r in out["table"]]
     body = md_table(["link", "side", "method", "final loss", "loss / ours fp32", "tx MB/rank", "tx MB busiest rank",
                      "tx / ours fp32", "loop s", "compute ms/step", "compute util", "in-loop compute util",
-                     "time in sync", "global params equal on all ranks"], rows) + "\n"
+                     "time in sync", "outer updates applied", "failed collectives",
+                     "global params equal on all ranks"], rows) + "\n"
     notes = "".join(f"\n{n}\n" for n in out.get("notes", []))
+    notes += "".join(f"\n{r['net']} {r['method']}: torchft's first failed collective (rank 0): "
+                     f"`{r['torchft_first_error_rank0'][:300]}`\n"
+                     for r in out["runs"] if r.get("torchft_first_error_rank0"))
     fails = "".join(f"\n**Failed**: {f['net']} {f['method']}: `{f['reason'][-600:]}`\n" for f in out.get("failed", []))
     return head + body + notes + fails
 
 
 def run(out_dir: str, torchft_python: str, nets: Sequence[float], methods: Sequence[str], alpha: float,
-        steps: Optional[int], log=print, notes: Sequence[str] = ()) -> dict:
+        steps: Optional[int], log=print, notes: Sequence[str] = (), triton_path: Optional[str] = None) -> dict:
     from localsgd_comm.bench import report
     from localsgd_comm.bench.launch import RankFailure, run_ranks
     from localsgd_comm.bench.netns import ShapedNetwork
@@ -389,7 +413,7 @@ def run(out_dir: str, torchft_python: str, nets: Sequence[float], methods: Seque
                 try:
                     if m.startswith("torchft-"):
                         parse_torchft_method(m)
-                        r = _run_torchft_ranks(torchft_python, cfg, m, net, alpha, 1200)
+                        r = _run_torchft_ranks(torchft_python, cfg, m, net, alpha, 1200, triton_path)
                         versions = r.get("versions") or versions
                     else:
                         args = ["--worker", "--method", m, "--ifname", net.ifname] + [
@@ -434,6 +458,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default=",".join(OURS + TORCHFT))
     p.add_argument("--alpha", type=float, default=0.5, help="mixing (ours' default for TAU > 0)")
     p.add_argument("--out", default=os.path.join(_REPO, "benchmarks", "results"))
+    p.add_argument("--triton-path", default=None,
+                   help="a folder holding triton, put on the PYTHONPATH of the '-triton' torchft methods")
     p.add_argument("--note", action="append", default=[], help="a line added under the table")
     p.add_argument("--rerender", default=None)
     # rank side
@@ -460,7 +486,8 @@ def main(argv=None) -> None:
     methods = [m for m in a.methods.split(",") if m]
     if any(m.startswith("torchft-") for m in methods) and not a.torchft_python:
         p.error("--torchft-python (or $TORCHFT_PYTHON): the torchft environment's interpreter is needed")
-    run(a.out, a.torchft_python, [float(x) for x in a.nets.split(",")], methods, a.alpha, a.steps, notes=a.note)
+    run(a.out, a.torchft_python, [float(x) for x in a.nets.split(",")], methods, a.alpha, a.steps, notes=a.note,
+        triton_path=a.triton_path)
 
 
 if __name__ == "__main__":
