@@ -375,7 +375,8 @@ def markdown(out: dict) -> str:
             f"{v.get('torch', '?')}, python {v.get('python', '?')}, triton {v.get('triton') or 'not installed'}. "
             "tx = the rank's namespace interface tx over the loop (headers, and for torchft the lighthouse and "
             "quorum traffic, included), mean over ranks (max: the busiest rank). Loss = mean over ranks, moving "
-            f"average of {out['smoothing_window']} steps. Utilisation and time in sync as in streaming_quick.md.\n\n")
+            f"average of {out['smoothing_window']} steps. Utilisation and time in sync as in streaming_quick.md.\n\n"
+            f"Command: `{e['command']}`\n\n")
     rows = [(r["net"], r["side"], r["method"], r["final_loss"], r["loss_vs_ours_fp32"], r["tx_mb_per_rank"],
              r["tx_mb_max_rank"], r["tx_vs_ours_fp32"], r["total_s"], 1e3 * r["compute_step_s"],
              f"{100 * r['compute_util']:.1f}%", f"{100 * r['loop_compute_util']:.1f}%",
@@ -403,6 +404,10 @@ def run(out_dir: str, torchft_python: str, nets: Sequence[float], methods: Seque
 
     cfg = config(True, steps)
     env = report.environment()
+    # no machine paths in the committed command: the two environments' paths become variables
+    for path, var in ((torchft_python, "$TORCHFT_PYTHON"), (triton_path, "$TRITON_PATH")):
+        if path:
+            env["command"] = env["command"].replace(path, var)
     runs, failed, versions = [], [], None
     log(f"[torchft] config {cfg}; methods {list(methods)}; nets {list(nets)} Mbit/s")
     for rate in nets:
