@@ -328,6 +328,15 @@ def _run_torchft_ranks(python: str, cfg: dict, method: str, net, alpha: float, t
             kill_all(procs, logs)
 
 
+def _total_tx(r: dict) -> Optional[float]:
+    """Mean tx bytes per rank of a whole run: the counters read once the run is over (ours: after
+    the closing flush, which sends the last fragments' bytes) when recorded, else the loop's last
+    sample (torchft merges its last fragment inside the loop; nothing is in flight after it)."""
+    if r.get("tx_bytes_per_rank_final"):
+        return sum(r["tx_bytes_per_rank_final"]) / len(r["tx_bytes_per_rank_final"])
+    return r["tx_bytes_per_rank_mean"][-1] if r.get("tx_bytes_per_rank_mean") else None
+
+
 def analyse(runs: List[dict], window: int) -> List[dict]:
     """One row per run: loss, bytes, time, utilisation; ratios against our fp32 streaming run on
     the same link (``stream-none-P4-T1``), the like-for-like of torchft without quantization."""
@@ -338,8 +347,7 @@ def analyse(runs: List[dict], window: int) -> List[dict]:
         final = smooth(r["loss_mean"], window)[-1]
         total = max(r["total_s_per_rank"])
         compute = sorted(r["compute_s_per_rank"])[len(r["compute_s_per_rank"]) // 2]
-        tx = r["tx_bytes_per_rank_mean"][-1] if r.get("tx_bytes_per_rank_mean") else None
-        ref_tx = ref["tx_bytes_per_rank_mean"][-1] if ref and ref.get("tx_bytes_per_rank_mean") else None
+        tx, ref_tx = _total_tx(r), None if ref is None else _total_tx(ref)
         sums = r.get("global_params_checksum_per_rank")
         rows.append({
             "net": r["net"], "rate_mbit": r["rate_mbit"], "method": r["method"],
@@ -373,7 +381,7 @@ def markdown(out: dict) -> str:
             f"{e['machine']['cores']} cores shared with other work (load in the JSON); ours: torch "
             f"{e['versions']['torch']}, commit {str(e['git_commit'])[:10]}; torchft side: torch "
             f"{v.get('torch', '?')}, python {v.get('python', '?')}, triton {v.get('triton') or 'not installed'}. "
-            "tx = the rank's namespace interface tx over the loop (headers, and for torchft the lighthouse and "
+            "tx = the rank's namespace interface tx over the run (ours: until its closing flush is over; headers, and for torchft the lighthouse and "
             "quorum traffic, included), mean over ranks (max: the busiest rank). Loss = mean over ranks, moving "
             f"average of {out['smoothing_window']} steps. Utilisation and time in sync as in streaming_quick.md.\n\n"
             f"Command: `{e['command']}`\n\n")

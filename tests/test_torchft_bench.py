@@ -117,3 +117,13 @@ def test_pure_modules_import_without_the_compiled_extension():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_total_tx_counts_the_bytes_after_the_loop_when_recorded(tfs):
+    # ours sends its last fragments in the closing flush, after the loop's last tx sample
+    ours = _run("stream-none-P4-T1", [2.0] * 10, [0.0] * 9 + [4e6], [5.0] * 4,
+                tx_bytes_per_rank_final=[5e6, 5e6, 4e6, 6e6], diloco_stats={"syncs": 12})
+    loop_only = _run("torchft-fp32-P4-T1", [2.0] * 10, [0.0] * 9 + [6e6], [5.0] * 4)
+    rows = {r["method"]: r for r in tfs.analyse([ours, loop_only], window=5)}
+    assert rows["stream-none-P4-T1"]["tx_mb_per_rank"] == 5.0
+    assert rows["torchft-fp32-P4-T1"]["tx_mb_per_rank"] == 6.0 and rows["torchft-fp32-P4-T1"]["tx_vs_ours_fp32"] == 1.2

@@ -141,6 +141,8 @@ def _worker(a) -> None:
         step_fn.flush()  # the fragments in flight (timed: the run is not over before they land)
         step_s.append(time.perf_counter() - ts)
     total = time.perf_counter() - t0
+    # the interface tx once the closing flush is over (the last fragments' bytes included)
+    tx_end = read_iface_bytes(a.ifname)["tx_bytes"] - c0["tx_bytes"] if c0 is not None else 0.0
     pre.remove()
     post.remove()
     in_loop = sum(fb_s) + sum(inner_s)
@@ -150,7 +152,7 @@ def _worker(a) -> None:
     rec = torch.tensor([losses, times, tx if tx else [0.0] * a.steps], dtype=torch.float64)
     allrec = [torch.empty_like(rec) for _ in range(world)]
     dist.all_gather(allrec, rec)
-    small = torch.tensor([compute_s, total, in_loop, blocked], dtype=torch.float64)
+    small = torch.tensor([compute_s, total, in_loop, blocked, tx_end], dtype=torch.float64)
     alls = [torch.empty_like(small) for _ in range(world)]
     dist.all_gather(alls, small)
     if rank == 0:
@@ -163,6 +165,7 @@ def _worker(a) -> None:
             "compute_s_per_rank": [float(s[0]) for s in alls], "total_s_per_rank": [float(s[1]) for s in alls],
             "in_loop_compute_s_per_rank": [float(s[2]) for s in alls],
             "sync_s_per_rank": [float(s[3]) for s in alls],
+            "tx_bytes_per_rank_final": [float(s[4]) for s in alls] if tx else None,
             "whole_model_event_bytes": whole, "peak_event_bytes": peak, "diloco_stats": stats,
         })
     dist.barrier()
