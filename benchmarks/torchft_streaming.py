@@ -168,10 +168,10 @@ def _torchft_worker(a) -> None:
     # a plain gloo group for the measurement only (barriers around the loop, the final gather),
     # as the streaming suite's ranks have; nothing of it runs inside the measured loop
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=a.timeout))
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     model = model_mod.GPT(model_mod.config_for(a.model, seq_len=a.seq))
     n_params = sum(p.numel() for p in model.parameters())
-    data = data_mod.ByteData(data_mod.load_corpus(), a.seq, seed=0)
+    data = data_mod.ByteData(data_mod.load_corpus(), a.seq, seed=a.seed)
     inner = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
 
     # P fragments as modules holding the model's own Parameter objects (tied weights once)
@@ -374,7 +374,7 @@ def markdown(out: dict) -> str:
     e, c, v = out["environment"], out["config"], out.get("torchft_versions") or {}
     head = (f"Streaming DiLoCo, localsgd-comm vs torchft {v.get('torchft', '?')}: {c['world']} workers on one "
             f"machine (each in its own network namespace, shaped link), GPT '{c['model']}', seq {c['seq']}, "
-            f"batch {c['batch']}/worker, {c['steps']} steps, H={c['sync_every']}, P=4 fragments, one inner step "
+            f"batch {c['batch']}/worker, seed {c.get('seed', 0)}, {c['steps']} steps, H={c['sync_every']}, P=4 fragments, one inner step "
             f"of overlap (ours: overlap_steps=1; torchft: fragment_sync_delay=1), mixing "
             f"{out['alpha']} (torchft: fragment_update_alpha), outer SGD lr {c['outer_lr']} momentum "
             f"{c['outer_momentum']} Nesterov, AdamW lr {c['lr']} cosine. {e['machine']['cpu_model']}, "
@@ -404,13 +404,16 @@ def markdown(out: dict) -> str:
 
 
 def run(out_dir: str, torchft_python: str, nets: Sequence[float], methods: Sequence[str], alpha: float,
-        steps: Optional[int], log=print, notes: Sequence[str] = (), triton_path: Optional[str] = None) -> dict:
+        steps: Optional[int], log=print, notes: Sequence[str] = (), triton_path: Optional[str] = None,
+        seed: int = 0, name: str = "torchft_streaming") -> dict:
     from localsgd_comm.bench import report
     from localsgd_comm.bench.launch import RankFailure, run_ranks
     from localsgd_comm.bench.netns import ShapedNetwork
     from localsgd_comm.bench.streaming import config
 
     cfg = config(True, steps)
+    if seed:
+        cfg["seed"] = seed  # both sides' rank code: model init and data (default 0)
     env = report.environment()
     # no machine paths in the committed command: the two environments' paths become variables
     for path, var in ((torchft_python, "$TORCHFT_PYTHON"), (triton_path, "$TRITON_PATH")):
@@ -445,8 +448,8 @@ def run(out_dir: str, torchft_python: str, nets: Sequence[float], methods: Seque
     out = {"benchmark": "torchft_streaming", "quick": True, "config": cfg, "smoothing_window": window,
            "alpha": alpha, "environment": env, "torchft_versions": versions, "runs": runs,
            "table": analyse(runs, window), "failed": failed, "notes": list(notes)}
-    report.write_json(os.path.join(out_dir, "torchft_streaming.json"), out)
-    with open(os.path.join(out_dir, "torchft_streaming.md"), "w") as f:
+    report.write_json(os.path.join(out_dir, name + ".json"), out)
+    with open(os.path.join(out_dir, name + ".md"), "w") as f:
         f.write(markdown(out))
     return out
 
@@ -475,6 +478,7 @@ def main(argv=None) -> None:
                    help="a folder holding triton, put on the PYTHONPATH of the '-triton' torchft methods")
     p.add_argument("--note", action="append", default=[], help="a line added under the table")
     p.add_argument("--rerender", default=None)
+    p.add_argument("--name", default="torchft_streaming", help="the results' file name (without extension)")
     # rank side
     p.add_argument("--method", default="")
     p.add_argument("--ifname", default="")
@@ -488,6 +492,7 @@ def main(argv=None) -> None:
     p.add_argument("--outer-momentum", type=float, default=0.6)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--timeout", type=float, default=1200.0)
+    p.add_argument("--seed", type=int, default=0, help="model init and data seed")
     p.add_argument("--result", default="")
     a = p.parse_args(argv)
     if a.worker:
@@ -500,7 +505,7 @@ def main(argv=None) -> None:
     if any(m.startswith("torchft-") for m in methods) and not a.torchft_python:
         p.error("--torchft-python (or $TORCHFT_PYTHON): the torchft environment's interpreter is needed")
     run(a.out, a.torchft_python, [float(x) for x in a.nets.split(",")], methods, a.alpha, a.steps, notes=a.note,
-        triton_path=a.triton_path)
+        triton_path=a.triton_path, seed=a.seed, name=a.name)
 
 
 if __name__ == "__main__":

@@ -86,10 +86,10 @@ def _worker(a) -> None:
     spec = parse_method(a.method)
     dist.init_process_group("gloo" if spec["kind"] == "ddp" else "localsgd", rank=rank, world_size=world,
                             timeout=timedelta(seconds=a.timeout))
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     model = GPT(config_for(a.model, seq_len=a.seq))
     n_params = sum(p.numel() for p in model.parameters())
-    data = ByteData(load_corpus(), a.seq, seed=0)
+    data = ByteData(load_corpus(), a.seq, seed=a.seed)
     inner = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
     if spec["kind"] == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -377,6 +377,7 @@ def main(argv=None) -> None:
     p.add_argument("--outer-momentum", type=float, default=0.6)
     p.add_argument("--steps", type=int, default=240)
     p.add_argument("--timeout", type=float, default=1200.0)
+    p.add_argument("--seed", type=int, default=0, help="model init and data seed")
     p.add_argument("--result", required=True)
     _worker(p.parse_args(argv))
 
