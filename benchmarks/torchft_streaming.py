@@ -41,13 +41,16 @@ package itself, whose compiled extension is built for the main environment's tor
 
 How to run (as root: network namespaces and tc)::
 
-    python3.11 -m venv ../venvs/torchft       # anywhere outside the repository
-    ../venvs/torchft/bin/pip install torch==2.13.0 --index-url <a CPU wheel index> torchft==0.2.0
-    #   (or just `pip install torchft==0.2.0`: it pulls a CUDA torch, which also runs on CPU)
-    python benchmarks/torchft_streaming.py --torchft-python ../venvs/torchft/bin/python \\
-        --nets 10,100 --out benchmarks/results
+    python3.11 -m venv ../venvs/torchft                  # anywhere outside the repository
+    ../venvs/torchft/bin/pip install torch==2.13.0+cpu   # a CPU build of torch (what the results used);
+    ../venvs/torchft/bin/pip install torchft==0.2.0      #   without it torchft pulls a CUDA torch, which runs on CPU too
+    ../venvs/torchft/bin/pip install --no-deps --target ../venvs/triton_extra triton   # only for the -triton methods
+    python benchmarks/torchft_streaming.py --torchft-python ../venvs/torchft/bin/python \
+        --triton-path ../venvs/triton_extra --nets 10,100 \
+        --methods stream-none-P4-T1,stream-int4-P4-T1,torchft-fp32-P4-T1,torchft-quant-P4-T1,torchft-quant-P4-T1-triton
 
-It writes ``torchft_streaming.json`` and ``.md`` under ``--out``. ``--rerender FILE.json``
+It writes ``torchft_streaming.json`` and ``.md`` (``--name``) under ``--out`` (default: the
+committed ``benchmarks/results``); ``--seed N`` changes the model init and data seed on both sides. ``--rerender FILE.json``
 rebuilds the table and Markdown of a saved run.
 """
 from __future__ import annotations
