@@ -152,9 +152,11 @@ def _worker(a) -> None:
     rec = torch.tensor([losses, times, tx if tx else [0.0] * a.steps], dtype=torch.float64)
     allrec = [torch.empty_like(rec) for _ in range(world)]
     dist.all_gather(allrec, rec)
-    small = torch.tensor([compute_s, total, in_loop, blocked, tx_end], dtype=torch.float64)
+    small = torch.tensor([compute_s, total, in_loop, blocked], dtype=torch.float64)
     alls = [torch.empty_like(small) for _ in range(world)]
     dist.all_gather(alls, small)
+    tx_ends = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(tx_ends, torch.tensor([float(tx_end)], dtype=torch.float64))
     if rank == 0:
         A = torch.stack(allrec)
         stats = dict(step_fn.stats) if spec["kind"] == "diloco" else {}
@@ -162,10 +164,10 @@ def _worker(a) -> None:
             "method": a.method, "world": world, "n_params": n_params, "steps": a.steps,
             "loss_mean": A[:, 0].mean(0).tolist(), "elapsed_s_max": A[:, 1].max(0).values.tolist(),
             "tx_bytes_per_rank_mean": A[:, 2].mean(0).tolist() if tx else None,
+            "tx_bytes_per_rank_final": [float(t) for t in tx_ends] if tx else None,
             "compute_s_per_rank": [float(s[0]) for s in alls], "total_s_per_rank": [float(s[1]) for s in alls],
             "in_loop_compute_s_per_rank": [float(s[2]) for s in alls],
             "sync_s_per_rank": [float(s[3]) for s in alls],
-            "tx_bytes_per_rank_final": [float(s[4]) for s in alls] if tx else None,
             "whole_model_event_bytes": whole, "peak_event_bytes": peak, "diloco_stats": stats,
         })
     dist.barrier()
