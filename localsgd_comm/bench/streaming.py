@@ -86,10 +86,10 @@ def _worker(a) -> None:
     spec = parse_method(a.method)
     dist.init_process_group("gloo" if spec["kind"] == "ddp" else "localsgd", rank=rank, world_size=world,
                             timeout=timedelta(seconds=a.timeout))
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     model = GPT(config_for(a.model, seq_len=a.seq))
     n_params = sum(p.numel() for p in model.parameters())
-    data = ByteData(load_corpus(), a.seq, seed=0)
+    data = ByteData(load_corpus(), a.seq, seed=a.seed)
     inner = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
     if spec["kind"] == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -155,6 +155,8 @@ def _worker(a) -> None:
         step_fn.flush()  # the fragments in flight (timed: the run is not over before they land)
         step_s.append(time.perf_counter() - ts)
     total = time.perf_counter() - t0
+    # the interface tx once the closing flush is over (the last fragments' bytes included)
+    tx_end = read_iface_bytes(a.ifname)["tx_bytes"] - c0["tx_bytes"] if c0 is not None else 0.0
     pre.remove()
     post.remove()
     in_loop = sum(fb_s) + sum(inner_s)
@@ -167,6 +169,8 @@ def _worker(a) -> None:
     small = torch.tensor([compute_s, total, in_loop, blocked, waits[0]], dtype=torch.float64)
     alls = [torch.empty_like(small) for _ in range(world)]
     dist.all_gather(alls, small)
+    tx_ends = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(tx_ends, torch.tensor([float(tx_end)], dtype=torch.float64))
     if rank == 0:
         A = torch.stack(allrec)
         stats = dict(step_fn.stats) if spec["kind"] == "diloco" else {}
@@ -174,6 +178,7 @@ def _worker(a) -> None:
             "method": a.method, "world": world, "n_params": n_params, "steps": a.steps,
             "loss_mean": A[:, 0].mean(0).tolist(), "elapsed_s_max": A[:, 1].max(0).values.tolist(),
             "tx_bytes_per_rank_mean": A[:, 2].mean(0).tolist() if tx else None,
+            "tx_bytes_per_rank_final": [float(t) for t in tx_ends] if tx else None,
             "compute_s_per_rank": [float(s[0]) for s in alls], "total_s_per_rank": [float(s[1]) for s in alls],
             "in_loop_compute_s_per_rank": [float(s[2]) for s in alls],
             "sync_s_per_rank": [float(s[3]) for s in alls], "reduce_wait_s_per_rank": [float(s[4]) for s in alls],
@@ -393,6 +398,7 @@ def main(argv=None) -> None:
     p.add_argument("--outer-momentum", type=float, default=0.6)
     p.add_argument("--steps", type=int, default=240)
     p.add_argument("--timeout", type=float, default=1200.0)
+    p.add_argument("--seed", type=int, default=0, help="model init and data seed")
     p.add_argument("--result", required=True)
     _worker(p.parse_args(argv))
 
