@@ -29,8 +29,11 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::passthrough(
     }
     try {
       if (call.stream) {
-        // Issued on the caller's stream (NCCL orders its stream after it); wait() on the inner
-        // work makes that stream wait for the collective, then the Work completes.
+        // Issued with the backend stream current ("Streams" in worker.cpp): NCCL orders its
+        // stream after it (gloo's CUDA path its copy streams); wait() on the inner work makes
+        // the backend stream wait for the collective, then the Work completes (its event is
+        // recorded on the backend stream). The inner backend records the tensors with the
+        // caching allocator for its own streams; ours runs no kernel on them.
         wait_inner(state_, issue());
         work->complete(nullptr);
         return;
