@@ -129,7 +129,10 @@ c10::Stream LocalSGDBackend::backend_stream(c10::DeviceIndex index) {
   auto it = streams_.find(index);
   if (it == streams_.end()) {
     // High priority: the collective's short kernels are scheduled ahead of the caller's compute
-    // kernels as SMs free up, so the link is fed while the model computes.
+    // kernels as SMs free up, so the link is fed while the model computes. The pool hands its
+    // streams out round-robin (32 per device and priority), so another user of the pool (a
+    // torch.cuda.Stream(priority=-1), gloo's CUDA copies) may get the same stream: correct
+    // (one stream orders everything on it), only less overlapped with that user's work.
     it = streams_.emplace(index, c10::Stream(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, index))).first;
   }
   return it->second;
