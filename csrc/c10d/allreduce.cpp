@@ -161,6 +161,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce(std::vector<at::Tensor
     const CallSpec spec = spec_for("all_reduce", c10d::OpType::ALLREDUCE, ts, static_cast<int64_t>(opts.reduceOp.op_),
                                    0, opts.timeout);
     return passthrough(c10d::OpType::ALLREDUCE, spec, ts, dev, [inner, ts, o, divide, p, state = state_]() mutable {
+      record_on_current_stream(ts);
       auto w = inner->allreduce(ts, o);
       if (!divide) return w;
       wait_inner(state, w);  // CPU only: divide after the sum, still on the worker and in order
@@ -251,6 +252,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_coalesced(std::vector<
           continue;
         }
         std::vector<at::Tensor> one{ts[i]};
+        record_on_current_stream(one);
         c10d::AllreduceOptions oi = o;
         const bool divide = avg && ts[i].device().is_cpu();
         if (divide) oi.reduceOp = c10d::ReduceOp::SUM;

@@ -35,8 +35,9 @@
 //     one, i.e. the backend stream; gloo's CUDA path copies on streams ordered after it);
 //   - the tensors the call's kernels touch are recorded with the caching allocator as used on
 //     the backend stream (record_stream), so memory the caller frees meanwhile is not handed to
-//     another allocation before those kernels are done; workspaces are allocated on the
-//     backend stream itself;
+//     another allocation before those kernels are done (pass-through collectives: their
+//     tensors too, as the backend stream waits for the inner collective before the worker
+//     drops them); workspaces are allocated on the backend stream itself;
 //   - the Work's future is completed on the worker with the backend stream current, so it
 //     records its completion event there; wait()/synchronize() and the future's wait() make the
 //     *waiting* thread's current stream wait for that event (no host sync of any stream).
