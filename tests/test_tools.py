@@ -13,7 +13,7 @@ def test_gpu_check_dry_run_lists_every_step_and_writes_nothing():
     r = subprocess.run(["bash", SCRIPT, "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     steps = re.findall(r"^== (\S+) \(limit (\d+)s\): (.*)$", r.stdout, re.M)
-    assert [s[0] for s in steps] == ["facts", "preflight", "build", "errors", "ops", "backend", "train", "bench",
+    assert [s[0] for s in steps] == ["facts", "preflight", "build", "errors", "ops", "backend", "streams", "train", "bench",
                                      "build_triton_only", "triton_only"]
     assert re.search(r"budget 480s", r.stdout)  # the whole check within 8 minutes
     for path in re.findall(r"((?:tests|benchmarks|tools)/\S+\.py)", r.stdout):

@@ -15,6 +15,11 @@
 #              the representative matrix; xdist workers share the Triton compiles)
 #   backend    the backend with CUDA tensors: world size 1 over NCCL, 2 ranks on one GPU over
 #              gloo (staged path), a wait from another stream (tests/test_gpu_backend.py)
+#   streams    the backend's own CUDA stream, ordered by events (tests/test_gpu_streams.py): a
+#              tensor produced late on the caller's stream is reduced byte-equal to the CPU path
+#              (gloo staged, NCCL compressed and passed through), and an async all-reduce over
+#              gloo completes while the caller's stream still runs a matmul loop queued after it
+#              (no host sync of the caller's stream); timings printed into backend.log
 #   train      DiLoCo on the GPU: 2 ranks on one GPU over gloo train the small GPT, replicas
 #              bitwise identical; the staged all-reduce timed against gloo fp32
 #              (python -m localsgd_comm.bench.gpu_train)
@@ -121,6 +126,7 @@ XDIST=""
 $PY -c 'import xdist' 2>/dev/null && XDIST="-n 8"
 step ops 150 ops.log $PY -m pytest tests/test_cuda.py -m gpu -q -p no:cacheprovider $XDIST
 step backend 130 backend.log $PY -m pytest tests/test_gpu_backend.py tests/test_elastic.py -m gpu -q -p no:cacheprovider
+step streams 90 backend.log $PY -m pytest tests/test_gpu_streams.py -m gpu -q -s -p no:cacheprovider
 step train 100 train.log $PY -m localsgd_comm.bench.gpu_train --out "$OUT_DIR/gpu_train.json"
 step bench 130 bench.log $PY benchmarks/bench_ops_gpu.py --out "$OUT_DIR/gpu_ops.json"
 

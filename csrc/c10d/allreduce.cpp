@@ -67,6 +67,17 @@ at::Tensor LocalSGDBackend::pinned_scratch(int64_t nbytes) {
   return pinned_workspace_.narrow(0, 0, nbytes);
 }
 
+// CUDA: the kernels queued on the backend stream (the call's `stream`) read and write the
+// caller's tensor `t`, which was allocated on another stream. Recorded with the caching allocator,
+// its memory is not handed to a new allocation, once the caller frees it, before the backend
+// stream has passed the point it had reached at the free (after every kernel of this call, which
+// holds `t` until they are queued). Nothing for CPU calls.
+namespace {
+void used_on_backend_stream(const Call& call, const at::Tensor& t) {
+  if (call.stream && t.is_cuda()) t.record_stream(*call.stream);
+}
+}  // namespace
+
 // ---- the quantized all-reduce (runs on the worker) -----------------------------------------------
 // Steps as in docs/design.md: (1) quantize the local tensor per chunk, (2) all-to-all of the p
 // records, (3+4) fused dequantize + fp32 sum (+ 1/p) + requantize of the owned chunk, (5)
@@ -84,7 +95,9 @@ void LocalSGDBackend::quantized_allreduce(const c10::intrusive_ptr<c10d::Backend
   const Chunking ch = make_chunking(f, n, B, p);
   const int64_t R = ch.record, esize = x.element_size();
   auto bytes = at::TensorOptions().dtype(at::kByte).device(x.device());
-  // (the CUDA stream is the caller's: the call's guard made it current on this thread)
+  // CUDA: the current stream is the backend's (the call's guard), so the workspace and a
+  // contiguous copy belong to it; the caller's tensor is recorded as used there.
+  used_on_backend_stream(call, t);
   at::Tensor ws = scratch((3 * p + 1) * R, bytes);
   RoundingMode rm;
   uint64_t call_seed = 0;
@@ -148,6 +161,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce(std::vector<at::Tensor
     const CallSpec spec = spec_for("all_reduce", c10d::OpType::ALLREDUCE, ts, static_cast<int64_t>(opts.reduceOp.op_),
                                    0, opts.timeout);
     return passthrough(c10d::OpType::ALLREDUCE, spec, ts, dev, [inner, ts, o, divide, p, state = state_]() mutable {
+      record_on_current_stream(ts);
       auto w = inner->allreduce(ts, o);
       if (!divide) return w;
       wait_inner(state, w);  // CPU only: divide after the sum, still on the worker and in order
@@ -238,6 +252,7 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_coalesced(std::vector<
           continue;
         }
         std::vector<at::Tensor> one{ts[i]};
+        record_on_current_stream(one);
         c10d::AllreduceOptions oi = o;
         const bool divide = avg && ts[i].device().is_cpu();
         if (divide) oi.reduceOp = c10d::ReduceOp::SUM;
@@ -295,6 +310,8 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::allreduce_compressed(at::Tensor 
       const Chunking ch = make_chunking(f, n, B, p);
       const int64_t R = ch.record;
       auto bytes = at::TensorOptions().dtype(at::kByte).device(payload.device());
+      used_on_backend_stream(call, payload);
+      used_on_backend_stream(call, scales);
       at::Tensor ws = scratch((3 * p + 1) * R, bytes);
       RoundingMode q;
       q.stochastic = seed >= 0;

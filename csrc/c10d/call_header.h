@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
 #include <c10/core/Stream.h>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
@@ -39,9 +40,12 @@ struct Call {
   std::shared_ptr<PostedWorks> header;
   std::chrono::steady_clock::time_point deadline;
   std::chrono::milliseconds timeout{0};
-  // CUDA tensors: the caller's current stream on the tensor's device, captured when the call is
-  // made; the worker runs the call under a guard of it (device and stream).
+  // CUDA tensors (see "Streams" in worker.cpp): the backend's own stream on the tensor's device,
+  // which the worker runs the call on (under a guard of it: device and stream), and `ready`, an
+  // event recorded on the caller's current stream of that device when the call was made; the
+  // backend stream waits for it (a stream wait, no host sync) before the call's first kernel.
   std::optional<c10::Stream> stream;
+  std::optional<c10::Event> ready;
 };
 
 // ---- the call header ----------------------------------------------------------------------------

@@ -14,6 +14,8 @@
 #include <mutex>
 #include <stdexcept>
 
+#include <ATen/ATen.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
@@ -98,6 +100,25 @@ class InnerCollective : public c10d::Work {
   bool aborted_ = false;
 };
 
+// CUDA tensors of a pass-through collective: recorded with the caching allocator as used on the
+// worker's current stream, the backend stream ("Streams" in worker.cpp). The worker drops its
+// references only after the backend stream was made to wait for the inner collective, so memory
+// the caller frees meanwhile is not reused before the collective is done, whatever the inner
+// backend does for allocator safety (NCCL with TORCH_NCCL_AVOID_RECORD_STREAMS=1 keeps its
+// references only until the worker's wait). CPU tensors and non-tensor arguments: nothing.
+inline void record_on_current_stream(const at::Tensor& t) {
+  if (t.defined() && t.is_cuda()) {
+    t.record_stream(c10::impl::VirtualGuardImpl(t.device().type()).getStream(t.device()));
+  }
+}
+inline void record_on_current_stream(const std::vector<at::Tensor>& ts) {
+  for (const auto& t : ts) record_on_current_stream(t);
+}
+inline void record_on_current_stream(const std::vector<std::vector<at::Tensor>>& tss) {
+  for (const auto& ts : tss) record_on_current_stream(ts);
+}
+template <typename T>
+inline void record_on_current_stream(const T&) {}
 // On the worker: wait for an inner collective that must end before the next call is issued;
 // abort() ends the wait with an error (the collective itself goes on inside the inner group).
 inline void wait_inner(const std::shared_ptr<GroupState>& state, const c10::intrusive_ptr<c10d::Work>& inner) {

@@ -17,11 +17,13 @@
 //    once with the first error (destroy the group and create a new one).
 //  - Every message of a collective is waited for within the call's timeout (the collective's
 //    options.timeout when set, else the group's), counted from when the worker starts the call.
-//  - A Work's wait(timeout) blocks the CPU until the worker is done with the call; for CUDA
-//    tensors it (and synchronize()) then makes the caller's current stream wait for the work.
-//    Every call captures the caller's current stream on the tensor's device at enqueue time,
-//    and the worker runs under a guard of that device and stream. No CUDA path of this backend
-//    has run on a GPU so far (CI compiles it, tests/test_compile_checks.py).
+//  - A Work's wait(timeout) blocks the calling thread until the worker is done with the call
+//    (for CUDA tensors over gloo: until the data has moved, gloo being a host transport); for
+//    CUDA tensors it (and synchronize()) then makes the waiting thread's current stream wait for
+//    the call's completion event. CUDA calls run on a stream of the backend's own per device,
+//    ordered after the caller's stream by an event recorded when the call is made, never with a
+//    host sync of the caller's stream ("Streams" in worker.cpp). CI compiles the CUDA paths
+//    (tests/test_compile_checks.py); tools/gpu_check.sh runs them when a GPU is available.
 //  - all-reduce of a *list* of several tensors keeps gloo's legacy meaning (all list entries of
 //    all ranks are reduced together) and passes through; dist.all_reduce_coalesced (one result
 //    per tensor) is compressed tensor by tensor.
@@ -168,9 +170,15 @@ class LocalSGDBackend : public c10d::Backend {
     std::shared_ptr<Call> call;
     TaskFn fn;
   };
-  // Numbers the call, posts its header to every peer, captures the caller's stream on `device`
-  // (CUDA), queues it (one critical section, so sequence numbers follow the queue's order).
+  // Numbers the call, posts its header to every peer, records an event on the caller's current
+  // stream of `device` (CUDA), queues it (one critical section, so sequence numbers follow the
+  // queue's order).
   void enqueue(const CallSpec& spec, const c10::Device& device, TaskFn fn);
+  // The backend's own stream on CUDA device `index` (taken from c10's pool at first use): the
+  // worker runs every CUDA call of the group on it ("Streams" in worker.cpp).
+  c10::Stream backend_stream(c10::DeviceIndex index);
+  std::mutex streams_mu_;
+  std::map<c10::DeviceIndex, c10::Stream> streams_;  // guarded by streams_mu_
   // A call numbered seq with its header receives posted; post_header sends ours.
   std::shared_ptr<Call> new_call(uint64_t seq);
   void post_header(Call& call);

@@ -29,8 +29,11 @@ c10::intrusive_ptr<c10d::Work> LocalSGDBackend::passthrough(
     }
     try {
       if (call.stream) {
-        // Issued on the caller's stream (NCCL orders its stream after it); wait() on the inner
-        // work makes that stream wait for the collective, then the Work completes.
+        // Issued with the backend stream current ("Streams" in worker.cpp): NCCL orders its
+        // stream after it (gloo's CUDA path its copy streams); wait() on the inner work makes
+        // the backend stream wait for the collective, then the Work completes (its event is
+        // recorded on the backend stream). Its tensors were recorded with the caching
+        // allocator as used on the backend stream when it was issued (record_on_current_stream).
         wait_inner(state_, issue());
         work->complete(nullptr);
         return;
@@ -130,7 +133,10 @@ std::function<c10::intrusive_ptr<c10d::Work>()> call_inner(
     c10::intrusive_ptr<c10d::Backend> inner, c10::intrusive_ptr<c10d::Work> (c10d::Backend::*method)(Params...),
     Args... args) {
   return [inner = std::move(inner), method, args = std::make_tuple(std::move(args)...)]() mutable {
-    return std::apply([&](auto&... a) { return (inner.get()->*method)(a...); }, args);
+    return std::apply([&](auto&... a) {
+      (record_on_current_stream(a), ...);
+      return (inner.get()->*method)(a...);
+    }, args);
   };
 }
 }  // namespace

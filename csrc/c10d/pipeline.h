@@ -20,7 +20,7 @@ namespace localsgd {
 // The data phases of the quantized all-reduce: ONE orchestration for every device and inner
 // backend (pipelined_allreduce below). What differs is supplied from outside:
 //   - DeviceOps: the kernels (zero-fill, fused dequantize + sum + requantize) and where they run
-//     (host, or the caller's CUDA stream);
+//     (host, or the backend's CUDA stream of the device: "Streams" in worker.cpp);
 //   - produce / consume: how a piece of a record is filled from the caller's tensor and emptied
 //     into it (quantize / dequantize kernels, or byte copies for all_reduce_compressed);
 //   - Transport: how a message moves: gloo point-to-point from host memory (CPU tensors), the
@@ -65,8 +65,9 @@ struct Piece {
 using ProduceFn = std::function<void(const Piece&, uint8_t*)>;
 using ConsumeFn = std::function<void(const Piece&, const uint8_t*)>;
 
-// The kernels of one call and where they run: the host, or the caller's CUDA stream (captured
-// at enqueue, current on the worker under its guard). Pointers are on that device.
+// The kernels of one call and where they run: the host, or the backend's CUDA stream of the
+// device (current on the worker under the call's guard, ordered after the caller's stream by an
+// event recorded at enqueue). Pointers are on that device.
 struct DeviceOps {
   virtual ~DeviceOps() = default;
   virtual void zero(uint8_t* dst, int64_t len) = 0;
@@ -109,7 +110,7 @@ void pipelined_allreduce(Transport& net, DeviceOps& dev, int64_t p, int64_t me, 
                          const ProduceFn& produce, const ConsumeFn& consume);
 
 // The kernels for a workspace on `device` (CUDA: the worker's current stream there, i.e. the
-// caller's, set by the call's guard).
+// backend stream, set by the call's guard).
 std::unique_ptr<DeviceOps> make_ops(const at::Device& device);
 
 // The orchestration over the transport that fits the workspace's device and the inner backend.

@@ -1,4 +1,4 @@
-// CUDA tensors over gloo: the CUDA kernels on the caller's stream (CudaOps) and messages staged
+// CUDA tensors over gloo: the CUDA kernels on the backend's stream (CudaOps) and messages staged
 // through a pinned host mirror of the workspace (StagedTransport).
 #pragma once
 
@@ -47,15 +47,32 @@ struct CudaOps final : DeviceOps {
 };
 
 // CUDA tensors over gloo: messages stage through a pinned host mirror of the workspace. The
-// sends of a piece are copied device -> host on the stream and posted once that copy is done
-// (one host wait per piece and phase, inherent to a host transport); a receive is copied host
-// -> device on the stream when it arrives, ordered before the kernels that read it. Before the
-// call returns the stream is synchronized once, so the host mirror is free for the next call.
+// sends of a piece are copied device -> host on the backend stream and posted once those copies
+// are done; a receive is copied host -> device on the stream when it arrives, ordered before the
+// kernels that read it. The host waits this needs (one per piece and phase, inherent to a host
+// transport, and one at the end so that the host mirror is free for the next call) wait for an
+// event recorded on the backend stream right after the copies (cudaEventSynchronize): they block
+// the worker thread until the backend stream gets there, never the caller's stream, and never
+// behind work queued after the copies (the stream is the backend's own: "Streams" in
+// worker.cpp). The backend stream itself only waits for the caller's work that preceded the
+// call (the event recorded at enqueue).
 class StagedTransport final : public P2PTransport {
  public:
   StagedTransport(c10::intrusive_ptr<c10d::Backend> inner, at::Tensor host, uint8_t* device, cudaStream_t stream,
                   GroupState* state, const Call& call, uint64_t call_id)
-      : P2PTransport(std::move(inner), std::move(host), state, call, call_id), device_(device), stream_(stream) {}
+      : P2PTransport(std::move(inner), std::move(host), state, call, call_id), device_(device), stream_(stream) {
+    // on the stream's device (the call's guard made it current)
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&copied_, cudaEventDisableTiming));
+  }
+  ~StagedTransport() override {
+    // An error mid-call: copies may still be queued; the host mirror must not be reused (nor
+    // freed) before they are done. Never throws.
+    C10_CUDA_CHECK_WARN(cudaEventRecord(copied_, stream_));
+    C10_CUDA_CHECK_WARN(cudaEventSynchronize(copied_));
+    C10_CUDA_CHECK_WARN(cudaEventDestroy(copied_));
+  }
+  StagedTransport(const StagedTransport&) = delete;
+  StagedTransport& operator=(const StagedTransport&) = delete;
   void send(int phase, int64_t j, int m, int64_t peer, int64_t off, int64_t len) override {
     C10_CUDA_CHECK(cudaMemcpyAsync(host_.data_ptr<uint8_t>() + off, device_ + off, len, cudaMemcpyDeviceToHost,
                                    stream_));
@@ -63,7 +80,7 @@ class StagedTransport final : public P2PTransport {
   }
   void flush(int, int64_t) override {
     if (pending_.empty()) return;
-    C10_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    reached();
     for (const auto& s : pending_) post_send(s.phase, s.j, s.m, s.peer, s.off, s.len);
     pending_.clear();
   }
@@ -80,10 +97,16 @@ class StagedTransport final : public P2PTransport {
   void wait_all() override {
     flush(0, 0);
     P2PTransport::wait_all();
-    C10_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    reached();  // the host -> device copies have read the host mirror
   }
 
  private:
+  // Blocks this (the worker's) thread until the backend stream has done everything queued on it
+  // so far by this call.
+  void reached() {
+    C10_CUDA_CHECK(cudaEventRecord(copied_, stream_));
+    C10_CUDA_CHECK(cudaEventSynchronize(copied_));
+  }
   struct Pending {
     int phase;
     int64_t j;
@@ -92,6 +115,7 @@ class StagedTransport final : public P2PTransport {
   };
   uint8_t* device_;
   cudaStream_t stream_;
+  cudaEvent_t copied_ = nullptr;
   std::vector<Pending> pending_;
   std::map<uint64_t, std::pair<int64_t, int64_t>> spans_;
 };

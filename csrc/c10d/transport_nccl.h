@@ -11,7 +11,8 @@
 namespace localsgd {
 
 // CUDA tensors over NCCL: each phase is one collective on NCCL's stream, ordered after the
-// caller's stream (NCCL's own discipline) and waited for by a stream wait, never a host sync:
+// current stream, the backend's (NCCL's own discipline), which then waits for it by a stream
+// wait (the inner Work's wait()), never a host sync:
 // phase A an all-to-all of the p records, phase B an all-gather of our reduced record.
 class CollectiveTransport final : public Transport {
  public:

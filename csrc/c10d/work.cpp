@@ -42,9 +42,9 @@ bool LocalSGDWork::wait(std::chrono::milliseconds timeout) {
 }
 
 void LocalSGDWork::synchronize() {
-  // The future was completed on the worker under the caller's stream: it recorded events there.
-  // Waiting on it makes the *current* stream of the thread that waits (which may be another
-  // stream than the one the call was made on) wait for those events; no host sync.
+  // The future was completed on the worker under the backend stream: it recorded its events
+  // there. Waiting on it makes the *current* stream of the thread that waits (which may be
+  // another stream than the one the call was made on) wait for those events; no host sync.
   if (!future_->devices().empty() && future_->completed()) future_->wait();
 }
 

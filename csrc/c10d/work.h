@@ -35,8 +35,11 @@ class LocalSGDWork : public c10d::Work {
     return future_->completed() && future_->hasError() ? future_->exception_ptr() : nullptr;
   }
   std::vector<at::Tensor> result() override { return outputs_; }
-  // CPU: block until done (and raise its error). CUDA: then make the caller's current stream
-  // wait for the work's events (the future's), so a wait from another stream is ordered too.
+  // Blocks the calling thread until the worker is done with the call (and raises its error).
+  // CUDA: then makes the waiting thread's current stream wait for the work's completion event
+  // (recorded on the backend stream when the future completed), so a wait from another stream
+  // is ordered too; no stream is synchronized with the host. synchronize(): that stream wait
+  // alone (as ProcessGroupNCCL's), once the work is complete.
   bool wait(std::chrono::milliseconds timeout) override;
   void synchronize() override;
 

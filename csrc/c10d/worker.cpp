@@ -23,6 +23,31 @@
 // and queueing them behind a blocking all-reduce could deadlock send/recv pairs that plain gloo
 // allows.
 //
+// Streams (CUDA tensors)
+// -----------------------
+// A CUDA call runs on a stream of the backend's own, one per device (a high-priority stream of
+// c10's pool, taken the first time the device is used: backend_stream()), never on the caller's:
+//   - enqueue (the caller's thread) records an event on the caller's current stream of the
+//     tensor's device (`Call::ready`): it covers the work that produced the tensor;
+//   - the worker makes the backend stream wait for that event (cudaStreamWaitEvent: no host
+//     sync) and runs the call under a guard of the backend stream: the kernels and copies of the
+//     compressed all-reduce, the inner collectives (NCCL orders its own stream after the current
+//     one, i.e. the backend stream; gloo's CUDA path copies on streams ordered after it);
+//   - the tensors the call's kernels touch are recorded with the caching allocator as used on
+//     the backend stream (record_stream), so memory the caller frees meanwhile is not handed to
+//     another allocation before those kernels are done (pass-through collectives: their
+//     tensors too, as the backend stream waits for the inner collective before the worker
+//     drops them); workspaces are allocated on the backend stream itself;
+//   - the Work's future is completed on the worker with the backend stream current, so it
+//     records its completion event there; wait()/synchronize() and the future's wait() make the
+//     *waiting* thread's current stream wait for that event (no host sync of any stream).
+// The host waits that the staged transport (CUDA tensors over gloo) cannot avoid (a piece's
+// device-to-host copy must be done before gloo sends it) wait for events on the backend stream
+// and so block only the worker, never behind the caller's next forward/backward: the collective
+// overlaps the caller's compute. Every CUDA call of the group, compressed or passed through, is
+// queued on the one backend stream of its device in program order (the worker's order), so
+// device-side they never reorder with each other either. CPU calls take none of these steps.
+//
 // Deadlocks documented in docs/platform.md: Works are completed from the worker / inner callbacks,
 // never from wait(); the destructor and shutdown() release the GIL before joining the worker and
 // dropping the gloo backends (gloo's threads may need the GIL while the main thread joins them).
@@ -51,12 +76,18 @@ namespace localsgd {
 
 void LocalSGDBackend::enqueue(const CallSpec& spec, const c10::Device& device, TaskFn fn) {
   check_healthy(spec.what);  // a failed group: the call raises at once with the first error
-  // Captured here, on the caller's thread, on the tensor's device: the worker thread's own current
-  // stream is the default stream of device 0, wrong for a tensor on another device and unordered
-  // with the caller's work.
+  // CUDA: the event is recorded here, on the caller's thread and on the tensor's device (the
+  // worker thread's own current stream is the default stream of device 0, wrong for a tensor on
+  // another device and unordered with the caller's work); see "Streams" above.
   std::optional<c10::Stream> stream;
+  std::optional<c10::Event> ready;
 #ifdef LOCALSGD_WITH_CUDA
-  if (device.is_cuda()) stream = c10::cuda::getCurrentCUDAStream(device.index());
+  if (device.is_cuda()) {
+    const c10::Stream caller = c10::cuda::getCurrentCUDAStream(device.index());
+    stream = backend_stream(caller.device_index());
+    ready.emplace(c10::DeviceType::CUDA);
+    ready->record(caller);
+  }
 #endif
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -72,6 +103,7 @@ void LocalSGDBackend::enqueue(const CallSpec& spec, const c10::Device& device, T
       }
       call->spec = spec;
       call->stream = stream;
+      call->ready = std::move(ready);
       call->timeout = spec.timeout.count() > 0 ? spec.timeout : timeout_;
       post_header(*call);
       ++next_seq_;
@@ -91,6 +123,26 @@ void LocalSGDBackend::enqueue(const CallSpec& spec, const c10::Device& device, T
   }
   cv_.notify_one();
 }
+
+#ifdef LOCALSGD_WITH_CUDA
+c10::Stream LocalSGDBackend::backend_stream(c10::DeviceIndex index) {
+  std::lock_guard<std::mutex> lk(streams_mu_);
+  auto it = streams_.find(index);
+  if (it == streams_.end()) {
+    // High priority: the collective's short kernels are scheduled ahead of the caller's compute
+    // kernels as SMs free up, so the link is fed while the model computes. The pool hands its
+    // streams out round-robin (32 per device and priority), so another user of the pool (a
+    // torch.cuda.Stream(priority=-1), gloo's CUDA copies) may get the same stream: correct
+    // (one stream orders everything on it), only less overlapped with that user's work.
+    it = streams_.emplace(index, c10::Stream(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, index))).first;
+  }
+  return it->second;
+}
+#else
+c10::Stream LocalSGDBackend::backend_stream(c10::DeviceIndex) {
+  TORCH_CHECK(false, "localsgd: this build has no CUDA support (no backend stream)");
+}
+#endif
 
 void LocalSGDBackend::worker_loop() {
   // Grad mode is thread-local and on by default in a fresh thread: the in-place writes done here
@@ -139,10 +191,14 @@ void LocalSGDBackend::worker_loop() {
       state_->fail(err);
     }
     {
-      // CUDA calls run on the caller's stream of the tensor's device (kernels, inner collectives
-      // issued on it, the future's events recorded on it); nothing for CPU calls.
+      // CUDA calls run on the backend stream of the tensor's device, after the caller's work
+      // that preceded the call (kernels, inner collectives issued on it, the future's events
+      // recorded on it; "Streams" above); nothing for CPU calls.
       std::optional<c10::StreamGuard> guard;
-      if (task.call->stream) guard.emplace(*task.call->stream);
+      if (task.call->stream) {
+        guard.emplace(*task.call->stream);
+        if (task.call->ready) task.call->ready->block(*task.call->stream);
+      }
       task.fn(err, *task.call);
     }
     if (task.call->header) {

@@ -1,5 +1,5 @@
 // CUDA launchers: the same operations and arguments as kernels.h (namespace localsgd::cuda),
-// plus the caller's stream as the last argument. Every launch goes on that stream; nothing
+// plus the stream to launch on as the last argument. Every launch goes on that stream; nothing
 // uses stream 0 implicitly, nothing synchronizes. Pointers are device pointers.
 #pragma once
 
