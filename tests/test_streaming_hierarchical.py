@@ -20,33 +20,10 @@ from localsgd_comm.diloco import HierarchicalGroups, new_hierarchical_groups
 from localsgd_comm.diloco.streaming import fragment_offsets
 
 from _mp import run_workers
+from test_streaming import batch, flat_params, make_model, train_steps  # the same model, data and loop
 
 TIMEOUT = 240  # s for the slow 4-rank suite (~30-100 s on the loaded 2-core machine)
 CLUSTER = 2
-
-
-def make_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
-
-
-def batch(rank, step, dtype=torch.float32):
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(8, 16, generator=g).to(dtype), torch.randn(8, 8, generator=g).to(dtype)
-
-
-def train_steps(model, opt, rank, start, n, after_step=None):
-    for s in range(start, start + n):
-        x, y = batch(rank, s)
-        ((model(x) - y) ** 2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        if after_step is not None:
-            after_step(s + 1)
-
-
-def flat_params(model):
-    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
 
 
 # ---- float64 simulation of the documented algorithm (the oracle) -------------------------------------

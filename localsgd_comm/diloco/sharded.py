@@ -660,13 +660,7 @@ class ShardedDiLoCo(DiLoCo):
                 raise ValueError("load_state_dict: expected a state without fragments as constructed, got a streaming "
                                  f"state (fragments={meta_stream['fragments']})")
             return
-        if meta_stream is None:
-            raise ValueError(f"load_state_dict: expected a streaming state (fragments={st.fragments} as constructed), "
-                             "got a state saved without fragments")
-        for k in ("fragments", "overlap_steps", "mixing"):
-            if meta_stream[k] != getattr(st, k):
-                raise ValueError(f"load_state_dict: expected {k}={getattr(st, k)!r} as constructed, "
-                                 f"got {meta_stream[k]!r}")
+        st.check_state_settings(meta_stream)
         in_flight = []
         for f, due, sync_index in meta_stream["in_flight"]:
             slot = mine["fragments"][str(f)]

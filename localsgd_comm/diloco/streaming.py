@@ -365,7 +365,8 @@ class StreamingSync:
                 "in_flight": [{"fragment": it.fragment, "due": it.due, "sync_index": it.sync_index,
                                "reduction": it.red.state()} for it in self.in_flight]}
 
-    def load_state(self, state: Optional[Dict[str, Any]]) -> None:
+    def check_state_settings(self, state: Optional[Dict[str, Any]]) -> None:
+        """A saved streaming state's settings against the constructed ones, each mismatch named."""
         if state is None:
             raise ValueError(f"load_state_dict: expected a streaming state (fragments={self.fragments} as "
                              "constructed), got a state saved without fragments")
@@ -373,6 +374,9 @@ class StreamingSync:
             if state[k] != getattr(self, k):
                 raise ValueError(f"load_state_dict: expected {k}={getattr(self, k)!r} as constructed, "
                                  f"got {state[k]!r}")
+
+    def load_state(self, state: Optional[Dict[str, Any]]) -> None:
+        self.check_state_settings(state)
         o = self.owner
         self.in_flight = [_InFlight(it["fragment"], it["due"], it["sync_index"],
                                     Reduction.from_state(it["reduction"], self.reduced_segments(it["fragment"]),
