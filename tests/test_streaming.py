@@ -47,12 +47,15 @@ def flat_params(model):
 
 
 # ---- float64 simulation of the documented algorithm (the oracle) -------------------------------------
-def simulate(world, steps, H, P, tau, mixing, ranges, lr=0.05, outer_lr=0.7, mu=0.9):
-    """Streaming DiLoCo in float64 over flat parameter vectors: inner SGD(lr) per worker, fragment
-    f = the element ranges ``ranges[f]`` of the flat vector, schedule and merge as documented."""
+def simulate(world, steps, H, P, tau, mixing, ranges, lr=0.05, outer_lr=0.7, mu=0.9, cluster=1):
+    """Streaming DiLoCo in float64 over flat parameter vectors: one replica per ``cluster``
+    consecutive ranks (1: every rank; more: hierarchical mode), stepped with inner SGD(lr) on the
+    mean of its members' gradients; fragment f = the element ranges ``ranges[f]`` of the flat
+    vector, schedule, outer step and merge as documented across the replicas."""
     base = make_model().double()
     x0 = torch.cat([p.detach().reshape(-1) for p in base.parameters()])
-    xs = [x0.clone() for _ in range(world)]
+    nr = world // cluster
+    xs = [x0.clone() for _ in range(nr)]
     theta, buf = x0.clone(), torch.zeros_like(x0)
     offs = fragment_offsets(H, P)
     masks = []
@@ -71,11 +74,12 @@ def simulate(world, steps, H, P, tau, mixing, ranges, lr=0.05, outer_lr=0.7, mu=
         return torch.cat([p.grad.reshape(-1) for p in base.parameters()])
 
     for t in range(1, steps + 1):
-        xs = [x - lr * grad(x, r, t - 1) for r, x in enumerate(xs)]
+        xs = [x - lr * sum(grad(x, c * cluster + j, t - 1) for j in range(cluster)) / cluster
+              for c, x in enumerate(xs)]
         for f, s in enumerate(offs):
             if t % H == s % H:
                 first = tau == H and not any(it[0] == f for it in in_flight)
-                g = sum(theta - x for x in xs) / world
+                g = sum(theta - x for x in xs) / nr
                 in_flight.append((f, t + tau, g))
                 if first:  # tau = H: the first sync merges the unchanged anchor
                     m = masks[f]

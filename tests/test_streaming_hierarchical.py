@@ -20,58 +20,10 @@ from localsgd_comm.diloco import HierarchicalGroups, new_hierarchical_groups
 from localsgd_comm.diloco.streaming import fragment_offsets
 
 from _mp import run_workers
-from test_streaming import batch, flat_params, make_model, train_steps  # the same model, data and loop
+from test_streaming import batch, flat_params, make_model, simulate, train_steps  # the same model, data, loop, oracle
 
 TIMEOUT = 240  # s for the slow 4-rank suite (~30-100 s on the loaded 2-core machine)
 CLUSTER = 2
-
-
-# ---- float64 simulation of the documented algorithm (the oracle) -------------------------------------
-def simulate(world, steps, H, P, tau, mixing, ranges, lr=0.05, outer_lr=0.7, mu=0.9):
-    """Hierarchical streaming DiLoCo in float64: clusters of CLUSTER consecutive ranks, each cluster
-    one replica ``x_c`` stepped with inner SGD(lr) on the mean of its members' gradients; across
-    the clusters the streaming algorithm of localsgd_comm.diloco.streaming (fragment f = the
-    element ranges ``ranges[f]`` of the flat vector; schedule, outer step and merge as documented)."""
-    base = make_model().double()
-    x0 = torch.cat([p.detach().reshape(-1) for p in base.parameters()])
-    nc = world // CLUSTER
-    xs = [x0.clone() for _ in range(nc)]
-    theta, buf = x0.clone(), torch.zeros_like(x0)
-    offs = fragment_offsets(H, P)
-    masks = []
-    for rs in ranges:
-        m = torch.zeros_like(x0, dtype=torch.bool)
-        for lo, hi in rs:
-            m[lo:hi] = True
-        masks.append(m)
-    in_flight = []
-
-    def grad(x, rank, s):
-        torch.nn.utils.vector_to_parameters(x, base.parameters())
-        base.zero_grad()
-        xb, yb = batch(rank, s, torch.float64)
-        ((base(xb) - yb) ** 2).mean().backward()
-        return torch.cat([p.grad.reshape(-1) for p in base.parameters()])
-
-    for t in range(1, steps + 1):
-        xs = [x - lr * sum(grad(x, c * CLUSTER + j, t - 1) for j in range(CLUSTER)) / CLUSTER
-              for c, x in enumerate(xs)]
-        for f, s in enumerate(offs):
-            if t % H == s % H:
-                first = tau == H and not any(it[0] == f for it in in_flight)
-                in_flight.append((f, t + tau, sum(theta - x for x in xs) / nc))
-                if first:  # tau = H: the first sync merges the unchanged anchor
-                    m = masks[f]
-                    for x in xs:
-                        x[m] = mixing * x[m] + (1 - mixing) * theta[m]
-        while in_flight and in_flight[0][1] <= t:
-            f, _, g = in_flight.pop(0)
-            m = masks[f]
-            buf[m] = mu * buf[m] + g[m]
-            theta[m] -= outer_lr * (g[m] + mu * buf[m])
-            for x in xs:
-                x[m] = mixing * x[m] + (1 - mixing) * theta[m]
-    return theta, xs
 
 
 # ---- the 4-rank suite ----------------------------------------------------------------------------------
@@ -216,7 +168,7 @@ def test_fragments_across_clusters_match_float64_simulation(suite4, P, tau):
     # every fragment sync of the 10 steps that is due by step 10 merged (started at t, due at t + TAU)
     started = [t for t in range(1, SIM_STEPS + 1) for s in fragment_offsets(SIM_H, P) if t % SIM_H == s % SIM_H]
     assert stats["syncs"] == sum(t + tau <= SIM_STEPS for t in started) and stats["skipped_syncs"] == 0
-    theta, xs = simulate(4, SIM_STEPS, SIM_H, P, tau, mixing, ranges)
+    theta, xs = simulate(4, SIM_STEPS, SIM_H, P, tau, mixing, ranges, cluster=CLUSTER)
     for r, out in enumerate(suite4):
         # fp32 run vs float64 oracle: ~10 inner + 5 outer fp32 roundings of O(1) values, and the
         # cluster's gradient mean summed in another order; 1e-5 absolute leaves a wide margin over
