@@ -10,7 +10,10 @@ Usage (an existing DDP script changes in three lines)::
 
 What happens
 ------------
-* Construction broadcasts every parameter (and buffer) from rank 0 of ``group`` so all
+* Construction checks that every rank of the sync group passed the same settings and holds the
+  same parameter layout (one all-gather of two digests, :mod:`.agreement`: a rank constructed
+  differently makes every rank raise a ``ValueError`` naming each differing setting), then
+  broadcasts every parameter (and buffer) from rank 0 of ``group`` so all
   replicas, and hence all anchors, start identical. Trainable parameters are moved into one
   flat buffer per (device, dtype) by re-pointing ``p.data`` at a slice of it: the fused ops
   then run once per sync over the whole model instead of once per tensor. The anchor (and

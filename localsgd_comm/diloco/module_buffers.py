@@ -1,5 +1,4 @@
-"""Module buffers (BatchNorm's running statistics and the like) under DiLoCo, and the check that
-the replicas start identical.
+"""Module buffers (BatchNorm's running statistics and the like) under DiLoCo.
 
 DDP broadcasts buffers from rank 0 before every forward; under DiLoCo nothing else touches them,
 so each rank's running statistics drift apart (measured before this module: up to 0.08 in
@@ -14,13 +13,11 @@ parameters bitwise equal). :class:`BufferSync` runs at every sync:
 3. floating buffers changed anywhere are averaged in fp32 (exact fp32 sum, divided by p: the
    same bytes on every rank), other ones (``num_batches_tracked``) are broadcast from rank 0.
 
-:func:`replicas_identical` is the construction-time check: a digest of every parameter and
-buffer all-gathered across the group; when all ranks hold the same bytes (DDP broadcast them
-already, or every rank seeded alike) DiLoCo skips its own construction broadcast.
+Whether the replicas start identical (so that DiLoCo can skip its construction broadcast) is
+checked with the settings, in :mod:`.agreement`.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Dict, List, Optional
 
 import torch
@@ -28,9 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import backend as _backend
-from .collectives import GroupReducer, carries, exact_sum, staged_broadcast
-
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from .collectives import GroupReducer, exact_sum, staged_broadcast
 
 
 def _src(group) -> int:
@@ -40,30 +35,6 @@ def _src(group) -> int:
 def _group_bytes(group) -> Optional[int]:
     g = group if group is not None else dist.group.WORLD
     return _backend.bytes_sent_on(g)
-
-
-def digest(tensors: List[torch.Tensor]) -> bytes:
-    """16 bytes identifying the exact contents (dtype, shape and bytes) of ``tensors``."""
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        t = t.detach()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.digest()
-
-
-def replicas_identical(tensors: List[torch.Tensor], group, device: torch.device) -> bool:
-    """Whether every rank of ``group`` holds the same bytes in ``tensors`` (one all-gather of a
-    16-byte digest per rank; same answer on every rank)."""
-    p = dist.get_world_size(group)
-    if p == 1:
-        return True
-    dev = device if carries(group, device) else torch.device("cpu")
-    mine = torch.frombuffer(bytearray(digest(tensors)), dtype=torch.uint8).to(dev)
-    out = torch.empty(p * mine.numel(), dtype=torch.uint8, device=dev)
-    _all_gather(out, mine, group=group)
-    return bool((out.view(p, -1) == mine).all())
 
 
 class BufferSync:

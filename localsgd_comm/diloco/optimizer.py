@@ -17,8 +17,9 @@ from .ddp import Tripwire, find_ddp, make_ddp_local, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction, derive_seed
 from .hierarchical import HierarchicalGroups, HierarchicalStreamingSync, HierarchicalSync
 from .inner import InnerWrapper, check_common_args
-from .module_buffers import BufferSync, replicas_identical
-from .streaming import StreamingSync, check_streaming_args
+from .agreement import agree, layout_summary
+from .module_buffers import BufferSync
+from .streaming import StreamingSync, check_streaming_args, resolved_mixing
 
 
 class DiLoCo(InnerWrapper):
@@ -135,12 +136,23 @@ class DiLoCo(InnerWrapper):
             if p.is_sparse:
                 raise TypeError("parameters: expected dense parameters, got a sparse one")
 
-        # ---- identical start: broadcast from rank 0 of the sync group (world in hierarchical mode) ----
+        # ---- the same settings on every rank, and an identical start: broadcast from rank 0 of the
+        # sync group (world in hierarchical mode) ----
         bgroup = None if hierarchy is not None else self.group
-        # Skipped when every rank already holds the same bytes (DDP broadcast them at its own
-        # construction): verified by a digest all-gather (16 bytes per rank), not assumed.
+        # One all-gather of two digests (32 bytes per rank, see .agreement): members constructed with
+        # other settings raise here, every one of them; the broadcast is skipped when every rank
+        # already holds the same bytes (DDP broadcast them at its own construction): verified, not assumed.
         start = list(all_params) + list(module.buffers())
-        if broadcast_init and not replicas_identical(start, bgroup, all_params[0].device):
+        settings = {"sync_every": sync_every, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
+                    "nesterov": self.nesterov, "compression": compression, "block_size": self.block_size,
+                    "error_feedback": self.error_feedback, "stochastic_rounding": self.stochastic_rounding,
+                    "overlap": self.overlap, "on_nonfinite": on_nonfinite, "broadcast_init": bool(broadcast_init),
+                    "sync_buffers": bool(sync_buffers), "fragments": fragments, "overlap_steps": overlap_steps,
+                    "mixing": None if fragments is None else resolved_mixing(mixing, overlap_steps),
+                    "hierarchy_cluster_size": hierarchy.cluster_size if hierarchy else None,
+                    "parameters": layout_summary(trainable), "buffers": layout_summary(list(module.buffers()))}
+        identical = agree(settings, start if broadcast_init else None, bgroup, all_params[0].device)
+        if broadcast_init and not identical:
             src = dist.get_global_rank(bgroup, 0) if bgroup not in (None, dist.group.WORLD) else 0
             with torch.no_grad():
                 for t in start:

@@ -137,6 +137,11 @@ def check_streaming_args(fragments, overlap_steps, mixing, sync_every: int, over
     # with hierarchy: fragments across clusters (.hierarchical.HierarchicalStreamingSync)
 
 
+def resolved_mixing(mixing: Optional[float], overlap_steps: int) -> float:
+    """``mixing`` as used: the paper's 0.5 when overlapping (``TAU > 0``) and 0 otherwise by default."""
+    return float(mixing) if mixing is not None else (0.5 if overlap_steps > 0 else 0.0)
+
+
 def fragment_offsets(sync_every: int, fragments: int) -> List[int]:
     """``s_f = floor((f + 1) H / P)``: fragment f syncs after step t when ``t % H == s_f % H``."""
     return [((f + 1) * sync_every) // fragments for f in range(fragments)]
@@ -238,7 +243,7 @@ class StreamingSync:
         self.owner = owner
         self.fragments = fragments
         self.overlap_steps = overlap_steps
-        self.mixing = float(mixing) if mixing is not None else (0.5 if overlap_steps > 0 else 0.0)
+        self.mixing = resolved_mixing(mixing, overlap_steps)
         self.segments = self._plan(owner._flats, order, fragments, align)
         self.offsets = fragment_offsets(owner.sync_every, fragments)
         self.in_flight: List[_InFlight] = []
