@@ -97,3 +97,29 @@ def test_message_groups_ranks_by_value():
     assert "sync_every: 50 on ranks [0, 1, 2], 100 on rank 3" in msg and "outer_lr" not in msg, msg
     assert mismatch_message("DiLoCo", [{"a": 1}, {"a": 1}], [4, 6]) is None
     assert "'<missing>' on rank 0, 2 on rank 1" in mismatch_message("DiLoCo", [{"a": 1}, {"a": 1, "b": 2}], [0, 1])
+
+
+def _sharded_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from test_fsdp import make_gpt, shard_model
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))  # 2 replicas of 1 shard
+    model = shard_model(make_gpt(seed=rank), mesh)
+    msgs = []
+    for kw in ({"outer_lr": 0.7 if rank == 0 else 0.5}, {"fragments": 2, "overlap_steps": rank}):
+        try:
+            DiLoCo(model, torch.optim.AdamW(model.parameters()), sync_every=4, group=mesh.get_group("replicate"),
+                   **kw)
+            msgs.append("no error")
+        except ValueError as exc:
+            msgs.append(str(exc))
+    return msgs
+
+
+def test_sharded_replicas_with_different_settings_raise_on_every_rank():
+    res = run_ranks(_sharded_worker, 2, backend="localsgd", timeout=TIMEOUT)
+    assert res[0] == res[1], res
+    lr_msg, tau_msg = res[0]
+    assert lr_msg.startswith("ShardedDiLoCo: the members of the sync group were constructed with different "
+                             "settings: outer_lr: 0.7 on rank 0, 0.5 on rank 1"), lr_msg
+    assert "overlap_steps: 0 on rank 0, 1 on rank 1" in tau_msg and "mixing: 0.0 on rank 0, 0.5 on rank 1" in tau_msg

@@ -143,14 +143,9 @@ class DiLoCo(InnerWrapper):
         # other settings raise here, every one of them; the broadcast is skipped when every rank
         # already holds the same bytes (DDP broadcast them at its own construction): verified, not assumed.
         start = list(all_params) + list(module.buffers())
-        settings = {"sync_every": sync_every, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
-                    "nesterov": self.nesterov, "compression": compression, "block_size": self.block_size,
-                    "error_feedback": self.error_feedback, "stochastic_rounding": self.stochastic_rounding,
-                    "overlap": self.overlap, "on_nonfinite": on_nonfinite, "broadcast_init": bool(broadcast_init),
-                    "sync_buffers": bool(sync_buffers), "fragments": fragments, "overlap_steps": overlap_steps,
-                    "mixing": None if fragments is None else resolved_mixing(mixing, overlap_steps),
-                    "hierarchy_cluster_size": hierarchy.cluster_size if hierarchy else None,
-                    "parameters": layout_summary(trainable), "buffers": layout_summary(list(module.buffers()))}
+        settings = self._settings(broadcast_init, sync_buffers, fragments, overlap_steps, mixing)
+        settings.update(hierarchy_cluster_size=hierarchy.cluster_size if hierarchy else None,
+                        parameters=layout_summary(trainable), buffers=layout_summary(list(module.buffers())))
         identical = agree(settings, start if broadcast_init else None, bgroup, all_params[0].device)
         if broadcast_init and not identical:
             src = dist.get_global_rank(bgroup, 0) if bgroup not in (None, dist.group.WORLD) else 0
@@ -220,6 +215,15 @@ class DiLoCo(InnerWrapper):
         self.seed = int(seed)
         self.overlap = bool(overlap)
         self.on_nonfinite = on_nonfinite
+
+    def _settings(self, broadcast_init, sync_buffers, fragments, overlap_steps, mixing) -> Dict[str, Any]:
+        """The resolved settings every member of the sync group must share (see .agreement)."""
+        return {"sync_every": self.sync_every, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
+                "nesterov": self.nesterov, "compression": self.compression, "block_size": self.block_size,
+                "error_feedback": self.error_feedback, "stochastic_rounding": self.stochastic_rounding,
+                "overlap": self.overlap, "on_nonfinite": self.on_nonfinite, "broadcast_init": bool(broadcast_init),
+                "sync_buffers": bool(sync_buffers), "fragments": fragments, "overlap_steps": overlap_steps,
+                "mixing": None if fragments is None else resolved_mixing(mixing, overlap_steps)}
 
     # ------------------------------------------------------------------ public API
     #: GradScaler.step(opt) calls step() with ``grad_scale``/``found_inf`` set instead of skipping

@@ -98,6 +98,7 @@ from torch import nn
 
 from .. import backend as _backend
 from .buffers import FLOAT_DTYPES
+from .agreement import mismatch_message
 from .collectives import GroupReducer
 from .ddp import Tripwire, find_ddp, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction
@@ -456,17 +457,22 @@ class ShardedDiLoCo(DiLoCo):
         self.shard_index = mesh.get_local_rank()
         self._reducer = GroupReducer(group)
         self.sync_size = self._reducer.size
-        # Every member must shard alike (same modules, same mesh size): checked once, before any tensor moves.
+        # Every member must shard alike (same modules, same mesh size) and pass the same settings
+        # (see .agreement): checked once, before any tensor moves.
         fingerprint = (self.shard_index, [(n, tuple(p.shape), tuple(_local(p).shape), str(p.dtype))
                                           for n, p in trainable])
+        settings = self._settings(broadcast_init, False, fragments, overlap_steps, mixing)
         prints = [None] * self.sync_size
-        dist.all_gather_object(prints, fingerprint, group=group)
-        for r, fp in enumerate(prints):
+        dist.all_gather_object(prints, (fingerprint, settings), group=group)
+        for r, (fp, _) in enumerate(prints):
             if fp != fingerprint:
                 raise ValueError(
                     f"group: expected every member to hold the same shard of the same parameters, got member {r} "
                     f"holding shard {fp[0]} ({len(fp[1])} parameters) where this rank (member {self.replica_index}) "
                     f"holds shard {fingerprint[0]} ({len(fingerprint[1])} parameters)")
+        msg = mismatch_message("ShardedDiLoCo", [st for _, st in prints], dist.get_process_group_ranks(group))
+        if msg is not None:
+            raise ValueError(msg)
 
         averaging = (self.outer_lr == 1.0 and self.outer_momentum == 0.0 and compression == "none"
                      and not self.overlap and not (fragments is not None and overlap_steps == sync_every))
