@@ -1,5 +1,6 @@
 """Members of a sync group constructed with different DiLoCo settings fail at construction, every
-one of them, with a message naming each differing setting and its value on each rank.
+one of them, with a message naming each differing setting and its value on each rank (and
+ranks that ask new_hierarchical_groups for different clusters, likewise).
 
 Before this check an ``outer_lr`` or ``outer_momentum`` that differed between ranks let the run
 finish with replicas that silently differ, and a different ``sync_every`` paired one rank's first
@@ -123,3 +124,20 @@ def test_sharded_replicas_with_different_settings_raise_on_every_rank():
     assert lr_msg.startswith("ShardedDiLoCo: the members of the sync group were constructed with different "
                              "settings: outer_lr: 0.7 on rank 0, 0.5 on rank 1"), lr_msg
     assert "overlap_steps: 0 on rank 0, 1 on rank 1" in tau_msg and "mixing: 0.0 on rank 0, 0.5 on rank 1" in tau_msg
+
+
+def _hier_worker(rank, world):
+    import localsgd_comm
+    try:
+        localsgd_comm.new_hierarchical_groups(2 if rank < 2 else 4)
+        return "no error"
+    except ValueError as exc:
+        return str(exc)
+
+
+def test_hierarchical_groups_with_different_cluster_sizes_raise_on_every_rank():
+    # before: ranks asking for other clusters waited in the store until the group timeout
+    res = run_ranks(_hier_worker, 4, backend="localsgd", timeout=TIMEOUT)
+    assert len(set(res)) == 1, res
+    assert res[0].startswith("new_hierarchical_groups: the ranks called it with different arguments: "
+                             "cluster_size: 2 on ranks [0, 1], 4 on ranks [2, 3]"), res[0]

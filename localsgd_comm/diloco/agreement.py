@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -61,10 +61,16 @@ def _group_ranks(group) -> List[int]:
     return dist.get_process_group_ranks(g) if g is not dist.group.WORLD else list(range(dist.get_world_size()))
 
 
-def mismatch_message(who: str, per_rank: Sequence[Dict[str, Any]], ranks: Sequence[int]) -> Optional[str]:
+_CONSTRUCTED = ("the members of the sync group were constructed with different settings",
+                "Every replica must pass the same settings (a node that read another configuration?); "
+                "nothing was synced")
+
+
+def mismatch_message(who: str, per_rank: Sequence[Dict[str, Any]], ranks: Sequence[int],
+                     wording: Tuple[str, str] = _CONSTRUCTED) -> Optional[str]:
     """None when every entry of ``per_rank`` (the settings of the group's members, in group order,
     ``ranks`` their global ranks) is equal; otherwise the error naming each differing setting with
-    the ranks holding each value."""
+    the ranks holding each value (``wording``: what differs, and what to do)."""
     keys = sorted({k for s in per_rank for k in s})
     parts = []
     for k in keys:
@@ -76,10 +82,7 @@ def mismatch_message(who: str, per_rank: Sequence[Dict[str, Any]], ranks: Sequen
                                               f"{_ranks_text(rs)}" for v, rs in values.items()))
     if not parts:
         return None
-    return (f"{who}: the members of the sync group were constructed with different settings: "
-            + "; ".join(parts)
-            + ". Every replica must pass the same settings (a node that read another configuration?); "
-              "nothing was synced")
+    return f"{who}: {wording[0]}: " + "; ".join(parts) + f". {wording[1]}"
 
 
 def _ranks_text(rs: List[int]) -> str:
@@ -102,7 +105,7 @@ def _gather_bytes(payload: bytes, group, dev: torch.device) -> List[bytes]:
 
 
 def agree(settings: Dict[str, Any], tensors: Optional[Sequence[torch.Tensor]], group, device: torch.device,
-          who: str = "DiLoCo") -> bool:
+          who: str = "DiLoCo", wording: Tuple[str, str] = _CONSTRUCTED) -> bool:
     """Check that every member of ``group`` passed the same ``settings`` (JSON-able values; others
     are compared by ``repr``) and return whether every member holds the same bytes in ``tensors``
     (False when ``tensors`` is None). Raises ``ValueError`` on every member when the settings
@@ -120,6 +123,6 @@ def agree(settings: Dict[str, Any], tensors: Optional[Sequence[torch.Tensor]], g
     rows = out.view(p, -1)
     if not bool((rows[:, :16] == mine[:16]).all()):
         texts = _gather_bytes(text.encode(), group, dev)
-        msg = mismatch_message(who, [json.loads(t) for t in texts], _group_ranks(group))
-        raise ValueError(msg or f"{who}: the members of the sync group were constructed with different settings")
+        msg = mismatch_message(who, [json.loads(t) for t in texts], _group_ranks(group), wording)
+        raise ValueError(msg or f"{who}: {wording[0]}")
     return tensors is not None and bool((rows[:, 16:] == mine[16:]).all())

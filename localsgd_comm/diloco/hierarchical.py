@@ -66,6 +66,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .agreement import agree
 from .buffers import FlatBuffer, Segment
 from .collectives import carries
 from .streaming import StreamingSync
@@ -100,10 +101,20 @@ def new_hierarchical_groups(cluster_size: int, *, intra_backend: Optional[str] =
     if not dist.is_initialized():
         raise RuntimeError("new_hierarchical_groups: expected an initialized default process group, got none")
     world, rank = dist.get_world_size(), dist.get_rank()
-    if not isinstance(cluster_size, int) or cluster_size < 1 or world % cluster_size != 0:
-        raise ValueError(f"cluster_size must be a positive divisor of the world size {world}, got {cluster_size!r}")
     if intra_backend is None:
         intra_backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    # dist.new_group is collective: a rank asking for other clusters (another cluster_size) would
+    # wait in the store until the group timeout (30 min by default). One all-gather of a digest first.
+    world_group = dist.group.WORLD
+    dev = (torch.device("cpu") if carries(world_group, torch.device("cpu"))
+           else torch.device("cuda", torch.cuda.current_device()))
+    agree({"cluster_size": cluster_size, "intra_backend": intra_backend, "cross_backend": cross_backend},
+          None, world_group, dev, who="new_hierarchical_groups",
+          wording=("the ranks called it with different arguments",
+                   "Every rank must call it with the same arguments; no group was created"))
+    # (the arguments are checked after the exchange: a rank that raised alone would leave the others waiting)
+    if not isinstance(cluster_size, int) or cluster_size < 1 or world % cluster_size != 0:
+        raise ValueError(f"cluster_size must be a positive divisor of the world size {world}, got {cluster_size!r}")
     num_clusters = world // cluster_size
     intra = cross = None
     for c in range(num_clusters):  # every rank creates every group, in the same order
