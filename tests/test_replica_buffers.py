@@ -1,0 +1,134 @@
+"""Module buffers (BatchNorm's running statistics, counters) across replicas in ShardedDiLoCo and
+ElasticDiLoCo: after a sync every rank holds the same buffers, the mean of what the ranks held.
+
+ShardedDiLoCo: 4 ranks on a 2-D mesh ("replicate", "shard") = 2 replicas x 2 shards, default
+group "localsgd" (gloo inside), every rank fed its own batch, so all 4 ranks' statistics differ.
+The oracle is the float64 mean of the 4 ranks' statistics just before the sync. The sync is two
+exact fp32 passes (the replica's 2 shard ranks, then the 2 replicas), each an fp32 sum of 2 values
+(one rounding, <= 2^-24 of the sum's magnitude) and a division by 2 (exact): the error is below
+2 x 2^-24 x max|x|, asserted as 3 x 2^-24 x max|x| per element (x: the 4 ranks' values).
+
+ElasticDiLoCo: 2 workers and a coordinator; the oracle is the float64 mean of the 2 workers'
+statistics before the round's sync, one exact fp32 sum of 2 values and a division by 2:
+<= 2^-24 relative, as tests/test_module_buffers.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import localsgd_comm
+
+from _dist import run_ranks
+
+TIMEOUT = 240  # s per multi-process run (4 ranks on 2 shared cores)
+EPS32 = 2.0 ** -24
+
+
+class Counter(nn.Module):
+    """A float buffer updated from the batch (an exponential mean, like BatchNorm's) and an
+    integer buffer each rank moves by its own amount."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(d))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.ema.mul_(0.9).add_(x.detach().mean(0), alpha=0.1)
+        return x
+
+
+def bn_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), Counter(32), nn.Tanh(), nn.Linear(32, 8))
+
+
+def _buffers(m):
+    return {n: b.detach().clone() for n, b in m.named_buffers()}
+
+
+def batch(rank, step):
+    g = torch.Generator().manual_seed(100 * rank + step)
+    return torch.randn(8, 16, generator=g) * (1 + rank)  # other statistics on each rank
+
+
+# ---- ShardedDiLoCo ---------------------------------------------------------------------------------------------
+def _sharded_worker(rank, world, kw, steps, sync_every):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    m = bn_model()
+    fully_shard(m, mesh=mesh["shard"])
+    opt = localsgd_comm.DiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), sync_every=sync_every,
+                               compression="none", **kw)
+    before = None
+    for s in range(steps):
+        (m(batch(rank, s)) ** 2).mean().backward()
+        with torch.no_grad():
+            m[2].count.add_(rank + 1)  # an integer buffer that differs between all ranks
+        if s == steps - 1:  # the last step's forward moved the statistics: what its sync averages
+            before = _buffers(m)
+        opt.step()
+        opt.zero_grad()
+    for mod in m.modules():
+        if hasattr(mod, "reshard"):
+            mod.reshard()
+    full = {n: p.full_tensor().detach().clone() for n, p in m.named_parameters()}
+    return {"before": before, "after": _buffers(m), "params": full, "stats": dict(opt.stats)}
+
+
+def _check_synced(out, ranks):
+    """Every rank of ``ranks`` holds the same buffers: floating ones the float64 mean of what
+    they held before the sync, integer ones rank ranks[0]'s."""
+    first = out[ranks[0]]
+    for n, a in first["after"].items():
+        for r in ranks[1:]:
+            assert torch.equal(out[r]["after"][n], a), (n, r)
+        if a.is_floating_point():
+            xs = torch.stack([out[r]["before"][n].double() for r in ranks])
+            oracle = xs.mean(0)
+            assert not torch.equal(xs[0], xs[1]), n  # the ranks differed: something to average
+            tol = 3 * EPS32 * xs.abs().amax(0)
+            err = (a.double() - oracle).abs()
+            assert bool((err <= tol).all()), (n, err.max().item())
+        else:
+            assert torch.equal(a, first["before"][n]), n
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_sharded_buffers_are_averaged_over_every_rank(streaming):
+    """Fails before sync_buffers in ShardedDiLoCo: each rank keeps its own BatchNorm statistics
+    (the parameters are equal across replicas, the buffers differ on all 4 ranks)."""
+    kw = {"fragments": 2, "overlap_steps": 1} if streaming else {}
+    out = run_ranks(_sharded_worker, 4, kw, 6, 3, backend="localsgd", timeout=TIMEOUT)
+    _check_synced(out, [0, 1, 2, 3])
+    if not streaming:  # the parameters: replicas bitwise equal after the sync
+        for n, p in out[0]["params"].items():
+            assert torch.equal(out[2]["params"][n], p), n
+    float_bytes = 4 * (32 * 2 + 32)  # BatchNorm's running mean and var, the ema: fp32
+    for r in out:
+        st = r["stats"]
+        # two syncs, each pass at least the float buffers' ring volume 2 (p-1)/p = 1 x their bytes
+        assert st["intra_bytes_sent"] >= 2 * float_bytes, st
+        assert st["buffer_bytes_sent"] >= 2 * 2 * float_bytes, st
+        assert st["buffer_bytes_sent"] - st["intra_bytes_sent"] >= 2 * float_bytes, st  # the cross pass
+        assert st["bytes_sent"] > st["buffer_bytes_sent"] - st["intra_bytes_sent"], st  # plus the syncs'
+
+
+def test_sharded_sync_buffers_false_keeps_them_local():
+    out = run_ranks(_sharded_worker, 4, {"sync_buffers": False}, 3, 3, backend="localsgd", timeout=TIMEOUT)
+    for r in out:
+        assert r["stats"]["buffer_bytes_sent"] == 0
+        for n, b in r["after"].items():  # nothing touched them after the last forward
+            assert torch.equal(b, r["before"][n]), n
+    for n in out[0]["after"]:
+        if n.endswith("running_mean"):
+            for r in range(1, 4):
+                assert not torch.equal(out[r]["after"][n], out[0]["after"][n]), (n, r)
+    for n, p in out[0]["params"].items():
+        assert torch.equal(out[2]["params"][n], p), n
