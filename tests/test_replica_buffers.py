@@ -132,3 +132,151 @@ def test_sharded_sync_buffers_false_keeps_them_local():
                 assert not torch.equal(out[r]["after"][n], out[0]["after"][n]), (n, r)
     for n, p in out[0]["params"].items():
         assert torch.equal(out[2]["params"][n], p), n
+
+
+# ---- ElasticDiLoCo ---------------------------------------------------------------------------------------------
+def _elastic_worker(rank, world, kw, steps, sync_every):
+    import os
+    from localsgd_comm.elastic import ElasticDiLoCo
+    coord = f"127.0.0.1:{os.environ['MASTER_PORT']}"  # the parent's store serves as the coordinator
+    m = bn_model()
+    opt = ElasticDiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), coordinator=coord, worker_id=f"w{rank}",
+                        sync_every=sync_every, compression="none", min_workers=world, initial_workers=world,
+                        run_id="buffers" + "".join(f"{k}{v}" for k, v in sorted(kw.items())), timeout_s=20,
+                        dead_after_s=4.0, heartbeat_s=0.5, **kw)
+    before = None
+    try:
+        for s in range(steps):
+            (m(batch(rank, s)) ** 2).mean().backward()
+            with torch.no_grad():
+                m[2].count.add_(rank + 1)
+            if s == steps - 1:
+                before = _buffers(m)
+            opt.step()
+            opt.zero_grad()
+        stats, rounds = dict(opt.stats), opt.round
+        params = [p.detach().clone() for p in m.parameters()]
+    finally:
+        opt.close()
+    return {"before": before, "after": _buffers(m), "params": params, "stats": stats, "rounds": rounds}
+
+
+def _check_elastic_synced(out):
+    for n, a in out[0]["after"].items():
+        assert torch.equal(out[1]["after"][n], a), n
+        if a.is_floating_point():
+            x0, x1 = out[0]["before"][n].double(), out[1]["before"][n].double()
+            assert not torch.equal(x0, x1), n
+            oracle = (x0 + x1) / 2
+            # fp32 sum of 2 values and a division by 2: one rounding, <= 2^-24 relative
+            assert torch.allclose(a.double(), oracle, rtol=2 ** -23, atol=0), (n, (a.double() - oracle).abs().max())
+        else:  # the first trainer's
+            assert any(torch.equal(a, o["before"][n]) for o in out), n
+    assert not torch.equal(out[0]["before"]["2.count"], out[1]["before"]["2.count"])
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("kw", [{}, {"fragments": 2}])
+def test_elastic_buffers_are_averaged_every_round(kw):
+    """2 workers, no failure: after the last round (streaming: the last fragment's round, at the end
+    of the cycle) both workers hold the same buffers, the mean of theirs. Fails before sync_buffers
+    in ElasticDiLoCo (each worker kept its own statistics)."""
+    out = run_ranks(_elastic_worker, 2, kw, 6, 3, backend=None, timeout=120)
+    _check_elastic_synced(out)
+    if not kw:  # whole-model rounds: the parameters too (streaming: only the last fragment's)
+        for a, b in zip(out[0]["params"], out[1]["params"]):
+            assert torch.equal(a, b)
+    float_bytes = 4 * (32 * 2 + 32)
+    for r in out:
+        assert r["stats"]["buffer_bytes_sent"] >= 2 * float_bytes, r["stats"]  # 2 cycles, ring share 1
+        assert r["stats"]["bytes_sent"] > r["stats"]["buffer_bytes_sent"]
+
+
+@pytest.mark.timeout(150)
+def test_elastic_sync_buffers_false_keeps_them_local():
+    out = run_ranks(_elastic_worker, 2, {"sync_buffers": False}, 3, 3, backend=None, timeout=120)
+    for r in out:
+        assert r["stats"]["buffer_bytes_sent"] == 0
+        for n, b in r["after"].items():
+            assert torch.equal(b, r["before"][n]), n
+    assert not torch.equal(out[0]["after"]["1.running_mean"], out[1]["after"]["1.running_mean"])
+
+
+class _FailingReducer:
+    """A Reducer of 2 ranks whose peer holds 3x every buffer x, and whose link breaks at its
+    ``fail_at``-th collective (1: the marks, 2: the floating buffers' sum, 3: the integer
+    buffers' all-gather, when the floating ones are written already)."""
+
+    size = 2
+
+    def __init__(self, fail_at):
+        self.calls, self.fail_at = 0, fail_at
+
+    def _call(self):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise RuntimeError("link down")
+
+    def composes_sum(self, device):
+        return False
+
+    def all_reduce_sum(self, buf):
+        from localsgd_comm.diloco.collectives import Deferred
+        self._call()
+        buf.add_(buf * 3)  # mine + the peer's
+        return Deferred(lambda: None)
+
+    def all_gather(self, out, inp):
+        self._call()
+        out[:inp.numel()].copy_(inp)
+        out[inp.numel():].copy_(inp)
+
+
+def _redo_worker(rank, world):
+    import os
+    from localsgd_comm.elastic import ElasticDiLoCo
+    coord = f"127.0.0.1:{os.environ['MASTER_PORT']}"
+    m = bn_model()
+    opt = ElasticDiLoCo(m, torch.optim.SGD(m.parameters(), lr=0.1), coordinator=coord, worker_id="w0",
+                        sync_every=1000, compression="none", run_id="redo", timeout_s=20)
+    try:
+        m(batch(0, 0))
+        with torch.no_grad():
+            m[2].count.add_(5)
+        before = _buffers(m)
+        out = {}
+        for fail_at in (2, 3):
+            opt._buffers_due = True
+            with pytest.raises(RuntimeError, match="link down"):
+                opt._attempt(_FailingReducer(fail_at))
+            half = _buffers(m)
+            opt._abandon(None)  # the redo
+            out[fail_at] = (half, _buffers(m))
+            opt._buffers_due = False
+        # the redo's sync: every buffer changed since the construction, so all of them are averaged
+        opt._buffers_due = True
+        opt._buffer_sync.sync(opt.stats, measure=False, reducer=_FailingReducer(99))
+        opt._buffers_due = False
+        redone = _buffers(m)
+    finally:
+        opt.close()
+    return before, out, redone
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_round_leaves_the_buffers_as_before_it():
+    """The redo semantics: an attempt that fails after some buffers were averaged (the link breaks
+    at the integer buffers' exchange) leaves them half written; abandoning it restores the buffers
+    and the snapshots the next sync compares with, so the redo averages them again from the
+    values before the failed attempt."""
+    before, out, redone = run_ranks(_redo_worker, 1, backend=None, timeout=100)[0]
+    half3, after3 = out[3]
+    assert not torch.equal(half3["1.running_mean"], before["1.running_mean"])  # half written
+    for fail_at in (2, 3):
+        for n, b in out[fail_at][1].items():
+            assert torch.equal(b, before[n]), (fail_at, n)
+    for n, b in redone.items():
+        if b.is_floating_point() and not torch.equal(before[n], torch.zeros_like(before[n])):
+            # the peer holds 3x: (x + 3x) / 2 in fp32 as exact_sum computes it, from the values before
+            # the failed attempts (bitwise)
+            assert torch.equal(b, (before[n] + before[n] * 3) / 2), n
