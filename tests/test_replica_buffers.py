@@ -22,6 +22,7 @@ from torch import nn
 import localsgd_comm
 
 from _dist import run_ranks
+from test_elastic import _survivors_identical, job_factory  # noqa: F401  (fixture)
 
 TIMEOUT = 240  # s per multi-process run (4 ranks on 2 shared cores)
 EPS32 = 2.0 ** -24
@@ -280,3 +281,39 @@ def test_a_failed_round_leaves_the_buffers_as_before_it():
             # the peer holds 3x: (x + 3x) / 2 in fp32 as exact_sum computes it, from the values before
             # the failed attempts (bitwise)
             assert torch.equal(b, (before[n] + before[n] * 3) / 2), n
+
+
+# ---- ElasticDiLoCo end to end: a death mid-round, a worker that is a DDP cluster ---------------------------------
+# tests/test_elastic.py's Job: a real coordinator and worker processes (tests/scripts/elastic_worker.py
+# --batchnorm: a BatchNorm1d in the model; "buffers" is a digest of its buffers after the last round)
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_elastic_buffers_identical_after_a_death_mid_allreduce(job_factory):
+    """w1 dies in round 2's pseudo-gradient all-reduce, after that attempt averaged the buffers
+    with it: the survivors restore them, redo the round without w1 and end with identical
+    buffers (and parameters, anchor, momentum)."""
+    job = job_factory(**{"initial-workers": 3, "batchnorm": True})
+    for w in ("w0", "w1", "w2"):
+        job.start(w, kill="w1:2:allreduce")
+    codes = job.wait()
+    assert codes["w1"] == -9 and codes["w0"] == 0 and codes["w2"] == 0, codes
+    res = _survivors_identical(job, ["w0", "w2"], 6)
+    assert res["w0"]["buffers"] == res["w2"]["buffers"]
+    assert res["w0"]["stats"]["redone_rounds"] == 1 and res["w0"]["stats"]["buffer_bytes_sent"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_elastic_buffers_identical_on_every_process_of_a_ddp_cluster(job_factory):
+    """Worker B is 2 processes with DDP inside: its leader syncs the buffers in the round and hands
+    them to its rank 1 with the round's outcome; A, B0 and B1 end with the same buffers."""
+    from localsgd_comm.bench.launch import free_port
+    job = job_factory(**{"initial-workers": 2, "rounds": 4, "batchnorm": True})
+    job.start("A")
+    port = free_port()
+    for r in (0, 1):
+        job.start("B", name=f"B{r}", **{"replica-size": 2, "replica-rank": r, "replica-port": port})
+    codes = job.wait()
+    assert all(c == 0 for c in codes.values()), codes
+    res = _survivors_identical(job, ["A", "B0", "B1"], 4)
+    assert res["A"]["buffers"] == res["B0"]["buffers"] == res["B1"]["buffers"], {w: r["buffers"] for w, r in res.items()}
