@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import backend as _backend
-from .collectives import GroupReducer, Reducer, carries, exact_sum, staged_broadcast
+from .collectives import GroupReducer, carries, exact_sum, staged_broadcast
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -70,7 +70,7 @@ class BufferSync:
     """Averages a module's floating buffers (and broadcasts its other ones from rank 0) across
     ``group`` at every call; see the module docstring.
 
-    ``group=None``: no group of its own; every :meth:`sync` passes the :class:`Reducer` to sync
+    ``group=None``: no group of its own; every :meth:`sync` passes the :class:`~.collectives.Reducer` to sync
     over (elastic DiLoCo: the group of the round's attempt, which changes with the members)."""
 
     def __init__(self, module: nn.Module, group, stage_device: Optional[torch.device] = None):
@@ -91,12 +91,13 @@ class BufferSync:
             for t, s in zip(self.buffers + self._snap, saved):
                 t.copy_(s)
 
-    def sync(self, stats: Dict[str, int], measure: bool = True, reducer: Optional[Reducer] = None) -> None:
+    def sync(self, stats: Dict[str, int], measure: bool = True, reducer=None) -> None:
         """Average/broadcast the buffers changed on any rank; their bytes go to
         ``stats["buffer_bytes_sent"]`` and ``stats["bytes_sent"]``. ``measure=False`` (another
         collective of the group may be in flight, whose bytes the counters would mix in): the
-        algorithms' volumes instead of the group's counters. ``reducer``: sync over it instead of
-        ``group`` (volumes counted, non-floating buffers all-gathered and rank 0's kept)."""
+        algorithms' volumes instead of the group's counters. ``reducer`` (a
+        :class:`~.collectives.Reducer`): sync over it instead of ``group`` (volumes counted,
+        non-floating buffers all-gathered and rank 0's kept)."""
         own = reducer is None
         if own:
             if self._reducer is None:
