@@ -70,8 +70,9 @@ class BufferSync:
     """Averages a module's floating buffers (and broadcasts its other ones from rank 0) across
     ``group`` at every call; see the module docstring.
 
-    ``group=None``: no group of its own; every :meth:`sync` passes the :class:`~.collectives.Reducer` to sync
-    over (elastic DiLoCo: the group of the round's attempt, which changes with the members)."""
+    ``group=None``: no group of its own; every :meth:`sync` passes the
+    :class:`~.collectives.Reducer` to sync over (elastic DiLoCo: the group of the round's
+    attempt, which changes with the members)."""
 
     def __init__(self, module: nn.Module, group, stage_device: Optional[torch.device] = None):
         self.group = group
