@@ -98,7 +98,9 @@ Sharded replicas (FSDP2)
 ------------------------
 A model sharded with ``fully_shard(module, mesh=mesh["shard"])`` on a 2-D mesh
 ``("replicate", "shard")`` is synced across ``group=mesh.get_group("replicate")`` shard by shard,
-with outer state for the local shards only: see :mod:`localsgd_comm.diloco.sharded`.
+with outer state for the local shards only: see :mod:`localsgd_comm.diloco.sharded`. Module
+buffers (which FSDP2 does not shard) are averaged over every rank of every replica at each sync,
+as hierarchical mode averages them over its whole world.
 
 Non-finite pseudo-gradients
 ---------------------------

@@ -28,10 +28,31 @@ What each rank keeps and does
   all-gathers and reduce-scatters, which run on the shard group).
 * Every member of ``group`` dequantizes the same bytes into the same anchor, so after each sync
   every replica's full parameters (``p.full_tensor()``) are bitwise identical.
-* Construction broadcasts the local shards (and the module buffers) once across ``group`` from
+* Construction broadcasts the local shards (and the module buffers; later syncs average these,
+  see "Module buffers") once across ``group`` from
   its rank 0 (one broadcast per dtype: ``local_shard_numel x element size`` bytes sent by that
   rank, a 64-byte call header by each other member; recorded in ``stats["init_bytes"]``);
   ``broadcast_init=False`` skips it when the replicas start identical from the same seed.
+
+Module buffers (BatchNorm's running statistics, counters)
+---------------------------------------------------------
+FSDP2 does not shard buffers: every rank holds the whole buffer and updates it from its own
+batch, so the ranks of one replica drift apart as well as the replicas. With
+``sync_buffers=True`` (the default, as for ``DiLoCo``) every sync leaves every rank of every
+replica holding the same buffers, as hierarchical ``DiLoCo`` does over its whole world: floating
+buffers changed on any rank become the mean over all ``R x S`` ranks, other buffers
+(``num_batches_tracked``) the values of the mesh's first rank (replica 0, shard 0). It is two
+:class:`~.module_buffers.BufferSync` passes (:class:`ShardedBufferSync`), the same rules as
+``DiLoCo``'s (only buffers changed somewhere are sent; exact fp32 sums): first over the shard group
+(the replica's mean, on the fast intra-replica link; counted in ``stats["intra_bytes_sent"]``),
+then over ``group`` (the mean of the replicas' means, which every shard rank computes from the
+same bytes; counted in ``stats["bytes_sent"]``). Both go to ``stats["buffer_bytes_sent"]``. The
+mean of the means is the mean of all ranks (every replica has S ranks) up to fp32 rounding
+(two sums and two divisions), and bitwise the same on every rank. In streaming mode the buffers
+are synced once per round of fragments, at its last step (``sync_every`` divides the step),
+before that step's merges and starts, with the replicate group's bytes estimated when a
+fragment's reduce is in flight (as unsharded streaming). ``sync_buffers=False`` leaves each
+rank's buffers its own after the construction broadcast.
 
 ``group`` omitted: the parameters' mesh must be a dimension of a 2-D mesh (``mesh["shard"]``);
 the other (first) dimension of that mesh is taken as the replicate dimension. A 1-D mesh
@@ -103,6 +124,7 @@ from .collectives import GroupReducer
 from .ddp import Tripwire, find_ddp, unwrap_compiled
 from .engine import OuterConfig, OuterEngine, Reduction
 from .inner import check_common_args
+from .module_buffers import BufferSync
 from .optimizer import DiLoCo
 from .streaming import StreamingSync, _InFlight, _min_max_cuts, check_streaming_args
 
@@ -337,6 +359,31 @@ def _replicate_ranks(mesh, rank: int) -> Optional[List[int]]:
     return sorted(out)
 
 
+class ShardedBufferSync:
+    """Module buffers over sharded replicas (see "Module buffers" in the module docstring): a
+    :class:`~.module_buffers.BufferSync` over the shard group (the ranks of this replica), then
+    one over the replicate group (this shard rank's counterparts in the other replicas). Its
+    ``sync(stats, measure)`` is ``BufferSync.sync``'s: the shard group's bytes go to
+    ``stats["intra_bytes_sent"]``, the replicate group's to ``stats["bytes_sent"]``, both to
+    ``stats["buffer_bytes_sent"]``."""
+
+    def __init__(self, module: nn.Module, shard_group, replicate_group):
+        dt = [n for n, b in module.named_buffers() if _is_dtensor(b)]
+        if dt:
+            raise ValueError(f"sync_buffers: expected plain tensor buffers (fully_shard leaves buffers unsharded), "
+                             f"got DTensor buffers {dt[:3]}; pass sync_buffers=False and sync them yourself")
+        self.intra = BufferSync(module, shard_group)
+        self.cross = BufferSync(module, replicate_group)
+
+    def sync(self, stats: Dict[str, int], measure: bool = True) -> None:
+        # measured on the shard group: FSDP's collectives there have all finished when step() runs
+        local = {"bytes_sent": 0, "buffer_bytes_sent": 0}
+        self.intra.sync(local)
+        stats["intra_bytes_sent"] += local["bytes_sent"]
+        stats["buffer_bytes_sent"] = stats.get("buffer_bytes_sent", 0) + local["buffer_bytes_sent"]
+        self.cross.sync(stats, measure=measure)
+
+
 class ShardedDiLoCo(DiLoCo):
     """DiLoCo over FSDP2-sharded replicas; see the module docstring. ``DiLoCo(...)`` returns one
     when the model's or the inner optimizer's parameters are DTensors; the sync schedule, the
@@ -349,8 +396,8 @@ class ShardedDiLoCo(DiLoCo):
                  compression: str = "int8", block_size: Optional[int] = None, error_feedback: bool = False,
                  stochastic_rounding: bool = False, seed: int = 0, group=None, hierarchy=None,
                  overlap: bool = False, state_device=None, on_nonfinite: str = "skip", broadcast_init: bool = True,
-                 fragments: Optional[int] = None, overlap_steps: int = 0, mixing: Optional[float] = None,
-                 **unsupported):
+                 sync_buffers: bool = True, fragments: Optional[int] = None, overlap_steps: int = 0,
+                 mixing: Optional[float] = None, **unsupported):
         if unsupported:
             raise ValueError(f"DiLoCo over an FSDP2 model: {sorted(unsupported)} not supported with sharded "
                              "replicas (yet)")
@@ -519,6 +566,9 @@ class ShardedDiLoCo(DiLoCo):
                         if fragments is not None else None)
         fp32_ring_bytes = sum(_backend.ddp_bytes_per_rank(f.numel, 1, self.sync_size) for f in self._flats)
         self._tripwire = Tripwire([group], {"calls": 0}, fp32_ring_bytes, sync_every)
+        # module buffers: averaged over every rank of every replica at each sync (see "Module buffers")
+        self.stats["buffer_bytes_sent"] = 0
+        self._buffer_sync = ShardedBufferSync(module, mesh.get_group(), group) if sync_buffers else None
 
     # ------------------------------------------------------------------ hooks of DiLoCo
     def _check_params(self, where: str) -> None:

@@ -22,6 +22,12 @@ sends it anchor, outer momentum and counters over a process group of their own, 
 on it is bitwise identical to the others. ``stats`` and ``events`` record every membership
 change; the ``localsgd_comm.elastic`` logger logs them.
 
+Module buffers (BatchNorm statistics; ``sync_buffers=True``, the default): synced in every round
+over its trainers by ``DiLoCo``'s rules (floating ones averaged, others the first trainer's),
+inside the round's attempt, so a redo restores them and syncs them again among the survivors; a
+joiner receives them with the state. With ``fragments=P`` once per ``sync_every`` steps, in the
+last fragment's round.
+
 Streaming (``fragments=P``, ``overlap_steps=0``; :mod:`.streaming`): every fragment sync is a
 round of its own (its own members and commit); a death mid-fragment redoes that fragment only,
 and a joiner receives the anchors and momenta of every fragment.

@@ -15,6 +15,7 @@ from ..diloco.collectives import staged_broadcast
 from ..diloco.ddp import find_ddp, unwrap_compiled
 from ..diloco.engine import OuterConfig, OuterEngine, Reduction
 from ..diloco.inner import InnerWrapper, check_outer_args, resolve_block_size
+from ..diloco.module_buffers import BufferSync
 from .manager import RoundManager
 from .streaming import FragmentSchedule, check_elastic_streaming_args
 
@@ -50,6 +51,12 @@ class ElasticDiLoCo(InnerWrapper):
             each fragment sync a round of its own (quorum, all-reduce, commit); a death mid-fragment
             redoes that fragment only. ``overlap_steps`` must be 0 (a reduce in flight across a
             membership change is not built). ``fragments=None`` (default): whole-model rounds.
+        sync_buffers: in every round (streaming: the round of the last fragment, once per
+            ``sync_every`` steps) average the module's floating buffers (BatchNorm statistics)
+            over the round's trainers and give the others the first trainer's values, by
+            ``DiLoCo``'s rules (:mod:`localsgd_comm.diloco.module_buffers`), as part of the round:
+            a redo first restores them. ``False`` leaves each worker's buffers its own (a joiner
+            still receives its donor's). Every worker of a job must agree on it.
     """
 
     _step_supports_amp_scaling = False
@@ -61,7 +68,7 @@ class ElasticDiLoCo(InnerWrapper):
                  quorum_timeout_s: float = 300.0, timeout_s: float = 30.0, dead_after_s: float = 3.0,
                  heartbeat_s: float = 0.5, run_id: str = "run", initial_workers: Optional[int] = None,
                  replica_group=None, overlap: bool = False, fragments: Optional[int] = None,
-                 overlap_steps: int = 0):
+                 overlap_steps: int = 0, sync_buffers: bool = True):
         if overlap:
             raise ValueError("ElasticDiLoCo: overlap=True is not supported: the delayed outer step keeps a reduce in "
                              "flight across the round boundary, which a membership change would have to cancel half "
@@ -119,6 +126,11 @@ class ElasticDiLoCo(InnerWrapper):
             if p.dtype not in FLOAT_DTYPES or p.is_sparse or p.device.type not in ("cpu", "cuda"):
                 raise TypeError(f"parameters: expected dense float CPU or CUDA parameters, got {p.dtype} on {p.device}")
         self._buffers = [b for b in module.buffers()]
+        self.sync_buffers = bool(sync_buffers)
+        # module buffers: synced over each round's attempt group (BufferSync without a group of its own)
+        self._buffer_sync = BufferSync(module, None) if self.sync_buffers else None
+        self._buffers_due = False  # whether the current round syncs them
+        self._buffer_backup: Optional[List[torch.Tensor]] = None  # as before the attempt (a redo restores it)
         align = block_size if compression != "none" else 1
         # The outer state lives in host memory whatever the parameters' device: a round's group is
         # made per membership over TCP (gloo), and its collectives, the state transfer to joiners
@@ -138,7 +150,7 @@ class ElasticDiLoCo(InnerWrapper):
 
         self.stats: Dict[str, Any] = {"rounds": 0, "attempts": 0, "redone_rounds": 0, "left": 0, "joined": 0,
                                       "left_out": 0, "recovery_s": 0.0, "bytes_sent": 0, "join_bytes_sent": 0,
-                                      "join_bytes_received": 0}
+                                      "join_bytes_received": 0, "buffer_bytes_sent": 0}
         if fragments is not None:
             # committed fragment rounds per fragment, and redone attempts per fragment
             self.stats["fragment_rounds"] = [0] * fragments
@@ -176,7 +188,8 @@ class ElasticDiLoCo(InnerWrapper):
         return {"compression": self.compression, "block_size": self.block_size, "sync_every": self.sync_every,
                 "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum, "nesterov": self.nesterov,
                 "error_feedback": self.error_feedback, "fragments": self.fragments,
-                "overlap_steps": self.overlap_steps, "format_version": __version__}
+                "overlap_steps": self.overlap_steps, "sync_buffers": self.sync_buffers,
+                "format_version": __version__}
 
     # ------------------------------------------------------------------ public API
     def step(self, closure=None):
@@ -252,17 +265,24 @@ class ElasticDiLoCo(InnerWrapper):
         if self._schedule is not None:
             raise RuntimeError("ElasticDiLoCo.sync(): in streaming mode (fragments=...) each fragment syncs in its own "
                                "round inside step()")
-        if not self._leader:
-            self._receive()
-            return
-        red, p = self._manager.run_round(self._attempt, self._commit, self._abandon)
-        if self._replica is not None:
-            self._share(red, p)
+        self._buffers_due = self._buffer_sync is not None
+        try:
+            if not self._leader:
+                self._receive()
+                return
+            red, p = self._manager.run_round(self._attempt, self._commit, self._abandon)
+            if self._replica is not None:
+                self._share(red, p)
+        finally:
+            self._buffers_due, self._buffer_backup = False, None
 
     def _sync_fragment(self, f: int) -> None:
         """Fragment ``f``'s round (streaming): the round of :meth:`sync` over its segments only."""
         self._round_segments = self._schedule.segments[f]
         self._manager.context = {"fragment": f}
+        # module buffers: once per cycle of fragments, in the round of the last one (due when
+        # sync_every divides the step), as DiLoCo's streaming syncs them at the end of each cycle
+        self._buffers_due = self._buffer_sync is not None and f == self._schedule.fragments - 1
         redos = self.stats["redone_rounds"]
         try:
             if not self._leader:
@@ -277,21 +297,31 @@ class ElasticDiLoCo(InnerWrapper):
             self.stats["fragment_redos"][f] += self.stats["redone_rounds"] - redos
             self._round_segments = self._segments
             self._manager.context = {}
+            self._buffers_due, self._buffer_backup = False, None
 
     def _attempt(self, reducer) -> Reduction:
         """Compress every buffer's pseudo-gradient and all-reduce it over the round's trainers. A
         redo starts from the same residual (kept here): anchor and parameters are unchanged until
-        the commit."""
+        the commit. Module buffers (when due) are averaged in place over the same trainers first,
+        from a backup a redo restores: a failed attempt may have written some of them."""
+        self._buffer_backup = None
+        if self._buffers_due:
+            self._buffer_backup = self._buffer_sync.backup()
+            self._buffer_sync.sync(self.stats, measure=False, reducer=reducer)
         red = self._engine.start(self._round_segments, reducer, keep_backup=True, probe=self._manager.faults)
         self.stats["bytes_sent"] += red.bytes_sent
         return red
 
     def _commit(self, red: Reduction, p: int) -> None:
         self._engine.apply(red)
+        self._buffer_backup = None
 
     def _abandon(self, red: Optional[Reduction]) -> None:
         if red is not None:
             self._engine.restore_residuals(red)
+        if self._buffer_backup is not None:  # the buffers as before the failed attempt
+            self._buffer_sync.restore(self._buffer_backup)
+            self._buffer_backup = None
 
     # ------------------------------------------------------------------ replicas of several processes
     def _ctrl(self, kind: int, p: int) -> torch.Tensor:
@@ -310,6 +340,9 @@ class ElasticDiLoCo(InnerWrapper):
         self._rbcast(torch.frombuffer(bytearray(json.dumps(self._manager.members).encode()), dtype=torch.uint8))
         for t in red.tensors() if red is not None else self._state_tensors():
             self._rbcast(t)
+        if red is not None and self._buffers_due:  # the module buffers the round synced
+            for b in self._buffers:
+                self._rbcast(b.data)
 
     def _receive(self) -> None:
         """A replica's other rank: the outcome its leader broadcasts. If the leader died, the
@@ -326,6 +359,9 @@ class ElasticDiLoCo(InnerWrapper):
             for t in red.tensors():
                 self._rbcast(t)
             self._engine.apply(red)
+            if self._buffers_due:
+                for b in self._buffers:
+                    self._rbcast(b.data)
         else:
             for t in self._state_tensors():
                 self._rbcast(t)

@@ -22,7 +22,7 @@ from torch import nn
 def digest(ts) -> str:
     h = hashlib.sha256()
     for t in ts:
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--replica-rank", type=int, default=0)
     ap.add_argument("--replica-port", type=int, default=0, help="the replica's own rendezvous port")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (every worker on GPU 0)")
+    ap.add_argument("--batchnorm", action="store_true", help="a BatchNorm1d in the model (module buffers)")
     ap.add_argument("--plain-logging", action="store_true", help="configure no logging (the library's default)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -68,7 +69,8 @@ def main() -> int:
 def train(a, localsgd_comm) -> int:
     torch.manual_seed(0)
     dev = torch.device(a.device)
-    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8)).to(dev)
+    norm = [nn.BatchNorm1d(64)] if a.batchnorm else []
+    model = nn.Sequential(nn.Linear(32, 64), *norm, nn.Tanh(), nn.Linear(64, 8)).to(dev)
     target = torch.randn(32, 8, generator=torch.Generator().manual_seed(123)).to(dev)
     replica = None
     wrapped = model
@@ -104,12 +106,14 @@ def train(a, localsgd_comm) -> int:
         opt.zero_grad()
         if a.step_sleep:
             time.sleep(a.step_sleep)
+    buffers = digest(list(model.buffers()))  # before the evaluation forward (train mode) moves them
     with torch.no_grad():  # on a fixed batch: the same value on every member (identical parameters)
         x = torch.randn(64, 32, generator=torch.Generator().manual_seed(7)).to(dev)
         loss = ((model(x) - x @ target) ** 2).mean()
     moms = [f.momentum for f in opt._flats if f.momentum is not None]
     out = {"id": a.id, "me": opt.me, "round": opt.round, "local_step": opt.local_step, "members": opt.members,
            "anchor": digest(opt.anchors()), "momentum": digest(moms), "params": digest(list(model.parameters())),
+           "buffers": buffers,
            "loss": float(loss.detach()), "stats": opt.stats, "events": opt.events, "seconds": time.monotonic() - t0}
     opt.close()
     with open(a.out, "w") as f:
