@@ -508,7 +508,7 @@ class ShardedDiLoCo(DiLoCo):
         # (see .agreement): checked once, before any tensor moves.
         fingerprint = (self.shard_index, [(n, tuple(p.shape), tuple(_local(p).shape), str(p.dtype))
                                           for n, p in trainable])
-        settings = self._settings(broadcast_init, False, fragments, overlap_steps, mixing)
+        settings = self._settings(broadcast_init, sync_buffers, fragments, overlap_steps, mixing)
         prints = [None] * self.sync_size
         dist.all_gather_object(prints, (fingerprint, settings), group=group)
         for r, (fp, _) in enumerate(prints):
