@@ -453,7 +453,8 @@ def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
     if bar is not None:
         bar.close()
     # every worker's parameters bitwise equal at the end? (a 16-byte digest per rank, after the
-    # last record: not in the byte counts)
+    # last record: not in the byte counts). Streaming runs: no, by design (each fragment has
+    # trained locally since its own last merge).
     identical = replicas_identical(topo.replica_tensors(model), None, device)
     dist.barrier()
     if rank != 0:
