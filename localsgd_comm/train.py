@@ -10,7 +10,8 @@ Reusable API (benchmarks)::
 
     from localsgd_comm.train import TrainConfig, run_training
     metrics = run_training(TrainConfig(mode="diloco", workers=2, sync_every=25, steps=200))
-    metrics["records"]  # per step: step, wall_s, tokens, bytes_sent, loss (+ val_loss at evals)
+    metrics["records"]  # per step: step, wall_s, tokens, bytes_sent, loss (+ val_loss at evals),
+                        # cross_cluster_bytes, intra_cluster_bytes (bytes_sent is their sum)
 
 Modes: ``"diloco"`` (DiLoCo over the default "localsgd" group), ``"ddp"`` (DDP over a gloo
 group: fp32 gradient all-reduce every step), ``"ddp-localsgd"`` (DDP over the "localsgd" group:
@@ -23,7 +24,8 @@ all-reduces the gradients every step (hierarchical DiLoCo, ``new_hierarchical_gr
 ``fsdp=True`` FSDP2 (``fully_shard`` on the "shard" dimension of a ``(C, workers / C)`` mesh)
 shards it across the cluster's workers (``ShardedDiLoCo``). DiLoCo syncs across the clusters only
 (the slow link). ``clusters == workers`` is one worker per cluster: plain DiLoCo. The metrics
-report the bytes across clusters and inside them apart.
+report the bytes across clusters and inside them apart (a flat run's bytes all count as across);
+under torchrun the world size is the worker count the clusters must divide.
 
 Launching ranks yourself (network namespaces, several machines): run
 ``python -m localsgd_comm.train [options]`` once per rank with the torchrun environment
