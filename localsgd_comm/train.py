@@ -10,11 +10,22 @@ Reusable API (benchmarks)::
 
     from localsgd_comm.train import TrainConfig, run_training
     metrics = run_training(TrainConfig(mode="diloco", workers=2, sync_every=25, steps=200))
-    metrics["records"]  # per step: step, wall_s, tokens, bytes_sent, loss (+ val_loss at evals)
+    metrics["records"]  # per step: step, wall_s, tokens, bytes_sent, loss (+ val_loss at evals),
+                        # cross_cluster_bytes, intra_cluster_bytes (bytes_sent is their sum)
 
 Modes: ``"diloco"`` (DiLoCo over the default "localsgd" group), ``"ddp"`` (DDP over a gloo
 group: fp32 gradient all-reduce every step), ``"ddp-localsgd"`` (DDP over the "localsgd" group:
 its quantized all-reduce compresses the gradients every step).
+
+Topologies of the DiLoCo run (``--clusters C``, ``--fsdp``; the ddp baselines stay flat DDP over
+every worker): with ``clusters=C`` the workers form C clusters of ``workers / C`` consecutive
+ranks. Inside a cluster the replica is trained as one: DDP over the cluster's fp32 (gloo) group
+all-reduces the gradients every step (hierarchical DiLoCo, ``new_hierarchical_groups``), or with
+``fsdp=True`` FSDP2 (``fully_shard`` on the "shard" dimension of a ``(C, workers / C)`` mesh)
+shards it across the cluster's workers (``ShardedDiLoCo``). DiLoCo syncs across the clusters only
+(the slow link). ``clusters == workers`` is one worker per cluster: plain DiLoCo. The metrics
+report the bytes across clusters and inside them apart (a flat run's bytes all count as across);
+under torchrun the world size is the worker count the clusters must divide.
 
 Launching ranks yourself (network namespaces, several machines): run
 ``python -m localsgd_comm.train [options]`` once per rank with the torchrun environment
@@ -46,7 +57,7 @@ import torch.distributed as dist
 
 MODES = ("diloco", "ddp", "ddp-localsgd")
 
-__all__ = ["TrainConfig", "run_training", "run_modes", "worker_main", "main", "MODES"]
+__all__ = ["TrainConfig", "run_training", "run_modes", "worker_main", "main", "MODES", "mode_config"]
 
 
 @dataclasses.dataclass
@@ -65,6 +76,10 @@ class TrainConfig:
     overlap: bool = False
     fragments: Optional[int] = None            # streaming DiLoCo (None: not streaming)
     overlap_steps: int = 0
+    # Topology (mode "diloco"): None is one worker per replica (plain DiLoCo); C splits the workers
+    # into C clusters of workers / C consecutive ranks, DDP inside each and DiLoCo across them.
+    clusters: Optional[int] = None
+    fsdp: bool = False                         # with clusters: FSDP2 inside each cluster instead of DDP
     model_size: str = "small"
     steps: int = 200
     batch_size: int = 16
@@ -88,6 +103,21 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.workers
+
+    @property
+    def topology(self) -> str:
+        """``"flat"`` (one worker per replica: plain DiLoCo, and the ddp modes), ``"hierarchical"``
+        (DDP inside each cluster, DiLoCo across) or ``"fsdp"`` (FSDP2 inside, DiLoCo across)."""
+        if self.mode != "diloco" or self.clusters is None:
+            return "flat"
+        if self.fsdp:
+            return "fsdp"
+        return "flat" if self.clusters == self.workers else "hierarchical"
+
+    @property
+    def cluster_size(self) -> int:
+        """Workers per cluster (1 in a flat run)."""
+        return 1 if self.topology == "flat" else self.workers // self.clusters
 
     def validate(self) -> None:
         from ._ops import FORMATS
@@ -123,10 +153,16 @@ class TrainConfig:
             (self.fragments is None or not self.overlap,
              "overlap/fragments: expected one of the two (overlap is fragments 1 with overlap_steps = sync_every), "
              "got both"),
-        ]
+        ] + self._topology_checks()
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.fragments is not None and self.mode == "diloco":
+            from .model import GPT, config_for
+            n = len(list(GPT(config_for(self.model_size, self.seq_len)).parameters()))
+            if self.fragments > n:  # the library's fragment rule refuses it inside the workers
+                raise ValueError(f"fragments: expected at most the number of parameters of the {self.model_size} "
+                                 f"GPT ({n}: a fragment holds whole parameters or parts of them), got {self.fragments}")
         if self.data is not None:
             if not os.path.isfile(self.data):
                 raise ValueError(f"data: expected a readable file, got {self.data!r}")
@@ -149,6 +185,46 @@ class TrainConfig:
                                  "use backend 'localsgd' or 'gloo'")
             if self.device != "cuda":
                 raise ValueError("backend: 'nccl' carries CUDA tensors only; use device 'cuda' or backend 'localsgd'")
+
+
+    def _topology_check_world(self) -> None:
+        """The topology checks alone (a worker started by torchrun learns the world size late)."""
+        for ok, msg in self._topology_checks():
+            if not ok:
+                raise ValueError(msg)
+
+    def _topology_checks(self) -> list:
+        c, w = self.clusters, self.workers
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            return [(False, f"clusters: expected an integer >= 1, got {c!r}")]
+        return [
+            (c is None or self.mode == "diloco",
+             f"clusters: expected mode 'diloco' (clusters set the DiLoCo run's topology; the ddp modes are flat DDP "
+             f"over every worker), got mode {self.mode!r}"),
+            (not self.fsdp or self.mode == "diloco",
+             f"fsdp: expected mode 'diloco' (FSDP2 inside clusters, DiLoCo across), got mode {self.mode!r}"),
+            (c is None or w % c == 0,
+             f"clusters: expected a divisor of workers={w} (clusters of workers / clusters consecutive ranks), "
+             f"got {c}"),
+            (not self.fsdp or c is not None,
+             "fsdp: expected --clusters C with it (FSDP2 shards the model across the workers of each cluster), "
+             "got no clusters"),
+            (not self.fsdp or c is None or w % c or w // c >= 2,
+             f"fsdp: expected clusters of at least 2 workers to shard the model across, got {w} workers in {c} "
+             "clusters (1 each: leave --fsdp out for plain DiLoCo)"),
+            # DiLoCo(hierarchy=..., overlap=True) raises; streaming is its background form
+            (not (self.topology == "hierarchical" and self.overlap),
+             f"overlap: not supported with clusters of several workers (hierarchical DiLoCo, --clusters {c}); "
+             f"--fragments 1 --overlap-steps {self.sync_every} runs its sync in the background instead"),
+        ]
+
+
+def mode_config(cfg: TrainConfig, mode: str) -> TrainConfig:
+    """The configuration of one run of ``run_modes``: ``cfg`` for ``cfg.mode`` itself, and for the
+    other modes (the baselines) the same without a topology (flat DDP over every worker)."""
+    if mode == cfg.mode:
+        return cfg
+    return dataclasses.replace(cfg, mode=mode, clusters=None, fsdp=False)
 
 
 def min_data_bytes(seq_len: int) -> int:
@@ -204,6 +280,109 @@ def _evaluate(model, batches, device) -> float:
     return tot / len(batches)
 
 
+class _Topology:
+    """The DiLoCo run's layout on this rank: how the model is built and wrapped, and where its
+    bytes go. ``flat``: one worker per replica (plain DiLoCo, and the ddp modes); ``hierarchical``:
+    DDP over the cluster's fp32 group, DiLoCo over ``hierarchy.cross``; ``fsdp``: fully_shard over
+    the mesh's "shard" dimension, DiLoCo over its "replicate" group."""
+
+    def __init__(self, cfg: TrainConfig, world: int, device: torch.device):
+        self.kind, self.world, self.k = cfg.topology, world, cfg.cluster_size
+        self.hierarchy = self.mesh = self.cross = self.intra = None
+        if self.kind == "hierarchical":
+            from .diloco import new_hierarchical_groups
+            # fp32 inside a cluster (DDP's gradient all-reduce, the anchor all-gather); the cross
+            # groups take the default group's backend (the compressed sync)
+            self.hierarchy = new_hierarchical_groups(self.k, intra_backend="gloo" if device.type == "cpu" else "nccl")
+            self.cross, self.intra = self.hierarchy.cross, self.hierarchy.intra
+        elif self.kind == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            self.mesh = init_device_mesh(device.type, (cfg.clusters, self.k), mesh_dim_names=("replicate", "shard"))
+            # the groups are passed on explicitly (not inferred from the mesh: torch caches meshes
+            # by their layout, and an equal mesh built earlier in the process could come back)
+            self.cross, self.intra = self.mesh.get_group("replicate"), self.mesh.get_group("shard")
+
+    def wrap(self, model):
+        """The module the training loop calls (DDP inside a cluster, or the sharded model)."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        if self.kind == "hierarchical":
+            return DDP(model, process_group=self.intra)
+        if self.kind == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+            for blk in model.blocks:
+                fully_shard(blk, mesh=self.mesh["shard"])
+            fully_shard(model, mesh=self.mesh["shard"])
+        return model
+
+    def diloco_kwargs(self) -> dict:
+        if self.kind == "hierarchical":
+            return {"hierarchy": self.hierarchy}
+        if self.kind == "fsdp":
+            return {"group": self.cross}
+        return {}
+
+    def reset(self) -> None:
+        from .backend import reset_backend_stats
+        for g in (self.cross, self.intra):
+            if g is not None:
+                reset_backend_stats(g)
+
+    def intra_counter(self) -> Optional[int]:
+        from .backend import bytes_sent_on
+        return bytes_sent_on(self.intra) if self.kind == "fsdp" else None
+
+    def bytes(self, cfg: TrainConfig, opt, group, nparams: int, step_count: int, intra_not_training: int):
+        """-> (cross-cluster bytes, their source, intra-cluster bytes or None, their source) this
+        rank sent so far. Flat runs: every byte crosses (no cluster has two workers)."""
+        from .backend import bytes_sent_on, ddp_bytes_per_rank
+        if self.kind == "flat":
+            b, src = _comm_bytes(cfg.mode, opt, group, nparams, self.world, step_count)
+            return b, src, 0, "none (one worker per cluster)"
+        measured = bytes_sent_on(self.cross)
+        cross, csrc = ((measured, "backend counters") if measured is not None
+                       else (int(opt.stats["bytes_sent"]), "estimate: ring volume"))
+        if self.kind == "hierarchical":
+            # DDP's fp32 gradient all-reduce over the cluster every step (gloo keeps no counters)
+            # plus the anchor all-gathers after each sync (the volume DiLoCo counts)
+            intra = ddp_bytes_per_rank(nparams, step_count, self.k) + int(opt.stats["intra_bytes_sent"])
+            return cross, csrc, intra, "estimate: ring volume"
+        intra = self.intra_counter()
+        if intra is None:
+            return cross, csrc, None, "not counted (the shard group keeps no counters on this backend)"
+        # FSDP's all-gathers and reduce-scatters in training (not those of the evaluations)
+        return cross, csrc, intra - intra_not_training, "backend counters"
+
+    def replica_tensors(self, model) -> List[torch.Tensor]:
+        """Every worker's full parameters (collective with fsdp: all-gathers over the shard group)."""
+        ps = list({id(p): p for p in model.parameters()}.values())
+        if self.kind == "fsdp":
+            self.reshard(model)
+            return [p.full_tensor() for p in ps]
+        return [p.detach() for p in ps]
+
+    def reshard(self, model) -> None:
+        if self.kind == "fsdp":
+            # a no-grad forward leaves the root unsharded; the next forward gathers the shards again
+            from torch.distributed.fsdp import FSDPModule
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
+
+def _replicas_identical(tensors: List[torch.Tensor], device: torch.device) -> bool:
+    """Whether every worker holds the same bytes in ``tensors``: a 16-byte digest per rank,
+    all-gathered over the default group (the same answer on every rank)."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    dev = device if dist.get_backend() != "gloo" or device.type == "cpu" else torch.device("cpu")
+    mine = torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).to(dev)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return all(torch.equal(p, mine) for p in parts)
+
+
 def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -215,20 +394,24 @@ def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP/DiLoCo broadcast it anyway)
     model = GPT(config_for(cfg.model_size, cfg.seq_len)).to(device)
     nparams = model.num_params()
-    inner = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    topo = _Topology(cfg, world, device)
     group = None
     if cfg.mode == "diloco":
-        net = model
-        opt = DiLoCo(model, inner, sync_every=cfg.sync_every, outer_lr=cfg.outer_lr,
+        net = topo.wrap(model)
+        # after fully_shard: the inner optimizer holds the sharded (DTensor) parameters
+        inner = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        opt = DiLoCo(net, inner, sync_every=cfg.sync_every, outer_lr=cfg.outer_lr,
                      outer_momentum=cfg.outer_momentum, compression=cfg.compression,
                      error_feedback=cfg.error_feedback, overlap=cfg.overlap, fragments=cfg.fragments,
-                     overlap_steps=cfg.overlap_steps)
+                     overlap_steps=cfg.overlap_steps, **topo.diloco_kwargs())
     else:
+        inner = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         # plain DDP: fp32 gradients over gloo; ddp-localsgd: over the default (quantizing) group
         group = dist.new_group(backend="gloo" if cfg.device == "cpu" else "nccl") if cfg.mode == "ddp" else None
         net = DDP(model, process_group=group)
         opt = inner
     reset_backend_stats(group)
+    topo.reset()
     val = data.val_batches(cfg.eval_batches, cfg.batch_size)
     bar = None
     if rank == 0 and cfg.progress:
@@ -241,6 +424,7 @@ def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
     dist.barrier()
     t0 = time.perf_counter()
     eval_time = 0.0
+    eval_intra = 0  # fsdp: the shard group's bytes of the evaluations' all-gathers (not training traffic)
     for step in range(cfg.steps):
         for g in inner.param_groups:
             g["lr"] = _lr_at(cfg, step)
@@ -258,30 +442,49 @@ def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
             # overlap: apply the last launched reduce (flushing before that sync left it pending
             # and the final partial round was discarded)
             opt.flush()
+        evaluate = last or (step + 1) % cfg.eval_every == 0
         if rank == 0:
             lv = loss.item()
             rec = {"step": step + 1, "wall_s": time.perf_counter() - t0 - eval_time,
                    "tokens": (step + 1) * cfg.tokens_per_step, "loss": lv}
-            rec["bytes_sent"], src = _comm_bytes(cfg.mode, opt, group, nparams, world, step + 1)
-            if last or (step + 1) % cfg.eval_every == 0:
-                te = time.perf_counter()
-                rec["val_loss"] = _evaluate(model, val, device)
-                eval_time += time.perf_counter() - te
+            cross, src, intra, intra_src = topo.bytes(cfg, opt, group, nparams, step + 1, eval_intra)
+            rec["bytes_sent"] = cross + (intra or 0)
+            rec["cross_cluster_bytes"], rec["intra_cluster_bytes"] = cross, intra
             records.append(rec)
-            if bar is not None:
-                bar.set_postfix(loss=f"{lv:.3f}", refresh=False)
-                bar.update(1)
+        if evaluate and (rank == 0 or topo.kind == "fsdp"):
+            # a sharded model's forward needs every worker of the cluster: all evaluate, rank 0 records
+            te = time.perf_counter()
+            before = topo.intra_counter()
+            val_loss = _evaluate(model, val, device)
+            topo.reshard(model)
+            after = topo.intra_counter()
+            eval_intra += (after - before) if before is not None and after is not None else 0
+            eval_time += time.perf_counter() - te
+            if rank == 0:
+                rec["val_loss"] = val_loss
+        if bar is not None:
+            bar.set_postfix(loss=f"{lv:.3f}", refresh=False)
+            bar.update(1)
     if bar is not None:
         bar.close()
+    # every worker's parameters bitwise equal at the end? (a 16-byte digest per rank, after the
+    # last record: not in the byte counts). Streaming runs: no, by design (each fragment has
+    # trained locally since its own last merge).
+    identical = _replicas_identical(topo.replica_tensors(model), device)
     dist.barrier()
     if rank != 0:
         return None
     final = records[-1]
     return {"mode": cfg.mode, "workers": world, "params": nparams, "config": dataclasses.asdict(cfg),
             "final_val_loss": final["val_loss"], "tokens": final["tokens"], "bytes_sent_per_rank": final["bytes_sent"],
-            "bytes_source": src, "wall_s": final["wall_s"], "records": records,
+            "bytes_source": src if intra_src in (src, "none (one worker per cluster)") else
+            f"{src} across clusters, {intra_src} inside", "wall_s": final["wall_s"], "records": records,
             "syncs": opt.sync_count if cfg.mode == "diloco" else None,
             "applied_syncs": opt.stats["syncs"] if cfg.mode == "diloco" else None,
+            "topology": topo.kind, "clusters": world // topo.k, "cluster_size": topo.k,
+            "cross_cluster_bytes_per_rank": final["cross_cluster_bytes"], "cross_bytes_source": src,
+            "intra_cluster_bytes_per_rank": final["intra_cluster_bytes"], "intra_bytes_source": intra_src,
+            "replicas_identical": identical,
             "torch": torch.__version__}
 
 
@@ -301,7 +504,9 @@ def worker_main(cfg: TrainConfig, modes: Optional[List[str]] = None, init: bool 
     out = []
     try:
         for m in modes or [cfg.mode]:
-            out.append(_train_one(dataclasses.replace(cfg, mode=m, workers=world), rank, world, data))
+            run_cfg = dataclasses.replace(mode_config(cfg, m), workers=world)
+            run_cfg._topology_check_world()  # under torchrun the world size is known only here
+            out.append(_train_one(run_cfg, rank, world, data))
     finally:
         if init:
             dist.destroy_process_group()
@@ -336,7 +541,7 @@ def run_modes(cfg: TrainConfig, modes: List[str]) -> List[dict]:
     (one spawn + rendezvous for all). Returns rank 0's metrics, one dict per mode."""
     import multiprocessing as mp
     for m in modes:
-        dataclasses.replace(cfg, mode=m).validate()
+        mode_config(cfg, m).validate()
     port = cfg.master_port or _free_port(cfg.master_addr)
     ctx = mp.get_context("spawn")
     # One pipe per worker, not a Queue: a Queue's semaphores outlive workers killed on Ctrl-C
@@ -422,9 +627,21 @@ def summary_table(results: List[dict]) -> str:
         ("wall time (train)", lambda r: f"{r['wall_s']:.1f} s"),
         ("syncs", lambda r: "-" if r["syncs"] is None else str(r["syncs"])),
     ]
+    clustered = [r for r in results if r.get("topology", "flat") != "flat"]
+    if clustered:
+        # the slow link (across clusters) and the fast one (inside a cluster), after "bytes sent / rank"
+        rows[3:3] = [
+            ("  across clusters", lambda r: _fmt_bytes(r.get("cross_cluster_bytes_per_rank", r["bytes_sent_per_rank"]))),
+            ("  inside clusters", lambda r: "-" if r.get("intra_cluster_bytes_per_rank") is None
+             else _fmt_bytes(r["intra_cluster_bytes_per_rank"])),
+        ]
     lines = [head] + [f"{name:22}" + "".join(f"{fn(r):>18}" for r in results) for name, fn in rows]
     srcs = sorted({r["bytes_source"] for r in results})
     lines.append(f"(bytes: {', '.join(srcs)}; params {results[0]['params']:,}, workers {results[0]['workers']})")
+    for r in clustered:
+        inside = "FSDP2 shards the model" if r["topology"] == "fsdp" else "DDP all-reduces fp32 gradients every step"
+        lines.append(f"({r['mode']}: {r['clusters']} clusters of {r['cluster_size']} workers; inside a cluster "
+                     f"{inside}, DiLoCo syncs across clusters)")
     return "\n".join(lines)
 
 
@@ -434,7 +651,9 @@ _COLORS = {"diloco": "tab:blue", "ddp": "tab:orange", "ddp-localsgd": "tab:green
 def _describe(r: dict) -> str:
     c = r["config"]
     if r["mode"] == "diloco":
-        return f"DiLoCo {c['compression']}, H={c['sync_every']}"
+        topo = r.get("topology", "flat")
+        where = "" if topo == "flat" else f", {r['clusters']}x{r['cluster_size']} {'FSDP2' if topo == 'fsdp' else 'DDP'}"
+        return f"DiLoCo {c['compression']}, H={c['sync_every']}{where}"
     return "DDP fp32 (gloo)" if r["mode"] == "ddp" else "DDP over localsgd (compressed gradients)"
 
 
@@ -487,15 +706,17 @@ def link_estimates(results: List[dict], rates_mbit=(10, 1000)) -> str:
     for rate in rates_mbit:
         parts = []
         for r in results:
-            t = r["wall_s"] + r["bytes_sent_per_rank"] * 8 / (rate * 1e6)
+            # clustered runs: only the bytes across clusters take the slow link
+            t = r["wall_s"] + r.get("cross_cluster_bytes_per_rank", r["bytes_sent_per_rank"]) * 8 / (rate * 1e6)
             parts.append(f"{r['mode']} ~{t:.0f} s")
             if r["mode"] == "diloco" and not any(x["mode"] == "ddp" for x in results):
                 t_ddp = r["wall_s"] + _ddp_bytes(r) * 8 / (rate * 1e6)
                 parts.append(f"plain DDP ~{t_ddp:.0f} s ({t_ddp / t:.1f}x longer)")
         label = f"{rate / 1000:g} Gbit/s" if rate >= 1000 else f"{rate} Mbit/s"
         lines.append(f"  on a {label} link: " + ", ".join(parts))
+    slow = " (clusters: the bytes across clusters)" if any(r.get("topology", "flat") != "flat" for r in results) else ""
     return ("what these bytes would cost on real links (estimate: the measured training time plus the bytes "
-            "sent at the link rate):\n" + "\n".join(lines) +
+            f"sent at the link rate{slow}):\n" + "\n".join(lines) +
             "\n  this run used loopback, which shows no network cost; `localsgd-bench time-to-loss` measures "
             "DiLoCo against DDP on shaped links")
 
@@ -526,6 +747,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="streaming DiLoCo: sync the model in P fragments staggered over the H steps")
     p.add_argument("--overlap-steps", type=int, default=0, metavar="TAU",
                    help="streaming DiLoCo: inner steps each fragment's all-reduce runs in the background (0..H)")
+    p.add_argument("--clusters", type=int, default=None, metavar="C",
+                   help="split the workers into C clusters of workers/C consecutive ranks: DDP (fp32 gradients every "
+                        "step) inside each cluster, DiLoCo across clusters (hierarchical DiLoCo); default: one "
+                        "worker per cluster (plain DiLoCo)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --clusters: shard the model with FSDP2 (fully_shard) across each cluster's workers "
+                        "instead of DDP; DiLoCo syncs the shards across clusters")
     p.add_argument("--model-size", default=d.model_size, help="GPT size: tiny, small, medium or large")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per worker")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per worker and step")
@@ -579,6 +807,15 @@ def _remove_if_unused(path: str, created: bool) -> None:
             pass
 
 
+def _topology_phrase(cfg: TrainConfig) -> str:
+    if cfg.clusters is None:
+        return ""
+    if cfg.topology == "flat":
+        return f", {cfg.clusters} clusters of 1 worker: plain DiLoCo"
+    inside = "FSDP2 shards" if cfg.topology == "fsdp" else "DDP fp32 gradients"
+    return f", {cfg.clusters} clusters of {cfg.cluster_size} workers ({inside} inside, DiLoCo across)"
+
+
 def _start_line(cfg: TrainConfig, modes: List[str]) -> str:
     from .model import GPT, STEP_SECONDS_2CPU, config_for
     n = GPT(config_for(cfg.model_size, cfg.seq_len)).num_params()
@@ -587,7 +824,7 @@ def _start_line(cfg: TrainConfig, modes: List[str]) -> str:
         if m == "diloco":
             what.append(f"DiLoCo {cfg.compression}, H={cfg.sync_every} ({cfg.steps // cfg.sync_every} syncs)"
                         + (f", streaming {cfg.fragments} fragments, overlap {cfg.overlap_steps} steps"
-                           if cfg.fragments is not None else ""))
+                           if cfg.fragments is not None else "") + _topology_phrase(cfg))
         else:
             what.append("plain DDP (fp32 over gloo)" if m == "ddp" else "DDP over localsgd (compressed gradients)")
     per_step = STEP_SECONDS_2CPU.get(cfg.model_size, 0.2) * max(1.0, cfg.workers / 2) * cfg.batch_size / 16
@@ -602,16 +839,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = TrainConfig(mode=a.mode, workers=a.workers, sync_every=a.sync_every, compression=a.compression,
                       outer_lr=a.outer_lr, outer_momentum=a.outer_momentum, error_feedback=a.error_feedback,
                       overlap=a.overlap, fragments=a.fragments, overlap_steps=a.overlap_steps,
-                      model_size=a.model_size, steps=a.steps, batch_size=a.batch_size,
+                      clusters=a.clusters, fsdp=a.fsdp, model_size=a.model_size, steps=a.steps, batch_size=a.batch_size,
                       seq_len=a.seq_len, lr=a.lr, eval_every=a.eval_every, seed=a.seed, device=a.device,
                       data=a.data, backend=a.backend, master_addr=a.master_addr, master_port=a.master_port,
                       progress=not a.no_progress, warmup_steps=min(TrainConfig.warmup_steps, max(1, a.steps // 10)))
     modes = [cfg.mode] + ([a.baseline] if a.baseline and a.baseline != cfg.mode else [])
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if under_torchrun and os.environ["WORLD_SIZE"].isdigit():
+        cfg.workers = int(os.environ["WORLD_SIZE"])  # one process per rank: the world is the worker count
     out = a.out or os.path.join("localsgd_runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     try:
         for m in modes:
-            dataclasses.replace(cfg, mode=m).validate()
+            mode_config(cfg, m).validate()
         if a.master_port is not None and not 0 < a.master_port < 65536:
             raise ValueError(f"master_port: expected a port in 1..65535, got {a.master_port}")
         if a.master_port is not None and not under_torchrun:
