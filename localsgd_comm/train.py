@@ -369,25 +369,12 @@ class _Topology:
                     m.reshard()
 
 
-def _replicas_identical(tensors: List[torch.Tensor], device: torch.device) -> bool:
-    """Whether every worker holds the same bytes in ``tensors``: a 16-byte digest per rank,
-    all-gathered over the default group (the same answer on every rank)."""
-    import hashlib
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    dev = device if dist.get_backend() != "gloo" or device.type == "cpu" else torch.device("cpu")
-    mine = torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).to(dev)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, mine)
-    return all(torch.equal(p, mine) for p in parts)
-
-
 def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from .backend import reset_backend_stats
     from .diloco import DiLoCo
+    from .diloco.agreement import agree
     from .model import GPT, config_for
 
     device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{rank % torch.cuda.device_count()}")
@@ -470,7 +457,7 @@ def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
     # every worker's parameters bitwise equal at the end? (a 16-byte digest per rank, after the
     # last record: not in the byte counts). Streaming runs: no, by design (each fragment has
     # trained locally since its own last merge).
-    identical = _replicas_identical(topo.replica_tensors(model), device)
+    identical = agree({}, topo.replica_tensors(model), None, device)
     dist.barrier()
     if rank != 0:
         return None
