@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import datetime
 import io
-import json
 import math
 import os
 import signal
@@ -54,6 +53,11 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+
+# the outputs (summary table, metrics.json, loss.png, link estimates) live in train_report;
+# importable from here as before
+from .train_report import link_estimates, summary_table, write_outputs
+from .train_topology import _Topology
 
 MODES = ("diloco", "ddp", "ddp-localsgd")
 
@@ -257,18 +261,6 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def _comm_bytes(mode, opt, group, nparams, world, step_count):
-    """Bytes this rank has sent: the backend's counters on a "localsgd" group (measured), else
-    the ring volume 2 (p-1)/p x 4 bytes x params per DDP step (gloo keeps no counters)."""
-    from .backend import get_backend_stats
-    st = get_backend_stats(group)
-    if st["format"] is not None or st["python_calls"]:
-        return int(st["bytes_sent"]), "backend counters"
-    if mode == "diloco":
-        return int(opt.stats["bytes_sent"]), "estimate: ring volume"
-    return int(2 * (world - 1) * 4 * nparams * step_count / world), "estimate: ring volume"
-
-
 @torch.no_grad()
 def _evaluate(model, batches, device) -> float:
     was = model.training
@@ -278,95 +270,6 @@ def _evaluate(model, batches, device) -> float:
         tot += float(model(x.to(device), y.to(device)))
     model.train(was)
     return tot / len(batches)
-
-
-class _Topology:
-    """The DiLoCo run's layout on this rank: how the model is built and wrapped, and where its
-    bytes go. ``flat``: one worker per replica (plain DiLoCo, and the ddp modes); ``hierarchical``:
-    DDP over the cluster's fp32 group, DiLoCo over ``hierarchy.cross``; ``fsdp``: fully_shard over
-    the mesh's "shard" dimension, DiLoCo over its "replicate" group."""
-
-    def __init__(self, cfg: TrainConfig, world: int, device: torch.device):
-        self.kind, self.world, self.k = cfg.topology, world, cfg.cluster_size
-        self.hierarchy = self.mesh = self.cross = self.intra = None
-        if self.kind == "hierarchical":
-            from .diloco import new_hierarchical_groups
-            # fp32 inside a cluster (DDP's gradient all-reduce, the anchor all-gather); the cross
-            # groups take the default group's backend (the compressed sync)
-            self.hierarchy = new_hierarchical_groups(self.k, intra_backend="gloo" if device.type == "cpu" else "nccl")
-            self.cross, self.intra = self.hierarchy.cross, self.hierarchy.intra
-        elif self.kind == "fsdp":
-            from torch.distributed.device_mesh import init_device_mesh
-            self.mesh = init_device_mesh(device.type, (cfg.clusters, self.k), mesh_dim_names=("replicate", "shard"))
-            # the groups are passed on explicitly (not inferred from the mesh: torch caches meshes
-            # by their layout, and an equal mesh built earlier in the process could come back)
-            self.cross, self.intra = self.mesh.get_group("replicate"), self.mesh.get_group("shard")
-
-    def wrap(self, model):
-        """The module the training loop calls (DDP inside a cluster, or the sharded model)."""
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        if self.kind == "hierarchical":
-            return DDP(model, process_group=self.intra)
-        if self.kind == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-            for blk in model.blocks:
-                fully_shard(blk, mesh=self.mesh["shard"])
-            fully_shard(model, mesh=self.mesh["shard"])
-        return model
-
-    def diloco_kwargs(self) -> dict:
-        if self.kind == "hierarchical":
-            return {"hierarchy": self.hierarchy}
-        if self.kind == "fsdp":
-            return {"group": self.cross}
-        return {}
-
-    def reset(self) -> None:
-        from .backend import reset_backend_stats
-        for g in (self.cross, self.intra):
-            if g is not None:
-                reset_backend_stats(g)
-
-    def intra_counter(self) -> Optional[int]:
-        from .backend import bytes_sent_on
-        return bytes_sent_on(self.intra) if self.kind == "fsdp" else None
-
-    def bytes(self, cfg: TrainConfig, opt, group, nparams: int, step_count: int, intra_not_training: int):
-        """-> (cross-cluster bytes, their source, intra-cluster bytes or None, their source) this
-        rank sent so far. Flat runs: every byte crosses (no cluster has two workers)."""
-        from .backend import bytes_sent_on, ddp_bytes_per_rank
-        if self.kind == "flat":
-            b, src = _comm_bytes(cfg.mode, opt, group, nparams, self.world, step_count)
-            return b, src, 0, "none (one worker per cluster)"
-        measured = bytes_sent_on(self.cross)
-        cross, csrc = ((measured, "backend counters") if measured is not None
-                       else (int(opt.stats["bytes_sent"]), "estimate: ring volume"))
-        if self.kind == "hierarchical":
-            # DDP's fp32 gradient all-reduce over the cluster every step (gloo keeps no counters)
-            # plus the anchor all-gathers after each sync (the volume DiLoCo counts)
-            intra = ddp_bytes_per_rank(nparams, step_count, self.k) + int(opt.stats["intra_bytes_sent"])
-            return cross, csrc, intra, "estimate: ring volume"
-        intra = self.intra_counter()
-        if intra is None:
-            return cross, csrc, None, "not counted (the shard group keeps no counters on this backend)"
-        # FSDP's all-gathers and reduce-scatters in training (not those of the evaluations)
-        return cross, csrc, intra - intra_not_training, "backend counters"
-
-    def replica_tensors(self, model) -> List[torch.Tensor]:
-        """Every worker's full parameters (collective with fsdp: all-gathers over the shard group)."""
-        ps = list({id(p): p for p in model.parameters()}.values())
-        if self.kind == "fsdp":
-            self.reshard(model)
-            return [p.full_tensor() for p in ps]
-        return [p.detach() for p in ps]
-
-    def reshard(self, model) -> None:
-        if self.kind == "fsdp":
-            # a no-grad forward leaves the root unsharded; the next forward gathers the shards again
-            from torch.distributed.fsdp import FSDPModule
-            for m in model.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
 
 
 def _train_one(cfg: TrainConfig, rank: int, world: int, data) -> Optional[dict]:
@@ -586,129 +489,6 @@ def run_training(cfg: TrainConfig) -> dict:
     return run_modes(cfg, [cfg.mode])[0]
 
 
-# ---------------------------------------------------------------------------------------- outputs
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-def _ddp_bytes(r: dict) -> int:
-    """Exactly what plain DDP sends per rank for this run's steps: one fp32 ring all-reduce of
-    every gradient per step."""
-    from .backend import ddp_bytes_per_rank
-    return ddp_bytes_per_rank(r["params"], r["config"]["steps"], r["workers"])
-
-
-def summary_table(results: List[dict]) -> str:
-    head = f"{'':22}" + "".join(f"{r['mode']:>18}" for r in results)
-    rows = [
-        ("validation loss", lambda r: f"{r['final_val_loss']:.4f}"),
-        ("tokens", lambda r: f"{r['tokens']:,}"),
-        ("bytes sent / rank", lambda r: _fmt_bytes(r["bytes_sent_per_rank"])),
-        ("plain DDP would send", lambda r: _fmt_bytes(_ddp_bytes(r))),
-        ("  ratio", lambda r: f"{_ddp_bytes(r) / max(r['bytes_sent_per_rank'], 1):.1f}x less"
-         if r["bytes_sent_per_rank"] < _ddp_bytes(r) else "1.0x"),
-        ("wall time (train)", lambda r: f"{r['wall_s']:.1f} s"),
-        ("syncs", lambda r: "-" if r["syncs"] is None else str(r["syncs"])),
-    ]
-    clustered = [r for r in results if r.get("topology", "flat") != "flat"]
-    if clustered:
-        # the slow link (across clusters) and the fast one (inside a cluster), after "bytes sent / rank"
-        rows[3:3] = [
-            ("  across clusters", lambda r: _fmt_bytes(r.get("cross_cluster_bytes_per_rank", r["bytes_sent_per_rank"]))),
-            ("  inside clusters", lambda r: "-" if r.get("intra_cluster_bytes_per_rank") is None
-             else _fmt_bytes(r["intra_cluster_bytes_per_rank"])),
-        ]
-    lines = [head] + [f"{name:22}" + "".join(f"{fn(r):>18}" for r in results) for name, fn in rows]
-    srcs = sorted({r["bytes_source"] for r in results})
-    lines.append(f"(bytes: {', '.join(srcs)}; params {results[0]['params']:,}, workers {results[0]['workers']})")
-    for r in clustered:
-        inside = "FSDP2 shards the model" if r["topology"] == "fsdp" else "DDP all-reduces fp32 gradients every step"
-        lines.append(f"({r['mode']}: {r['clusters']} clusters of {r['cluster_size']} workers; inside a cluster "
-                     f"{inside}, DiLoCo syncs across clusters)")
-    return "\n".join(lines)
-
-
-_COLORS = {"diloco": "tab:blue", "ddp": "tab:orange", "ddp-localsgd": "tab:green"}
-
-
-def _describe(r: dict) -> str:
-    c = r["config"]
-    if r["mode"] == "diloco":
-        topo = r.get("topology", "flat")
-        where = "" if topo == "flat" else f", {r['clusters']}x{r['cluster_size']} {'FSDP2' if topo == 'fsdp' else 'DDP'}"
-        return f"DiLoCo {c['compression']}, H={c['sync_every']}{where}"
-    return "DDP fp32 (gloo)" if r["mode"] == "ddp" else "DDP over localsgd (compressed gradients)"
-
-
-def write_outputs(results: List[dict], out_dir: str) -> Dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    jpath = os.path.join(out_dir, "metrics.json")
-    with open(jpath, "w") as f:
-        json.dump({"runs": results}, f, indent=1)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for r in results:
-        recs = r["records"]
-        ev = [x for x in recs if "val_loss" in x]
-        color = _COLORS.get(r["mode"], None)
-        style = "-" if r["mode"] == "diloco" else "--"  # baselines dashed: the reference curves
-        lab = _describe(r)
-        for ax, key, scale in ((axes[0], "step", 1.0), (axes[1], "wall_s", 1.0), (axes[2], "bytes_sent", 2.0**-20)):
-            # the log-scale bytes axis cannot show the steps before the first byte was sent
-            rs = [x for x in recs if key != "bytes_sent" or x[key] > 0]
-            es = [x for x in ev if key != "bytes_sent" or x[key] > 0]
-            ax.plot([x[key] * scale for x in rs], [x["loss"] for x in rs], style, color=color, alpha=0.35, lw=1)
-            ax.plot([x[key] * scale for x in es], [x["val_loss"] for x in es], "o" + style, color=color,
-                    label=f"{lab} (validation)")
-    c0 = results[0]["config"]
-    fig.suptitle(f"localsgd-train: {results[0]['workers']} workers, {c0['model_size']} GPT "
-                 f"({results[0]['params']:,} params), {c0['steps']} steps, batch {c0['batch_size']}x{c0['seq_len']} "
-                 "per worker; faint lines: training loss per step", fontsize=10)
-    titles = ("loss per step", "loss against training wall time (loopback: no network cost)",
-              "loss against bytes sent per rank")
-    for ax, title, xl in zip(axes, titles, ("step", "wall time (s)", "MiB sent per rank (log)")):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(xl)
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-    axes[2].set_xscale("log")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    ppath = os.path.join(out_dir, "loss.png")
-    fig.savefig(ppath, dpi=90)
-    plt.close(fig)
-    return {"metrics": jpath, "plot": ppath}
-
-
-def link_estimates(results: List[dict], rates_mbit=(10, 1000)) -> str:
-    """What the measured bytes would cost on slower links: this run's training time plus its
-    bytes at the link rate (an estimate; ``localsgd-bench time-to-loss`` measures it)."""
-    lines = []
-    for rate in rates_mbit:
-        parts = []
-        for r in results:
-            # clustered runs: only the bytes across clusters take the slow link
-            t = r["wall_s"] + r.get("cross_cluster_bytes_per_rank", r["bytes_sent_per_rank"]) * 8 / (rate * 1e6)
-            parts.append(f"{r['mode']} ~{t:.0f} s")
-            if r["mode"] == "diloco" and not any(x["mode"] == "ddp" for x in results):
-                t_ddp = r["wall_s"] + _ddp_bytes(r) * 8 / (rate * 1e6)
-                parts.append(f"plain DDP ~{t_ddp:.0f} s ({t_ddp / t:.1f}x longer)")
-        label = f"{rate / 1000:g} Gbit/s" if rate >= 1000 else f"{rate} Mbit/s"
-        lines.append(f"  on a {label} link: " + ", ".join(parts))
-    slow = " (clusters: the bytes across clusters)" if any(r.get("topology", "flat") != "flat" for r in results) else ""
-    return ("what these bytes would cost on real links (estimate: the measured training time plus the bytes "
-            f"sent at the link rate{slow}):\n" + "\n".join(lines) +
-            "\n  this run used loopback, which shows no network cost; `localsgd-bench time-to-loss` measures "
-            "DiLoCo against DDP on shaped links")
-
-
-# ---------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
