@@ -165,6 +165,54 @@ def test_overlapped_live_parameters_after_flush_equal_diloco():
             assert torch.equal(a, b), (rank, (a - b).abs().max())
 
 
+@pytest.mark.timeout(90)
+def test_a_redo_of_a_round_in_flight_reduces_the_pseudo_gradient_of_its_start(monkeypatch):
+    """One worker, P=2, H=4, overlap_steps=2, int8 with error feedback: the reduce of fragment 0's
+    first round (started after step 2) fails when awaited at its merge (step 4). The round is
+    voted a redo and reduced again, synchronously, from the fragment's parameters of step 2 (the
+    live ones moved on for 2 steps) with the residual restored: after 12 steps the anchors,
+    momenta, residuals and live parameters are bitwise those of the same run without the
+    failure."""
+    from datetime import timedelta
+    import torch.distributed as dist
+    from localsgd_comm.diloco.engine import Reduction
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    orig = Reduction.wait
+
+    def run(fail):
+        calls = {"n": 0}
+
+        def wait(red):
+            calls["n"] += 1
+            if fail and calls["n"] == 1:
+                raise RuntimeError("injected: the reduce failed in flight")
+            return orig(red)
+
+        monkeypatch.setattr(Reduction, "wait", wait)
+        m = make_model()
+        opt = ElasticDiLoCo(m, torch.optim.AdamW(m.parameters(), lr=1e-2), coordinator=f"127.0.0.1:{store.port}",
+                            worker_id="w0", sync_every=4, fragments=2, overlap_steps=2, error_feedback=True,
+                            run_id=f"redo{fail}", timeout_s=10, dead_after_s=2.0, heartbeat_s=0.5)
+        try:
+            _run(m, opt, 0, 12, 12)
+            opt.flush()
+            flats = opt._flats
+            out = [t.clone() for f in flats for t in (f.anchor, f.momentum, f.residual)]
+            out += [p.detach().clone() for p in m.parameters()]
+            return out, dict(opt.stats), [e for e in opt.events if e["kind"] == "redo"]
+        finally:
+            opt.close()
+
+    ref, st_ref, redo_ref = run(False)
+    got, st, redos = run(True)
+    assert st_ref["redone_rounds"] == 0 and not redo_ref, st_ref
+    assert st["redone_rounds"] == 1 and st["fragment_redos"] == [1, 0], st
+    assert [(e["round"], e["fragment"]) for e in redos] == [(0, 0)], redos
+    assert st["fragment_rounds"] == st_ref["fragment_rounds"] == [3, 3], st
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
 def test_bad_streaming_values_are_clear_errors_at_construction():
     """Each refused before any connection to the coordinator (127.0.0.1:1 answers nothing)."""
     m = make_model()  # 6 parameters
