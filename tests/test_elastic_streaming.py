@@ -1,13 +1,16 @@
-"""Elastic streaming DiLoCo (``ElasticDiLoCo(..., fragments=P)``, issue 22 item 2): every fragment
-sync is a round of its own (quorum, all-reduce, commit vote); a death, a hang or a cut link
-mid-fragment redoes that fragment only among the survivors; a joiner receives the state of every
-fragment. "bitwise" means torch.equal on the raw values.
+"""Elastic streaming DiLoCo (``ElasticDiLoCo(..., fragments=P, overlap_steps=TAU)``, issue 22 item 2):
+every fragment sync is a round of its own (quorum, all-reduce, commit vote); a death, a hang or a
+cut link mid-fragment redoes that fragment only among the survivors; a joiner receives the state
+of every fragment. With TAU > 0 a round's reduce runs behind TAU inner steps and is voted,
+committed and merged after them; a failure while it is in flight is redone at the merge from the
+fragment's parameters of the round's start. "bitwise" means torch.equal on the raw values.
 
-The equality with ``DiLoCo(fragments=P)`` runs 2 ranks through tests/_dist.py (the parent's store
-is the coordinator; ~10 s); the fault tests run a real coordinator and worker processes
-(tests/test_elastic.py's Job, ``tests/scripts/elastic_worker.py --fragments P``) under timeouts
-and are marked slow. The whole file passed in 337 s on the 2-core machine shared with other
-sessions (load average 16-23); the not-slow tests take 13-20 s each there.
+The equalities with ``DiLoCo(fragments=P, overlap_steps=TAU)`` run 2 ranks through tests/_dist.py
+(the parent's store is the coordinator; ~10 s); the fault tests run a real coordinator and worker
+processes (tests/test_elastic.py's Job, ``tests/scripts/elastic_worker.py --fragments P
+[--overlap-steps TAU]``) under timeouts and are marked slow. The whole file (without the overlap
+tests) passed in 337 s on the 2-core machine shared with other sessions (load average 16-23); the
+not-slow tests take 2-20 s each there.
 """
 from __future__ import annotations
 
