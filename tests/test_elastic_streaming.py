@@ -461,3 +461,25 @@ def test_a_restarted_worker_joins_under_overlap_and_ends_identical(job_factory):
     assert st["fragment_rounds"] == _per_fragment(res["w0"]["round"], 3), st
     # after the join every round had all three (no one left out again)
     assert res["w0"]["members"] == sorted(res["w0"]["members"]) and len(res["w0"]["members"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_ddp_cluster_worker_under_overlap_hands_the_start_and_the_merge_to_its_ranks(job_factory):  # noqa: F811
+    """overlap_steps=1, worker B is 2 processes with DDP inside: its leader tells its rank 1 when a
+    fragment round starts (in flight) and hands it the committed bytes at the merge, where both
+    apply the outer step and the merge. Worker C dies in fragment round 3 while its reduce is in
+    flight; A and both ranks of B end bitwise identical (B's ranks: the live parameters too)."""
+    job = job_factory(**{"initial-workers": 3, "fragments": 3, "sync-every": 6, "rounds": 12, "overlap-steps": 1})
+    port = free_port()
+    job.start("A")
+    job.start("C", kill="C:3:inner")
+    for r in (0, 1):
+        job.start("B", name=f"B{r}", **{"replica-size": 2, "replica-rank": r, "replica-port": port})
+    codes = job.wait(timeout=200)
+    assert codes == {"A": 0, "C": -9, "B0": 0, "B1": 0}, (codes, job.log("A"), job.log("B1"))
+    res = _survivors_identical(job, ["A", "B0", "B1"], 12)
+    assert res["B0"]["params"] == res["B1"]["params"], (res["B0"]["params"], res["B1"]["params"])
+    st = res["A"]["stats"]
+    assert st["redone_rounds"] == 1 and st["fragment_redos"] == [1, 0, 0], st
+    assert st["fragment_rounds"] == [4, 4, 4], st

@@ -54,8 +54,10 @@ state), the round and the step counters; its parameters are set to the anchors o
 fragment, with a zero residual and a fresh inner optimizer. From then on its pseudo-gradient of
 each fragment counts its own inner steps since the join. With ``TAU > 0`` the state is taken at
 a merge (step ``t``), after which the members start the fragment due at ``t``: the joiner
-starts it too (``ElasticDiLoCo._advance``). ``replica_group`` with ``TAU > 0`` is not built
-(``NotImplementedError`` at construction).
+starts it too (``ElasticDiLoCo._advance``). A worker of several processes (``replica_group``):
+its leader tells the other ranks when a round starts (in flight, or the state when it was
+taken in again) and hands them the committed bytes (or the state) at the merge, where they
+apply the outer step and the merge to their own, identical, parameters.
 
 Equalities: on a fixed set of workers (no failure), ``ElasticDiLoCo(fragments=P,
 overlap_steps=TAU)`` applies the updates ``DiLoCo(fragments=P, overlap_steps=TAU)`` applies on a
@@ -91,10 +93,6 @@ def check_elastic_streaming_args(fragments, overlap_steps, sync_every: int, mixi
             f"overlap_steps: expected at most {most} with sync_every={sync_every}, fragments={fragments} in "
             f"ElasticDiLoCo (floor(sync_every / fragments), and less than sync_every: one fragment round in flight "
             f"at a time, merged before the next one starts), got {overlap_steps}")
-    if replica_group is not None:
-        raise NotImplementedError(
-            f"ElasticDiLoCo: overlap_steps={overlap_steps} with replica_group (a worker of several processes) is "
-            "not built yet; use overlap_steps=0 there")
 
 
 def max_overlap_steps(sync_every: int, fragments: int) -> int:

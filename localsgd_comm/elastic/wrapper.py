@@ -54,7 +54,7 @@ class ElasticDiLoCo(InnerWrapper):
             ``overlap_steps=TAU > 0``: the fragment's all-reduce runs behind the next TAU inner
             steps, its vote, commit and merge (``mixing``, default 0.5 then, else 0) come after
             them; at most ``floor(sync_every / fragments)`` (and less than ``sync_every``): one
-            round in flight at a time. Not with ``replica_group``. Call :meth:`flush` at the same
+            round in flight at a time. Call :meth:`flush` at the same
             step on every worker before the final evaluation. ``fragments=None`` (default):
             whole-model rounds.
         sync_buffers: in every round (streaming: the round of the last fragment, once per
@@ -183,6 +183,8 @@ class ElasticDiLoCo(InnerWrapper):
         self.ns = self._manager.ns
         if not self._leader:
             self._receive()  # the leader founds or joins the job, then hands the state over
+            if overlap_steps:
+                self._advance()  # as the leader (below)
             return
         try:
             self._manager.start()
@@ -354,6 +356,19 @@ class ElasticDiLoCo(InnerWrapper):
         self._manager.context = {"fragment": f}
         self._buffers_due = self._buffer_sync is not None and f == self._schedule.fragments - 1
         redos = self.stats["redone_rounds"]
+        if not self._leader:
+            # a replica's other rank: the leader's word that the round is in flight, or the state
+            # (the leader was left out and taken in again)
+            fl = _FragmentInFlight(f, t + self.overlap_steps, None, None, redos)
+            self._in_flight = fl
+            try:
+                kind = self._receive()
+            except BaseException:
+                self._end_fragment(fl)
+                raise
+            if kind != 2:
+                self._end_fragment(fl)
+            return
         with torch.no_grad():
             snapshot = [s.params_on_state_device().clone() for s in segs]
         fl = _FragmentInFlight(f, t + self.overlap_steps, None, snapshot, redos)
@@ -363,6 +378,12 @@ class ElasticDiLoCo(InnerWrapper):
             fl.pending = self._manager.begin_round(lambda reducer: self._attempt(reducer, async_op=True),
                                                    wait=Reduction.wait)
             done = fl.pending.rejoined
+            if self._replica is not None:
+                if done:
+                    self._share(None, 0)  # this worker's state was replaced
+                else:
+                    self._rbcast(self._ctrl(2, 0))  # in flight
+                    self._rbcast(self._members_bytes())
         except BaseException:
             done = True
             raise
@@ -376,10 +397,15 @@ class ElasticDiLoCo(InnerWrapper):
         survivors from the parameters kept at its start."""
         fl = self._in_flight
         try:
+            if not self._leader:
+                self._receive()  # the reduced bytes the leader committed, or the state
+                return
             red, p = self._manager.finish_round(fl.pending, self._commit, self._abandon, self._redo_attempt,
                                                 wait=Reduction.wait)
             if red is not None:  # committed here (not left out and given the whole state)
                 self.stats["fragment_rounds"][fl.fragment] += 1
+            if self._replica is not None:
+                self._share(red, p)
         finally:
             self._end_fragment(fl)
 
@@ -454,16 +480,21 @@ class ElasticDiLoCo(InnerWrapper):
         reduced bytes the leader applied (1 byte per parameter for int8), or the whole state
         (``red`` None: this worker's state was replaced)."""
         self._rbcast(self._ctrl(0 if red is not None else 1, p))
-        self._rbcast(torch.frombuffer(bytearray(json.dumps(self._manager.members).encode()), dtype=torch.uint8))
+        self._rbcast(self._members_bytes())
         for t in red.tensors() if red is not None else self._state_tensors():
             self._rbcast(t)
         if red is not None and self._buffers_due:  # the module buffers the round synced
             for b in self._buffers:
                 self._rbcast(b.data)
 
-    def _receive(self) -> None:
-        """A replica's other rank: the outcome its leader broadcasts. If the leader died, the
-        broadcast fails and this rank raises: the replica goes down as one and rejoins as one."""
+    def _members_bytes(self) -> torch.Tensor:
+        return torch.frombuffer(bytearray(json.dumps(self._manager.members).encode()), dtype=torch.uint8)
+
+    def _receive(self) -> int:
+        """A replica's other rank: the outcome its leader broadcasts (returns its kind: 0 the
+        reduced bytes, 1 the whole state, 2 a fragment round started and in flight). If the
+        leader died, the broadcast fails and this rank raises: the replica goes down as one and
+        rejoins as one."""
         ctrl = self._ctrl(0, 0)
         self._rbcast(ctrl)
         kind, rnd, self._local_step, p, self._index, n = (int(x) for x in ctrl)
@@ -471,6 +502,8 @@ class ElasticDiLoCo(InnerWrapper):
         members = torch.empty(n, dtype=torch.uint8)
         self._rbcast(members)
         self._manager.members = json.loads(bytes(members.tolist()).decode())  # the leader's view of the job
+        if kind == 2:
+            return kind
         if kind == 0:
             red = self._engine.received(self._round_segments, p)
             for t in red.tensors():
@@ -483,6 +516,7 @@ class ElasticDiLoCo(InnerWrapper):
             for t in self._state_tensors():
                 self._rbcast(t)
             self._took_state(self._local_step, zero_residual=False)
+        return kind
 
     # ------------------------------------------------------------------ state transfer
     def _state_tensors(self) -> List[torch.Tensor]:
