@@ -483,3 +483,34 @@ def test_a_ddp_cluster_worker_under_overlap_hands_the_start_and_the_merge_to_its
     st = res["A"]["stats"]
     assert st["redone_rounds"] == 1 and st["fragment_redos"] == [1, 0, 0], st
     assert st["fragment_rounds"] == [4, 4, 4], st
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_ddp_cluster_worker_dies_and_rejoins_as_one_under_overlap(job_factory):  # noqa: F811
+    """overlap_steps=2 (a merge and the next start at the same step), worker B is 2 processes with
+    DDP inside; its rank 1 dies with fragment round 2 in flight: B's leader fails at its next DDP
+    all-reduce, A redoes the round alone and goes on. B restarted as a whole joins: its leader takes
+    the state at a merge, hands it to rank 1, and both start the fragment round due at that step
+    with A; all three processes end identical (B's ranks: the live parameters too)."""
+    job = job_factory(**{"initial-workers": 2, "fragments": 3, "sync-every": 6, "rounds": 30, "step-sleep": 0.03,
+                         "until-members": 2, "overlap-steps": 2})
+    job.start("A")
+    port = free_port()
+    for r in (0, 1):
+        job.start("B", name=f"B{r}", kill="B/1:2:inner", **{"replica-size": 2, "replica-rank": r, "replica-port": port})
+    assert job.procs["B1"].wait(timeout=90) == -9
+    assert job.procs["B0"].wait(timeout=60) == 1  # raised (DDP's peer is gone), did not hang
+    assert "error" in job.result("B0"), job.result("B0")
+    job.wait_round(5)
+    port = free_port()
+    for r in (0, 1):
+        job.start("B", name=f"B{r}", **{"replica-size": 2, "replica-rank": r, "replica-port": port})
+    codes = job.wait(timeout=240)
+    assert all(c == 0 for c in codes.values()), (codes, job.log("B0"), job.log("B1"))
+    res = _survivors_identical(job, ["A", "B0", "B1"], 30)
+    assert res["B0"]["me"] == "B#2" and res["B1"]["me"] == "B/1"
+    assert res["B0"]["params"] == res["B1"]["params"]
+    st = res["A"]["stats"]
+    assert st["left"] == 1 and st["joined"] == 1, st
+    assert st["redone_rounds"] == 1 and st["fragment_redos"] == [0, 0, 1], st

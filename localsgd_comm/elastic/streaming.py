@@ -74,8 +74,7 @@ from ..diloco.buffers import FlatBuffer, Segment
 from ..diloco.streaming import check_streaming_args, fragment_offsets, plan_fragments
 
 
-def check_elastic_streaming_args(fragments, overlap_steps, sync_every: int, mixing=None,
-                                 replica_group=None) -> None:
+def check_elastic_streaming_args(fragments, overlap_steps, sync_every: int, mixing=None) -> None:
     """``fragments``/``overlap_steps``/``mixing`` of ElasticDiLoCo, each with a message naming the
     problem (``fragments`` larger than the number of parameters is :class:`FragmentSchedule`'s)."""
     if fragments is None:

@@ -98,7 +98,7 @@ class ElasticDiLoCo(InnerWrapper):
                                  f"{dist.get_world_size(replica_group)}), got a DDP group of size "
                                  f"{dist.get_world_size(ddp.process_group)}")
         check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
-        check_elastic_streaming_args(fragments, overlap_steps, sync_every, mixing, replica_group)
+        check_elastic_streaming_args(fragments, overlap_steps, sync_every, mixing)
         if not isinstance(worker_id, str) or not worker_id or any(c in worker_id for c in "#/ "):
             raise ValueError(f"worker_id: expected a non-empty name without '#', '/' or spaces, got {worker_id!r}")
         if isinstance(min_workers, bool) or not isinstance(min_workers, int) or min_workers < 1:
