@@ -180,7 +180,7 @@ def _check_elastic_synced(out):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("kw", [{}, {"fragments": 2}])
+@pytest.mark.parametrize("kw", [{}, {"fragments": 2}, {"fragments": 2, "overlap_steps": 1}])
 def test_elastic_buffers_are_averaged_every_round(kw):
     """2 workers, no failure: after the last round (streaming: the last fragment's round, at the end
     of the cycle) both workers hold the same buffers, the mean of theirs. Fails before sync_buffers

@@ -313,8 +313,9 @@ def test_bad_streaming_arguments(single_group):
         kw.setdefault("sync_every", 4)
         with pytest.raises(exc, match=msg):
             DiLoCo(m, inner, **kw)
-    with pytest.raises(NotImplementedError, match="ElasticDiLoCo: streaming with overlap_steps=1 is not built"):
-        ElasticDiLoCo(m, inner, coordinator="127.0.0.1:1", worker_id="w", sync_every=4, fragments=2, overlap_steps=1)
+    # elastic streaming keeps one fragment round in flight at most: overlap_steps <= floor(H / P)
+    with pytest.raises(ValueError, match="overlap_steps: expected at most 2 with sync_every=4, fragments=2"):
+        ElasticDiLoCo(m, inner, coordinator="127.0.0.1:1", worker_id="w", sync_every=4, fragments=2, overlap_steps=3)
     opt = DiLoCo(m, inner, sync_every=4, fragments=2)
     with pytest.raises(RuntimeError, match="streaming mode"):
         opt.sync()

@@ -226,6 +226,21 @@ def _min_max_cuts(sizes: Sequence[int], parts: int) -> List[int]:
     return _pack(sizes, parts, lo)
 
 
+def mix_params(segments: Sequence[Segment], mixing: float) -> None:
+    """The merge: ``params <- mixing * params + (1 - mixing) * anchor`` over ``segments``
+    (``torch.lerp`` in fp32, then cast; ``mixing = 0``: ``params <- anchor``)."""
+    a = mixing
+    with torch.no_grad():
+        for seg in segments:
+            if seg.numel == 0:
+                continue
+            if a == 0.0:
+                seg.write_params(seg.anchor)
+                continue
+            local = seg.params_on_state_device().float()
+            seg.write_params(torch.lerp(seg.anchor, local, a))  # a * local + (1 - a) * global
+
+
 @dataclasses.dataclass
 class _InFlight:
     fragment: int
@@ -353,16 +368,7 @@ class StreamingSync:
 
     def _mix(self, segments: Sequence[Segment]) -> None:
         """params <- mixing * params + (1 - mixing) * anchor over ``segments``."""
-        a = self.mixing
-        with torch.no_grad():
-            for seg in segments:
-                if seg.numel == 0:
-                    continue
-                if a == 0.0:
-                    seg.write_params(seg.anchor)
-                    continue
-                local = seg.params_on_state_device().float()
-                seg.write_params(torch.lerp(seg.anchor, local, a))  # a * local + (1 - a) * global
+        mix_params(segments, self.mixing)
 
     # ---- checkpoints
     def state(self) -> Dict[str, Any]:

@@ -28,9 +28,11 @@ inside the round's attempt, so a redo restores them and syncs them again among t
 joiner receives them with the state. With ``fragments=P`` once per ``sync_every`` steps, in the
 last fragment's round.
 
-Streaming (``fragments=P``, ``overlap_steps=0``; :mod:`.streaming`): every fragment sync is a
+Streaming (``fragments=P``, ``overlap_steps=TAU``; :mod:`.streaming`): every fragment sync is a
 round of its own (its own members and commit); a death mid-fragment redoes that fragment only,
-and a joiner receives the anchors and momenta of every fragment.
+and a joiner receives the anchors and momenta of every fragment. With ``TAU > 0`` (at most
+``floor(sync_every / fragments)``) a fragment's all-reduce runs behind the next TAU inner steps
+and is voted, committed and merged after them; a failure while it is in flight is redone there.
 
 Fault injection for tests and the faults benchmark: ``LOCALSGD_ELASTIC_KILL=<worker_id>:<round>:
 <phase>`` makes that worker SIGKILL itself in round ``round`` at ``phase``: ``inner`` (half way

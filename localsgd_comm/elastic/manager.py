@@ -168,6 +168,24 @@ class MemberGroup:
             _backend.release_detached_backend(b)
 
 
+class PendingRound:
+    """A round between :meth:`RoundManager.begin_round` and :meth:`RoundManager.finish_round`:
+    its number, current attempt, members, and the attempt's status and result."""
+
+    def __init__(self, r: int, t_round: float):
+        self.r, self.a, self.t_round = r, 0, t_round
+        self.keys: List[str] = []
+        self.trainers: List[str] = []
+        self.joiners: List[str] = []
+        self.reported: set = set()  # members already reported gone
+        self.status: str = "ok"
+        self.result: Any = None
+        self.watch: Optional[RoundWatch] = None
+        self.rejoined = False  # left out: this worker joined again (its state was replaced)
+        self.fault = False  # a member left or an attempt was redone
+        self.sync_s = 0.0  # seconds spent in begin_round
+
+
 class RoundManager:
     """The calling worker's view of the job: members, round, and the protocol that changes them.
 
@@ -197,6 +215,9 @@ class RoundManager:
         self.round = 0
         #: added to every event (streaming: the fragment of the current round)
         self.context: Dict[str, Any] = {}
+        #: inner steps a round stays in flight between begin_round and finish_round (streaming
+        #: with overlap_steps): a joiner waits that much longer for the round's votes
+        self.in_flight_steps = 0
         self.members: List[str] = []
         self.me = f"{worker_id}/{replica_rank}"
         self.faults = FaultInjection(os.environ.get("LOCALSGD_ELASTIC_KILL", ""), worker_id, replica_rank,
@@ -339,7 +360,10 @@ class RoundManager:
             keys = [m["key"] for m in q]
             trainers = [m["key"] for m in q if not m["joining"]]
             joiners = [m["key"] for m in q if m["joining"]]
-            outcome = self._await_outcome(r, a, trainers)
+            # a round left in flight votes overlap steps after its quorum: a joiner waits for it
+            # (its trainers' votes, or a dead trainer) up to quorum_timeout_s longer
+            outcome = self._await_outcome(r, a, trainers,
+                                          self.timeout_s + (self.quorum_timeout_s if self.in_flight_steps else 0))
             if outcome != "commit":
                 continue  # the round is redone; arrive at its next attempt
             try:
@@ -432,69 +456,52 @@ class RoundManager:
         (None when the attempt failed) and the next attempt without the dead. Returns
         ``(result, number of trainers)`` as committed, or ``(None, 0)`` when this worker was left
         out of the round and joined again (its state was replaced by a transfer)."""
-        r, a = self.round, 0
-        t_fault, t_round = None, time.monotonic()
-        reported: set = set()
+        return self.finish_round(self.begin_round(attempt), commit, abandon, attempt)
+
+    def begin_round(self, attempt: Callable[[BackendReducer], Any],
+                    wait: Optional[Callable[[Any], None]] = None) -> "PendingRound":
+        """The first half of :meth:`run_round`: the quorum of the round's first attempt and
+        ``attempt(reducer)``. With ``wait`` the attempt may leave its collectives in flight: the
+        round watch keeps watching the trainers until :meth:`finish_round` calls ``wait(result)``
+        (an exception there fails the attempt), then votes. Nothing else of the protocol may run
+        in between (one round at a time). A worker left out of the round has joined again on
+        return (``PendingRound.rejoined``; its state was replaced)."""
+        rnd = PendingRound(self.round, time.monotonic())
+        self._begin_attempt(rnd, attempt, wait)
+        rnd.sync_s += time.monotonic() - rnd.t_round
+        return rnd
+
+    def finish_round(self, rnd: "PendingRound", commit: Callable[[Any, int], None], abandon: Callable[[Any], None],
+                     attempt: Callable[[BackendReducer], Any], wait: Optional[Callable[[Any], None]] = None):
+        """The second half of :meth:`run_round`: ``wait(result)`` (when given), the vote, the
+        commit or the redo (every further attempt: ``attempt(reducer)``, synchronous), the
+        state transfer to the round's joiners. Returns as :meth:`run_round`."""
+        if rnd.rejoined:
+            return None, 0
+        t_finish = time.monotonic()
         while True:
-            self.stats["attempts"] += 1
-            self._store.set(f"{self.ns}/cursor", f"{r}:{a}")
-            q = self._quorum(r, a, joining=False, expected_fn=self._expected)
-            if q is None:
-                # Decided without this worker (it arrived after the join deadline): its round is lost;
-                # it comes back as a joiner and receives the state after the round.
-                return self._rejoin(attempt=a)
-            keys = [m["key"] for m in q]
-            trainers = [m["key"] for m in q if not m["joining"]]
-            joiners = [m["key"] for m in q if m["joining"]]
-            gone = [m for m in self.members if m not in keys and m not in reported]
-            if gone:
-                reported.update(gone)
-                self.stats["left"] += len(gone)
-                self.event("left", who=gone, attempt=a)
-                t_fault = t_round
-            if joiners:
-                self.faults("join")
-            status, result = "ok", None
-            watch = None
-            try:
-                if self.faults.cut():
-                    raise RuntimeError("fault injection: no link to the peers")
-                group = self._group_for(r, a, trainers)
-                self._store_key_outcome = self._key(r, a, "outcome")
-                watch = self._watch(group, trainers)
-                try:
-                    result = attempt(group.reducer())
-                finally:
-                    watch.finish()
-            except Exception as exc:  # noqa: BLE001 - a member died or hung: vote for a redo
-                status = f"failed: {exc}"
-                if watch is not None and watch.reason is not None:
-                    status = f"failed: {watch.reason} (the round's group was aborted: {exc})"
-                    exc = RuntimeError(status[len("failed: "):])
-                log.warning("localsgd elastic %s: round %d attempt %d: all-reduce failed (%s)", self.me, r, a, exc)
-                if a + 1 >= self.max_attempts:
-                    # not a membership change: the same failure again and again (a bug, a bad link)
-                    self._store.set(self._key(r, a, "vote", self.me), status)
-                    raise RuntimeError(f"localsgd elastic {self.me}: round {r} failed {self.max_attempts} times in a "
-                                       f"row; the last error: {exc}") from exc
-            if status != "ok":
-                self._accuse(r, a, trainers, status)
+            self._end_attempt(rnd, wait)
+            r, a, trainers = rnd.r, rnd.a, rnd.trainers
             self.faults("commit")
-            self._store.set(self._key(r, a, "vote", self.me), status)
+            self._store.set(self._key(r, a, "vote", self.me), rnd.status)
             outcome = self._await_outcome(r, a, trainers)
-            if outcome == "commit" and status == "ok":
-                commit(result, len(trainers))
+            if outcome == "commit" and rnd.status == "ok":
+                commit(rnd.result, len(trainers))
                 break
             if outcome == "commit":
                 # The others committed a result this worker does not hold: it cannot go on as a member.
                 return self._rejoin(attempt=a, why="all-reduce failed here, committed elsewhere")
-            abandon(result)
+            abandon(rnd.result)
             self._drop_group()
             self._prev_attempt = (r, a, trainers)  # its accusations pick the next attempt's suspects
             self.stats["redone_rounds"] += 1
             self.event("redo", attempt=a)
-            t_fault = t_round
-            a += 1
+            rnd.fault = True
+            rnd.a += 1
+            self._begin_attempt(rnd, attempt, None)
+            if rnd.rejoined:
+                return None, 0
+        r, a, trainers, joiners, keys = rnd.r, rnd.a, rnd.trainers, rnd.joiners, rnd.keys
         self._prev_attempt = None
         if joiners:
             # The transfer is the joiners' connectivity check: they become members only if it
@@ -521,15 +528,84 @@ class RoundManager:
                 self.event("joined", who=joiners)
         if self.members and keys != self.members:
             self.event("members", members=keys)
-        if t_fault is not None:
-            # the whole round's sync, failure detection and redo included
-            took = time.monotonic() - t_fault
+        if rnd.fault:
+            # the whole round's sync, failure detection and redo included (with a round left in
+            # flight: the time spent in begin_round and finish_round, not the inner steps between)
+            took = rnd.sync_s + time.monotonic() - t_finish
             self.stats["recovery_s"] += took
             self.event("recovered", seconds=took, members=keys)
         self.members = keys
         self.round = r + 1
         self.stats["rounds"] += 1
-        return result, len(trainers)
+        return rnd.result, len(trainers)
+
+    def _begin_attempt(self, rnd: "PendingRound", attempt, wait) -> None:
+        """Attempt ``rnd.a``: the quorum and ``attempt(reducer)`` (a failure recorded in
+        ``rnd.status``); with ``wait`` the round watch keeps running for :meth:`_end_attempt`."""
+        r, a = rnd.r, rnd.a
+        self.stats["attempts"] += 1
+        self._store.set(f"{self.ns}/cursor", f"{r}:{a}")
+        q = self._quorum(r, a, joining=False, expected_fn=self._expected)
+        if q is None:
+            # Decided without this worker (it arrived after the join deadline): its round is lost;
+            # it comes back as a joiner and receives the state after the round.
+            self._rejoin(attempt=a)
+            rnd.rejoined = True
+            return
+        rnd.keys = [m["key"] for m in q]
+        rnd.trainers = [m["key"] for m in q if not m["joining"]]
+        rnd.joiners = [m["key"] for m in q if m["joining"]]
+        gone = [m for m in self.members if m not in rnd.keys and m not in rnd.reported]
+        if gone:
+            rnd.reported.update(gone)
+            self.stats["left"] += len(gone)
+            self.event("left", who=gone, attempt=a)
+            rnd.fault = True
+        if rnd.joiners:
+            self.faults("join")
+        rnd.status, rnd.result, rnd.watch = "ok", None, None
+        try:
+            if self.faults.cut():
+                raise RuntimeError("fault injection: no link to the peers")
+            group = self._group_for(r, a, rnd.trainers)
+            self._store_key_outcome = self._key(r, a, "outcome")
+            rnd.watch = self._watch(group, rnd.trainers)
+            try:
+                rnd.result = attempt(group.reducer())
+            except BaseException:
+                rnd.watch.finish()
+                raise
+            if wait is None:
+                rnd.watch.finish()
+        except Exception as exc:  # noqa: BLE001 - a member died or hung: vote for a redo
+            self._attempt_failed(rnd, exc)
+
+    def _end_attempt(self, rnd: "PendingRound", wait) -> None:
+        """``wait(result)`` for an attempt left in flight (its failure recorded), then the
+        accusation of a failed attempt."""
+        if rnd.status == "ok" and wait is not None:
+            try:
+                try:
+                    wait(rnd.result)
+                finally:
+                    rnd.watch.finish()
+            except Exception as exc:  # noqa: BLE001 - a member died or hung while it was in flight
+                self._attempt_failed(rnd, exc)
+        if rnd.status != "ok":
+            self._accuse(rnd.r, rnd.a, rnd.trainers, rnd.status)
+
+    def _attempt_failed(self, rnd: "PendingRound", exc: Exception) -> None:
+        r, a = rnd.r, rnd.a
+        rnd.status = f"failed: {exc}"
+        if rnd.watch is not None and rnd.watch.reason is not None:
+            rnd.status = f"failed: {rnd.watch.reason} (the round's group was aborted: {exc})"
+            exc = RuntimeError(rnd.status[len("failed: "):])
+        log.warning("localsgd elastic %s: round %d attempt %d: all-reduce failed (%s)", self.me, r, a, exc)
+        if a + 1 >= self.max_attempts:
+            # not a membership change: the same failure again and again (a bug, a bad link)
+            self._store.set(self._key(r, a, "vote", self.me), rnd.status)
+            raise RuntimeError(f"localsgd elastic {self.me}: round {r} failed {self.max_attempts} times in a "
+                               f"row; the last error: {exc}") from exc
 
     def _rejoin(self, **event):
         self.stats["left_out"] += 1
@@ -538,8 +614,10 @@ class RoundManager:
         self._join()
         return None, 0
 
-    def _await_outcome(self, r, a, trainers: List[str]) -> str:
-        """Every member's vote, or a dead or silent member: one outcome for all (compare_set)."""
+    def _await_outcome(self, r, a, trainers: List[str], timeout_s: Optional[float] = None) -> str:
+        """Every member's vote, or a dead or silent member (``timeout_s``, default the
+        collectives' bound): one outcome for all (compare_set)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         k = self._key(r, a, "outcome")
         t0 = time.monotonic()
         while True:
@@ -554,7 +632,7 @@ class RoundManager:
                 proposal = "commit"
             elif any(v is None and not self._alive(t) for t, v in votes.items()):
                 proposal = "redo"
-            elif time.monotonic() - t0 > self.timeout_s:
+            elif time.monotonic() - t0 > timeout_s:
                 proposal = "redo"
             if proposal is not None:
                 return self._store.compare_set(k, proposal)

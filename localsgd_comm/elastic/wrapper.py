@@ -16,7 +16,8 @@ from ..diloco.ddp import find_ddp, unwrap_compiled
 from ..diloco.engine import OuterConfig, OuterEngine, Reduction
 from ..diloco.inner import InnerWrapper, check_outer_args, resolve_block_size
 from ..diloco.module_buffers import BufferSync
-from .manager import RoundManager
+from ..diloco.streaming import mix_params, resolved_mixing
+from .manager import PendingRound, RoundManager
 from .streaming import FragmentSchedule, check_elastic_streaming_args
 
 
@@ -46,11 +47,16 @@ class ElasticDiLoCo(InnerWrapper):
             each outcome to the others (the reduced bytes, or the whole state after a join); a
             replica whose process dies fails as a whole (its DDP or the hand-over raises) and
             comes back as a whole.
-        fragments, overlap_steps: streaming (:mod:`.streaming`): the model synced in ``fragments``
-            parts staggered over the ``sync_every`` steps (the rules of ``DiLoCo(fragments=P)``),
-            each fragment sync a round of its own (quorum, all-reduce, commit); a death mid-fragment
-            redoes that fragment only. ``overlap_steps`` must be 0 (a reduce in flight across a
-            membership change is not built). ``fragments=None`` (default): whole-model rounds.
+        fragments, overlap_steps, mixing: streaming (:mod:`.streaming`): the model synced in
+            ``fragments`` parts staggered over the ``sync_every`` steps (the rules of
+            ``DiLoCo(fragments=P, overlap_steps=TAU, mixing=...)``), each fragment sync a round of
+            its own (quorum, all-reduce, commit); a death mid-fragment redoes that fragment only.
+            ``overlap_steps=TAU > 0``: the fragment's all-reduce runs behind the next TAU inner
+            steps, its vote, commit and merge (``mixing``, default 0.5 then, else 0) come after
+            them; at most ``floor(sync_every / fragments)`` (and less than ``sync_every``): one
+            round in flight at a time. Call :meth:`flush` at the same
+            step on every worker before the final evaluation. ``fragments=None`` (default):
+            whole-model rounds.
         sync_buffers: in every round (streaming: the round of the last fragment, once per
             ``sync_every`` steps) average the module's floating buffers (BatchNorm statistics)
             over the round's trainers and give the others the first trainer's values, by
@@ -68,7 +74,7 @@ class ElasticDiLoCo(InnerWrapper):
                  quorum_timeout_s: float = 300.0, timeout_s: float = 30.0, dead_after_s: float = 3.0,
                  heartbeat_s: float = 0.5, run_id: str = "run", initial_workers: Optional[int] = None,
                  replica_group=None, overlap: bool = False, fragments: Optional[int] = None,
-                 overlap_steps: int = 0, sync_buffers: bool = True):
+                 overlap_steps: int = 0, sync_buffers: bool = True, mixing: Optional[float] = None):
         if overlap:
             raise ValueError("ElasticDiLoCo: overlap=True is not supported: the delayed outer step keeps a reduce in "
                              "flight across the round boundary, which a membership change would have to cancel half "
@@ -92,7 +98,7 @@ class ElasticDiLoCo(InnerWrapper):
                                  f"{dist.get_world_size(replica_group)}), got a DDP group of size "
                                  f"{dist.get_world_size(ddp.process_group)}")
         check_outer_args(inner_optimizer, sync_every, outer_lr, outer_momentum, compression, error_feedback)
-        check_elastic_streaming_args(fragments, overlap_steps, sync_every)
+        check_elastic_streaming_args(fragments, overlap_steps, sync_every, mixing)
         if not isinstance(worker_id, str) or not worker_id or any(c in worker_id for c in "#/ "):
             raise ValueError(f"worker_id: expected a non-empty name without '#', '/' or spaces, got {worker_id!r}")
         if isinstance(min_workers, bool) or not isinstance(min_workers, int) or min_workers < 1:
@@ -144,6 +150,10 @@ class ElasticDiLoCo(InnerWrapper):
         self._schedule = (FragmentSchedule(self._flats, params, fragments, sync_every, align)
                           if fragments is not None else None)
         self.fragments, self.overlap_steps = fragments, overlap_steps
+        # the merge of a fragment's outer step into its live parameters (streaming's mixing)
+        self.mixing = resolved_mixing(mixing, overlap_steps) if fragments is not None else None
+        self._in_flight: Optional[_FragmentInFlight] = None  # overlap_steps > 0: the round in flight
+        self._started_at = -1  # the local step of the last fragment round started
         self._round_segments = self._segments  # what the current round reduces
         self._engine = OuterEngine(OuterConfig(compression, block_size, self.outer_lr, self.outer_momentum,
                                                self.nesterov))
@@ -169,14 +179,21 @@ class ElasticDiLoCo(InnerWrapper):
             dead_after_s=dead_after_s, heartbeat_s=heartbeat_s, stats=self.stats, events=self.events,
             state_tensors=self._state_tensors, local_step=lambda: self._local_step, on_state=self._took_state,
             connected=self._leader, options=self.job_options())
+        self._manager.in_flight_steps = overlap_steps
         self.ns = self._manager.ns
         if not self._leader:
             self._receive()  # the leader founds or joins the job, then hands the state over
+            if overlap_steps:
+                self._advance()  # as the leader (below)
             return
         try:
             self._manager.start()
             if self._replica is not None:
                 self._share(None, 0)
+            if overlap_steps:
+                # a joiner took the state at a round's merge: the donors start the fragment due
+                # at that step right after it (the schedule of _advance)
+                self._advance()
         except BaseException:
             self.close()  # the heartbeat stops: the others see this worker gone
             raise
@@ -188,7 +205,7 @@ class ElasticDiLoCo(InnerWrapper):
         return {"compression": self.compression, "block_size": self.block_size, "sync_every": self.sync_every,
                 "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum, "nesterov": self.nesterov,
                 "error_feedback": self.error_feedback, "fragments": self.fragments,
-                "overlap_steps": self.overlap_steps, "sync_buffers": self.sync_buffers,
+                "overlap_steps": self.overlap_steps, "mixing": self.mixing, "sync_buffers": self.sync_buffers,
                 "format_version": __version__}
 
     # ------------------------------------------------------------------ public API
@@ -202,8 +219,10 @@ class ElasticDiLoCo(InnerWrapper):
         if self._schedule is not None:
             f = self._schedule.due(self._local_step)
             if f is None and faults.armed("inner"):
-                faults("inner")  # a fragment round's inner steps: any step that syncs nothing
-            if f is not None:
+                faults("inner")  # a fragment round's inner steps: any step that starts no sync
+            if self.overlap_steps:
+                self._advance()
+            elif f is not None:
                 self._sync_fragment(f)
             return loss
         if faults.armed("inner") and pos == max(self.sync_every // 2, 1) % self.sync_every:
@@ -253,8 +272,18 @@ class ElasticDiLoCo(InnerWrapper):
     def anchors(self) -> List[torch.Tensor]:
         return [f.packed(f.anchor) for f in self._flats]
 
+    def flush(self) -> None:
+        """Streaming with ``overlap_steps > 0``: finish the fragment round in flight now (await its
+        reduce, vote, commit and merge), as ``DiLoCo.flush()``. Every member must call it at the
+        same step (e.g. before evaluating or saving the final model); a no-op when nothing is in
+        flight."""
+        if self._in_flight is not None:
+            self._finish_fragment()
+
     def close(self) -> None:
-        """Leave the job: stop the heartbeat (peers see this worker as gone) and free the group."""
+        """Leave the job: stop the heartbeat (peers see this worker as gone) and free the group.
+        A fragment round still in flight is left unfinished (its other members redo it without
+        this worker): call :meth:`flush` first to finish it."""
         self._manager.close()
 
     # ------------------------------------------------------------------ the round
@@ -299,7 +328,112 @@ class ElasticDiLoCo(InnerWrapper):
             self._manager.context = {}
             self._buffers_due, self._buffer_backup = False, None
 
-    def _attempt(self, reducer) -> Reduction:
+    # ------------------------------------------------------------------ streaming with overlap_steps > 0
+    def _advance(self) -> None:
+        """After an inner step (``overlap_steps > 0``): finish the fragment round due now (await,
+        vote, commit, merge), then start the fragment round due at this step, in that order (so
+        at most one round is in flight, and none at a round's quorum or commit). A state
+        transfer (this worker left out of a round and taken in again) replaces the step counter
+        with the donors', taken at a merge: the fragment due at that step is then started here
+        as the donors start it after that merge."""
+        while True:
+            t = self._local_step
+            fl = self._in_flight
+            if fl is not None and fl.due <= t:
+                self._finish_fragment()
+                continue
+            f = self._schedule.due(t) if t > 0 else None
+            if f is None or self._started_at == t:
+                return
+            self._started_at = t
+            self._begin_fragment(f, t)
+
+    def _begin_fragment(self, f: int, t: int) -> None:
+        """Fragment ``f``'s round up to its all-reduce, which stays in flight for ``overlap_steps``
+        inner steps; a copy of the fragment's parameters as compressed here is kept for a redo."""
+        segs = self._schedule.segments[f]
+        self._round_segments = segs
+        self._manager.context = {"fragment": f}
+        self._buffers_due = self._buffer_sync is not None and f == self._schedule.fragments - 1
+        redos = self.stats["redone_rounds"]
+        if not self._leader:
+            # a replica's other rank: the leader's word that the round is in flight, or the state
+            # (the leader was left out and taken in again)
+            fl = _FragmentInFlight(f, t + self.overlap_steps, None, None, redos)
+            self._in_flight = fl
+            try:
+                kind = self._receive()
+            except BaseException:
+                self._end_fragment(fl)
+                raise
+            if kind != 2:
+                self._end_fragment(fl)
+            return
+        with torch.no_grad():
+            snapshot = [s.params_on_state_device().clone() for s in segs]
+        fl = _FragmentInFlight(f, t + self.overlap_steps, None, snapshot, redos)
+        self._in_flight = fl
+        done = False
+        try:
+            fl.pending = self._manager.begin_round(lambda reducer: self._attempt(reducer, async_op=True),
+                                                   wait=Reduction.wait)
+            done = fl.pending.rejoined
+            if self._replica is not None:
+                if done:
+                    self._share(None, 0)  # this worker's state was replaced
+                else:
+                    self._rbcast(self._ctrl(2, 0))  # in flight
+                    self._rbcast(self._members_bytes())
+        except BaseException:
+            done = True
+            raise
+        finally:
+            if done:  # left out and taken in again (state replaced), or failed: nothing in flight
+                self._end_fragment(fl)
+
+    def _finish_fragment(self) -> None:
+        """The round in flight: await its reduce, vote; commit (outer step on the fragment's anchor
+        and momentum, then the merge into its live parameters) or redo it synchronously among the
+        survivors from the parameters kept at its start."""
+        fl = self._in_flight
+        try:
+            if not self._leader:
+                self._receive()  # the reduced bytes the leader committed, or the state
+                return
+            red, p = self._manager.finish_round(fl.pending, self._commit, self._abandon, self._redo_attempt,
+                                                wait=Reduction.wait)
+            if red is not None:  # committed here (not left out and given the whole state)
+                self.stats["fragment_rounds"][fl.fragment] += 1
+            if self._replica is not None:
+                self._share(red, p)
+        finally:
+            self._end_fragment(fl)
+
+    def _end_fragment(self, fl: "_FragmentInFlight") -> None:
+        self.stats["fragment_redos"][fl.fragment] += self.stats["redone_rounds"] - fl.redos
+        self._in_flight = None
+        fl.snapshot = None
+        self._round_segments = self._segments
+        self._manager.context = {}
+        self._buffers_due, self._buffer_backup = False, None
+
+    def _redo_attempt(self, reducer) -> Reduction:
+        """A redo of the round in flight, at its merge step: the pseudo-gradient of the round's
+        start (``anchor - params`` as they were then, the residual restored by the abandon),
+        reduced synchronously; the live parameters are put back after the compression."""
+        segs, snap = self._round_segments, self._in_flight.snapshot
+        with torch.no_grad():
+            live = [s.params_on_state_device().clone() for s in segs]
+            for s, x in zip(segs, snap):
+                s.write_params(x)
+        try:
+            return self._attempt(reducer)
+        finally:
+            with torch.no_grad():
+                for s, x in zip(segs, live):
+                    s.write_params(x)
+
+    def _attempt(self, reducer, async_op: bool = False) -> Reduction:
         """Compress every buffer's pseudo-gradient and all-reduce it over the round's trainers. A
         redo starts from the same residual (kept here): anchor and parameters are unchanged until
         the commit. Module buffers (when due) are averaged in place over the same trainers first,
@@ -308,13 +442,22 @@ class ElasticDiLoCo(InnerWrapper):
         if self._buffers_due:
             self._buffer_backup = self._buffer_sync.backup()
             self._buffer_sync.sync(self.stats, measure=False, reducer=reducer)
-        red = self._engine.start(self._round_segments, reducer, keep_backup=True, probe=self._manager.faults)
+        red = self._engine.start(self._round_segments, reducer, async_op=async_op, keep_backup=True,
+                                 probe=self._manager.faults)
         self.stats["bytes_sent"] += red.bytes_sent
         return red
 
     def _commit(self, red: Reduction, p: int) -> None:
-        self._engine.apply(red)
+        self._apply(red)
         self._buffer_backup = None
+
+    def _apply(self, red: Reduction) -> None:
+        """The outer step; streaming with ``mixing > 0``: then the merge of the live parameters."""
+        if not self.mixing:
+            self._engine.apply(red)  # params <- anchor in the fused pass
+            return
+        self._engine.apply(red, write_params=False)
+        mix_params(red.segments, self.mixing)
 
     def _abandon(self, red: Optional[Reduction]) -> None:
         if red is not None:
@@ -337,16 +480,21 @@ class ElasticDiLoCo(InnerWrapper):
         reduced bytes the leader applied (1 byte per parameter for int8), or the whole state
         (``red`` None: this worker's state was replaced)."""
         self._rbcast(self._ctrl(0 if red is not None else 1, p))
-        self._rbcast(torch.frombuffer(bytearray(json.dumps(self._manager.members).encode()), dtype=torch.uint8))
+        self._rbcast(self._members_bytes())
         for t in red.tensors() if red is not None else self._state_tensors():
             self._rbcast(t)
         if red is not None and self._buffers_due:  # the module buffers the round synced
             for b in self._buffers:
                 self._rbcast(b.data)
 
-    def _receive(self) -> None:
-        """A replica's other rank: the outcome its leader broadcasts. If the leader died, the
-        broadcast fails and this rank raises: the replica goes down as one and rejoins as one."""
+    def _members_bytes(self) -> torch.Tensor:
+        return torch.frombuffer(bytearray(json.dumps(self._manager.members).encode()), dtype=torch.uint8)
+
+    def _receive(self) -> int:
+        """A replica's other rank: the outcome its leader broadcasts (returns its kind: 0 the
+        reduced bytes, 1 the whole state, 2 a fragment round started and in flight). If the
+        leader died, the broadcast fails and this rank raises: the replica goes down as one and
+        rejoins as one."""
         ctrl = self._ctrl(0, 0)
         self._rbcast(ctrl)
         kind, rnd, self._local_step, p, self._index, n = (int(x) for x in ctrl)
@@ -354,11 +502,13 @@ class ElasticDiLoCo(InnerWrapper):
         members = torch.empty(n, dtype=torch.uint8)
         self._rbcast(members)
         self._manager.members = json.loads(bytes(members.tolist()).decode())  # the leader's view of the job
+        if kind == 2:
+            return kind
         if kind == 0:
             red = self._engine.received(self._round_segments, p)
             for t in red.tensors():
                 self._rbcast(t)
-            self._engine.apply(red)
+            self._apply(red)
             if self._buffers_due:
                 for b in self._buffers:
                     self._rbcast(b.data)
@@ -366,6 +516,7 @@ class ElasticDiLoCo(InnerWrapper):
             for t in self._state_tensors():
                 self._rbcast(t)
             self._took_state(self._local_step, zero_residual=False)
+        return kind
 
     # ------------------------------------------------------------------ state transfer
     def _state_tensors(self) -> List[torch.Tensor]:
@@ -386,3 +537,12 @@ class ElasticDiLoCo(InnerWrapper):
             if zero_residual and f.residual is not None:
                 f.residual.zero_()
         self.inner_optimizer.state.clear()
+
+
+class _FragmentInFlight:
+    """A fragment round left in flight (``overlap_steps > 0``) until its merge step ``due``."""
+
+    def __init__(self, fragment: int, due: int, pending: Optional[PendingRound], snapshot, redos: int):
+        self.fragment, self.due, self.pending = fragment, due, pending
+        self.snapshot: Optional[List[torch.Tensor]] = snapshot  # the fragment's parameters at the start
+        self.redos = redos  # stats["redone_rounds"] at the start

@@ -40,6 +40,8 @@ def main() -> int:
     ap.add_argument("--initial-workers", type=int, default=None)
     ap.add_argument("--compression", default="int8")
     ap.add_argument("--fragments", type=int, default=None, help="streaming: fragments of the model, a round each")
+    ap.add_argument("--overlap-steps", type=int, default=0,
+                    help="streaming: inner steps each fragment's all-reduce runs behind (merged with mixing 0.5)")
     ap.add_argument("--error-feedback", action="store_true")
     ap.add_argument("--join-timeout", type=float, default=5.0)
     ap.add_argument("--dead-after", type=float, default=1.0)
@@ -86,7 +88,7 @@ def train(a, localsgd_comm) -> int:
         wrapped, torch.optim.AdamW(model.parameters(), lr=3e-3), replica_group=replica,
         coordinator=a.coordinator, worker_id=a.id,
         sync_every=a.sync_every, compression=a.compression, error_feedback=a.error_feedback,
-        fragments=a.fragments,
+        fragments=a.fragments, overlap_steps=a.overlap_steps,
         min_workers=a.min_workers, initial_workers=a.initial_workers, join_timeout_s=a.join_timeout,
         dead_after_s=a.dead_after, heartbeat_s=a.dead_after / 4, timeout_s=a.timeout, quorum_timeout_s=a.quorum_timeout)
     loss = torch.tensor(float("nan"))
@@ -106,6 +108,7 @@ def train(a, localsgd_comm) -> int:
         opt.zero_grad()
         if a.step_sleep:
             time.sleep(a.step_sleep)
+    opt.flush()  # a fragment round still in flight (overlap_steps > 0): finished at the same step everywhere
     buffers = digest(list(model.buffers()))  # before the evaluation forward (train mode) moves them
     with torch.no_grad():  # on a fixed batch: the same value on every member (identical parameters)
         x = torch.randn(64, 32, generator=torch.Generator().manual_seed(7)).to(dev)
